@@ -1,0 +1,385 @@
+"""Corpus, standardization, vocabulary and the tf.data pipeline.
+
+The corpus is a list of documents (a review, a file); every line of a
+document is one example, as in the Keras example's `TextLineDataset`.
+Standardization and tokenization run in the TensorFlow graph (`Tokenizer`),
+so training and the exported sampler share exactly the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import string
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
+IMDB_SPLITS = ("train/pos", "train/neg", "test/pos", "test/neg")
+PAD, UNK = "", "[UNK]"
+
+# Every character of string.punctuation, escaped for an RE2 character class.
+_PUNCT_CLASS = "[" + "".join("\\" + c for c in string.punctuation) + "]"
+
+
+class DataError(ValueError):
+    """A problem with the user's data: reported as one line, no traceback."""
+
+
+@dataclasses.dataclass
+class Document:
+    name: str
+    text: str
+
+
+# --- finding and reading the corpus -------------------------------------------
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TFGPT_CACHE", Path.home() / ".cache" / "tfgpt"))
+
+
+def resolve_imdb(url: str = IMDB_URL, sha256: str = IMDB_SHA256, cache: Path | None = None,
+                 log=print) -> Path:
+    """`--data imdb`: ./aclImdb if present, else the cached archive, else download it."""
+    if Path("aclImdb").is_dir():
+        return Path("aclImdb")
+    cache = cache or cache_dir()
+    target = cache / "aclImdb_v1.tar.gz"
+    if target.exists():
+        return target
+    download(url, target, sha256, log=log)
+    return target
+
+
+def download(url: str, target: Path, sha256: str, log=print) -> None:
+    """Downloads url to target with a progress display, checking its sha256.
+
+    The file appears under its final name only once complete and verified.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    log(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done, last = 0, 0.0
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                now = time.monotonic()
+                if now - last > 0.5 or (total and done == total):
+                    last = now
+                    pct = f"{100 * done / total:5.1f}% of {total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+                    print(f"\r  {pct}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    except (urllib.error.URLError, OSError) as e:
+        part.unlink(missing_ok=True)
+        reason = getattr(e, "reason", e)
+        raise DataError(f"could not download {url} ({reason}); without network, pass --data PATH "
+                        "to an aclImdb archive, directory or text file") from None
+    if digest.hexdigest() != sha256:
+        part.unlink(missing_ok=True)
+        raise DataError(f"checksum mismatch for {url}: expected sha256 {sha256}, got "
+                        f"{digest.hexdigest()}; the file was deleted, try again or pass --data PATH")
+    part.replace(target)
+
+
+def _imdb_dirs(unsup: bool):
+    return IMDB_SPLITS + (("train/unsup",) if unsup else ())
+
+
+def _imdb_member(name: str, unsup: bool) -> bool | None:
+    """For a path inside an archive or folder: True if it is an IMDB review we
+    read, False if it is IMDB but skipped, None if it is not in the layout."""
+    parts = name.replace("\\", "/").split("/")
+    if len(parts) < 3 or not parts[-1].endswith(".txt"):
+        return None
+    split = "/".join(parts[-3:-1])
+    if split in IMDB_SPLITS or split == "train/unsup":
+        return split in _imdb_dirs(unsup)
+    return None
+
+
+def read_corpus(path: str | Path, imdb_unsup: bool = False, log=print) -> list[Document]:
+    """Reads every form `--data` accepts into documents, sorted by name.
+
+    An archive or folder with the IMDB layout gives its {train,test}/{pos,neg}
+    reviews (and train/unsup with imdb_unsup); any other gives all its .txt
+    files, searched recursively; a plain file is one document.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"--data {path}: no such file or directory")
+    if path.is_dir():
+        raw = _read_dir(path, imdb_unsup)
+    elif tarfile.is_tarfile(path):
+        raw = _read_tar(path, imdb_unsup)
+    else:
+        raw = [(path.name, path.read_bytes())]
+    if not raw:
+        raise DataError(f"--data {path}: no .txt files found")
+    docs, bad = [], 0
+    for name, data in sorted(raw):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = data.decode("utf-8", errors="replace")
+            bad += 1
+        docs.append(Document(name, text))
+    if bad:
+        log(f"warning: {bad} file(s) were not valid UTF-8; undecodable bytes became U+FFFD")
+    return docs
+
+
+def _read_dir(root: Path, unsup: bool):
+    files = sorted(p for p in root.rglob("*.txt") if p.is_file())
+    rel = [(p, p.relative_to(root).as_posix()) for p in files]
+    if any(_imdb_member(r, unsup) is not None for _, r in rel):
+        rel = [(p, r) for p, r in rel if _imdb_member(r, unsup)]
+    return [(r, p.read_bytes()) for p, r in rel]
+
+
+def _read_tar(path: Path, unsup: bool):
+    out, imdb = [], False
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.endswith(".txt"):
+                    continue
+                kind = _imdb_member(member.name, unsup)
+                if kind is not None:
+                    if not imdb:  # first IMDB file: from now on keep only IMDB reviews
+                        imdb, out = True, [(n, d) for n, d in out if _imdb_member(n, unsup)]
+                    if not kind:
+                        continue
+                elif imdb:
+                    continue
+                out.append((member.name, tar.extractfile(member).read()))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"--data {path}: cannot read the archive ({e})") from None
+    return out
+
+
+def split_lines(docs: list[Document]) -> list[str]:
+    """Every line of every document, as TextLineDataset would read them."""
+    lines = []
+    for d in docs:
+        lines.extend(line.rstrip("\r") for line in d.text.split("\n"))
+    return lines
+
+
+def train_val_split(docs: list[Document], val_fraction: float, seed: int):
+    """Holds out a deterministic fraction of the documents (of the lines, when
+    the corpus is a single document). Returns (train_lines, val_lines)."""
+    if len(docs) == 1:
+        docs = [Document(f"{docs[0].name}:{i}", line) for i, line in enumerate(split_lines(docs))]
+    n_val = int(round(val_fraction * len(docs)))
+    if val_fraction > 0 and n_val == 0:
+        n_val = 1
+    if n_val >= len(docs):
+        raise DataError(f"--val-fraction {val_fraction} leaves no training data ({len(docs)} documents)")
+    order = np.random.default_rng(seed).permutation(len(docs))
+    val_ids = set(order[:n_val].tolist())
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    val = [d for i, d in enumerate(docs) if i in val_ids]
+    return split_lines(train), split_lines(val)
+
+
+# --- standardization, vocabulary, tokenizer -----------------------------------
+
+def standardize(text):
+    """string [...] -> string [...]: lowercase, `<br />` to a space, and a space
+    before every punctuation character (so "don't" becomes "don 't")."""
+    text = tf.strings.lower(text, encoding="utf-8")
+    text = tf.strings.regex_replace(text, "<br />", " ")
+    return tf.strings.regex_replace(text, f"({_PUNCT_CLASS})", r" \1")
+
+
+def split_words(text):
+    """string [N] -> ragged string [N, None]: standardized words."""
+    return tf.strings.split(standardize(text))
+
+
+def build_vocab(lines: list[str], vocab_size: int, batch: int = 8192) -> list[str]:
+    """["", "[UNK]", then words by descending count, ties by the word]; at most
+    vocab_size entries."""
+    counts: dict[bytes, int] = {}
+    for i in range(0, len(lines), batch):
+        words = split_words(tf.constant(lines[i:i + batch], tf.string)).flat_values
+        uniq, _, n = tf.unique_with_counts(words)
+        for w, c in zip(uniq.numpy().tolist(), n.numpy().tolist()):
+            counts[w] = counts.get(w, 0) + c
+    counts.pop(UNK.encode(), None)
+    ranked = sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))
+    return [PAD, UNK] + [w.decode("utf-8") for w, _ in ranked[: max(0, vocab_size - 2)]]
+
+
+def write_vocab(vocab: list[str], path: str | Path) -> None:
+    # One word per line; the padding entry is the empty first line.
+    Path(path).write_text("\n".join(vocab) + "\n", encoding="utf-8")
+
+
+def read_vocab(path: str | Path) -> list[str]:
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+class Tokenizer(tf.Module):
+    """Text <-> ids in the graph, from a vocabulary file (one word per line,
+    line number = id). Its tables are created here, not in a tf.function, so
+    that a SavedModel holding a Tokenizer carries the file as an asset."""
+
+    def __init__(self, vocab_path: str | Path, name="tokenizer"):
+        super().__init__(name=name)
+        vocab_path = str(vocab_path)
+        self.vocab_file = tf.saved_model.Asset(vocab_path)
+        self.size = len(read_vocab(vocab_path))
+        self.to_id = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(
+                self.vocab_file, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER),
+            default_value=1)
+        self.to_word = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(
+                self.vocab_file, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
+                tf.string, tf.lookup.TextFileIndex.WHOLE_LINE),
+            default_value=UNK)
+
+    def __call__(self, text):
+        """string [N] -> ragged int32 [N, None]."""
+        words = split_words(text)
+        return tf.cast(tf.ragged.map_flat_values(self.to_id.lookup, words), tf.int32)
+
+    def detokenize(self, ids):
+        """int [N, T] (0 = padding, dropped) -> string [N]: words joined by spaces."""
+        ids = tf.cast(ids, tf.int64)
+        words = tf.ragged.boolean_mask(self.to_word.lookup(ids), ids != 0)
+        return tf.strings.reduce_join(words, axis=-1, separator=" ")
+
+
+def tokenize_lines(tokenizer: Tokenizer, lines: list[str], batch: int = 8192):
+    """Tokenizes lines in batches -> (flat int32 ids, row lengths)."""
+    ids, lengths = [], []
+    for i in range(0, len(lines), batch):
+        rt = tokenizer(tf.constant(lines[i:i + batch], tf.string))
+        ids.append(rt.flat_values.numpy())
+        lengths.append(rt.row_lengths().numpy())
+    if not ids:
+        return np.zeros([0], np.int32), np.zeros([0], np.int64)
+    return np.concatenate(ids), np.concatenate(lengths)
+
+
+# --- training windows and tf.data -------------------------------------------
+
+def make_windows(ids: np.ndarray, lengths: np.ndarray, maxlen: int, packing: str) -> np.ndarray:
+    """Cuts token rows into windows of maxlen + 1 ids: int32 [N, maxlen + 1].
+
+    truncate: one window per line, its first maxlen + 1 tokens, 0-padded
+      (lines with fewer than 2 tokens give no target and are dropped).
+    pack: lines joined into one stream with id 0 after each line (its end);
+      windows start every maxlen tokens, so each token is a target once.
+    """
+    width = maxlen + 1
+    if packing == "truncate":
+        keep = lengths >= 2
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[keep]
+        lens = np.minimum(lengths[keep], width)
+        out = np.zeros([len(starts), width], np.int32)
+        cols = np.arange(width)
+        src = starts[:, None] + np.minimum(cols[None, :], lens[:, None] - 1)
+        out[:] = np.where(cols[None, :] < lens[:, None], ids[src] if len(ids) else 0, 0)
+        return out
+    if packing == "pack":
+        ends = np.cumsum(lengths)
+        stream = np.insert(ids, ends, 0).astype(np.int32)  # 0 after every line
+        n = (len(stream) - 1) // maxlen
+        if n <= 0:
+            return np.zeros([0, width], np.int32)
+        index = np.arange(n)[:, None] * maxlen + np.arange(width)[None, :]
+        return stream[index]
+    raise ValueError(f"unknown packing {packing!r}")
+
+
+def split_window(window, packing: str):
+    """int32 [..., maxlen + 1] -> (inputs [..., maxlen], targets, weights).
+
+    Weights are 1 for real targets. In truncate mode a target id 0 is padding
+    (weight 0); in pack mode id 0 is the end-of-line separator, a real target."""
+    x, y = window[..., :-1], window[..., 1:]
+    w = tf.ones_like(y, tf.float32) if packing == "pack" else tf.cast(y != 0, tf.float32)
+    return x, y, w
+
+
+def batches_per_epoch(num_windows: int, global_batch: int) -> int:
+    return num_windows // global_batch
+
+
+def train_dataset(windows: np.ndarray, global_batch: int, seed: int, epoch: int, packing: str,
+                  input_context: tf.distribute.InputContext | None = None, skip: int = 0) -> tf.data.Dataset:
+    """One epoch of per-replica batches for this input pipeline.
+
+    The order is a function of (seed, epoch) alone, so a resumed run sees the
+    same batches; `skip` drops the global batches already consumed. With an
+    input context, each global batch is cut into num_replicas_in_sync equal
+    slices and this pipeline (worker) yields its replicas' slices in order.
+    """
+    ds = tf.data.Dataset.from_tensor_slices(windows)
+    ds = ds.shuffle(len(windows), seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
+    ds = ds.batch(global_batch, drop_remainder=True).skip(skip)
+    return _to_replicas(ds, global_batch, packing, input_context)
+
+
+def eval_dataset(windows: np.ndarray, global_batch: int, packing: str,
+                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+    """Every window once, in order; the last batch is filled with empty
+    (all-padding, zero-weight) windows so that every batch has the same shape."""
+    pad = (-len(windows)) % global_batch
+    if pad:
+        windows = np.concatenate([windows, np.zeros([pad, windows.shape[1]], np.int32)])
+    ds = tf.data.Dataset.from_tensor_slices(windows).batch(global_batch, drop_remainder=True)
+    if packing == "pack" and pad:
+        # Packed windows have no padding of their own; mark the filler windows
+        # by weight 0 through a separate flag.
+        n_real = len(windows) - pad
+        flags = tf.data.Dataset.from_tensor_slices(np.arange(len(windows)) < n_real).batch(global_batch)
+        ds = tf.data.Dataset.zip((ds, flags))
+    return _to_replicas(ds, global_batch, packing, input_context)
+
+
+def _to_replicas(ds, global_batch, packing, ctx):
+    replicas = ctx.num_replicas_in_sync if ctx else 1
+    pipelines = ctx.num_input_pipelines if ctx else 1
+    pipeline = ctx.input_pipeline_id if ctx else 0
+    if global_batch % replicas:
+        raise DataError(f"--batch-size {global_batch} is not divisible by the {replicas} replicas")
+    local, per_replica = replicas // pipelines, global_batch // replicas
+
+    def cut(*batch):
+        # [G, ...] -> [local, per_replica, ...]: this pipeline's replicas' slices.
+        return tuple(tf.reshape(b, [replicas, per_replica] + b.shape[1:].as_list())
+                     [pipeline * local:(pipeline + 1) * local] for b in batch)
+
+    def features(window, real=None):
+        x, y, w = split_window(window, packing)
+        if real is not None:
+            w *= tf.cast(real, tf.float32)[:, None]
+        return x, y, w
+
+    ds = ds.map(cut).unbatch()
+    ds = ds.map(features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)

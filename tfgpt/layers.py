@@ -1,0 +1,218 @@
+"""The building blocks of the model, each a small `tf.Module`.
+
+Shapes in comments use B = batch, T = positions, D = model width,
+H = heads, K = per-head key size, F = feed-forward width, V = vocabulary.
+
+Every layer keeps its variables in float32. `compute_dtype` (float32 or
+bfloat16) is the type its matrix products run in; layer norm, softmax and
+everything that accumulates stays in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+
+def _uniform_init(shape, fan_in, fan_out, seed):
+    """Glorot-uniform, as Keras' Dense and EinsumDense use."""
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return tf.random.stateless_uniform(shape, seed=[seed, 0], minval=-limit, maxval=limit)
+
+
+def dropout(x, rate: float, seed, training: bool):
+    """Stateless dropout: the same seed drops the same units, with or without XLA
+    on one device type. `seed` is an int32/int64 tensor of shape [2]."""
+    if not training or rate == 0.0:
+        return x
+    return tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
+
+
+def fold_seed(seed, salt: int):
+    """A new [2] seed derived from `seed` and a small integer salt."""
+    return tf.random.experimental.stateless_fold_in(seed, salt)
+
+
+def matmul(x, w, compute_dtype):
+    """`x @ w` over the last axis of x, run in compute_dtype, returned in float32."""
+    y = tf.matmul(tf.cast(x, compute_dtype), tf.cast(w, compute_dtype))
+    return tf.cast(y, tf.float32)
+
+
+class Dense(tf.Module):
+    """y = x @ w + b. x: [..., in_dim] -> y: [..., out_dim]."""
+
+    def __init__(self, in_dim, out_dim, seed=0, compute_dtype=tf.float32, name=None):
+        super().__init__(name=name)
+        self.compute_dtype = compute_dtype
+        self.w = tf.Variable(_uniform_init([in_dim, out_dim], in_dim, out_dim, seed), name="w")
+        self.b = tf.Variable(tf.zeros([out_dim]), name="b")
+
+    @tf.Module.with_name_scope
+    def __call__(self, x):
+        lead = tf.shape(x)[:-1]
+        x2 = tf.reshape(x, [-1, self.w.shape[0]])  # [N, in]
+        y = matmul(x2, self.w, self.compute_dtype) + self.b  # [N, out]
+        return tf.reshape(y, tf.concat([lead, [self.w.shape[1]]], 0))
+
+
+class Embedding(tf.Module):
+    """Lookup table. ids: int [...] -> [..., dim]."""
+
+    def __init__(self, num, dim, seed=0, name=None):
+        super().__init__(name=name)
+        # Keras' Embedding initialises uniformly in [-0.05, 0.05].
+        self.table = tf.Variable(
+            tf.random.stateless_uniform([num, dim], seed=[seed, 1], minval=-0.05, maxval=0.05),
+            name="table",
+        )
+
+    @tf.Module.with_name_scope
+    def __call__(self, ids):
+        return tf.gather(self.table, ids)
+
+
+class LayerNorm(tf.Module):
+    """Normalises the last axis, in float32. x: [..., D] -> [..., D]."""
+
+    def __init__(self, dim, eps=1e-6, name=None):
+        super().__init__(name=name)
+        self.eps = eps
+        self.gamma = tf.Variable(tf.ones([dim]), name="gamma")
+        self.beta = tf.Variable(tf.zeros([dim]), name="beta")
+
+    @tf.Module.with_name_scope
+    def __call__(self, x):
+        mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return (x - mean) * tf.math.rsqrt(var + self.eps) * self.gamma + self.beta
+
+
+def causal_mask(t):
+    """[T, T] float mask, 1 where position i may attend to position j (j <= i):
+    the lower triangle of a matrix of ones."""
+    return tf.linalg.band_part(tf.ones([t, t]), -1, 0)
+
+
+class MultiHeadAttention(tf.Module):
+    """Causal multi-head self-attention with separate per-head projections.
+
+    Variables (as Keras' MultiHeadAttention lays them out):
+      q, k, v: w [D, H, K], b [H, K];  out: w [H, K, D], b [D].
+    """
+
+    def __init__(self, dim, num_heads, key_dim, seed=0, compute_dtype=tf.float32, name=None):
+        super().__init__(name=name)
+        self.dim, self.num_heads, self.key_dim = dim, num_heads, key_dim
+        self.compute_dtype = compute_dtype
+        hk = num_heads * key_dim
+        with self.name_scope:
+            self.wq = tf.Variable(tf.reshape(_uniform_init([dim, hk], dim, hk, seed), [dim, num_heads, key_dim]), name="wq")
+            self.wk = tf.Variable(tf.reshape(_uniform_init([dim, hk], dim, hk, seed + 1), [dim, num_heads, key_dim]), name="wk")
+            self.wv = tf.Variable(tf.reshape(_uniform_init([dim, hk], dim, hk, seed + 2), [dim, num_heads, key_dim]), name="wv")
+            self.bq = tf.Variable(tf.zeros([num_heads, key_dim]), name="bq")
+            self.bk = tf.Variable(tf.zeros([num_heads, key_dim]), name="bk")
+            self.bv = tf.Variable(tf.zeros([num_heads, key_dim]), name="bv")
+            self.wo = tf.Variable(tf.reshape(_uniform_init([hk, dim], hk, dim, seed + 3), [num_heads, key_dim, dim]), name="wo")
+            self.bo = tf.Variable(tf.zeros([dim]), name="bo")
+
+    def _project(self, x, w, b):
+        """x [B, T, D] -> [B, H, T, K]."""
+        bsz, t = tf.shape(x)[0], tf.shape(x)[1]
+        hk = self.num_heads * self.key_dim
+        y = matmul(tf.reshape(x, [-1, self.dim]), tf.reshape(w, [self.dim, hk]), self.compute_dtype)
+        y = tf.reshape(y, [bsz, t, self.num_heads, self.key_dim]) + b  # [B, T, H, K]
+        return tf.transpose(y, [0, 2, 1, 3])  # [B, H, T, K]
+
+    def qkv(self, x):
+        """x [B, T, D] -> q, k, v, each [B, H, T, K]."""
+        return self._project(x, self.wq, self.bq), self._project(x, self.wk, self.bk), self._project(x, self.wv, self.bv)
+
+    def attend(self, q, k, v, mask):
+        """q [B, H, Tq, K], k/v [B, H, Tk, K], mask broadcastable to [B, H, Tq, Tk]
+        (1 = may attend) -> [B, Tq, D]."""
+        cd = self.compute_dtype
+        scores = tf.matmul(tf.cast(q, cd), tf.cast(k, cd), transpose_b=True)  # [B, H, Tq, Tk]
+        scores = tf.cast(scores, tf.float32) * (1.0 / math.sqrt(self.key_dim))
+        scores += (1.0 - mask) * -1e9
+        probs = tf.nn.softmax(scores, axis=-1)  # float32
+        ctx = tf.matmul(tf.cast(probs, cd), tf.cast(v, cd))  # [B, H, Tq, K]
+        ctx = tf.transpose(tf.cast(ctx, tf.float32), [0, 2, 1, 3])  # [B, Tq, H, K]
+        bsz, tq = tf.shape(ctx)[0], tf.shape(ctx)[1]
+        hk = self.num_heads * self.key_dim
+        out = matmul(tf.reshape(ctx, [-1, hk]), tf.reshape(self.wo, [hk, self.dim]), cd) + self.bo
+        return tf.reshape(out, [bsz, tq, self.dim])  # [B, Tq, D]
+
+    @tf.Module.with_name_scope
+    def __call__(self, x):
+        """Full causal self-attention. x [B, T, D] -> [B, T, D]."""
+        q, k, v = self.qkv(x)
+        return self.attend(q, k, v, causal_mask(tf.shape(x)[1]))  # mask [T, T]
+
+
+class FeedForward(tf.Module):
+    """relu(x @ w1 + b1) @ w2 + b2. x [..., D] -> [..., D]."""
+
+    def __init__(self, dim, hidden, seed=0, compute_dtype=tf.float32, name=None):
+        super().__init__(name=name)
+        with self.name_scope:
+            self.fc1 = Dense(dim, hidden, seed=seed, compute_dtype=compute_dtype, name="fc1")
+            self.fc2 = Dense(hidden, dim, seed=seed + 1, compute_dtype=compute_dtype, name="fc2")
+
+    @tf.Module.with_name_scope
+    def __call__(self, x):
+        return self.fc2(tf.nn.relu(self.fc1(x)))
+
+
+class Block(tf.Module):
+    """A post-layer-norm Transformer block, as in the Keras example:
+
+        a = LN1(x + Dropout(Attention(x)))
+        y = LN2(a + Dropout(FeedForward(a)))
+    """
+
+    def __init__(self, dim, num_heads, key_dim, ff_dim, rate, seed=0, compute_dtype=tf.float32, name=None):
+        super().__init__(name=name)
+        self.rate = rate
+        with self.name_scope:
+            self.attn = MultiHeadAttention(dim, num_heads, key_dim, seed=seed, compute_dtype=compute_dtype, name="attn")
+            self.ln1 = LayerNorm(dim, name="ln1")
+            self.ffn = FeedForward(dim, ff_dim, seed=seed + 10, compute_dtype=compute_dtype, name="ffn")
+            self.ln2 = LayerNorm(dim, name="ln2")
+
+    def _finish(self, x, attn_out, seed, training):
+        """Residuals, dropout and norms around an attention output."""
+        a = self.ln1(x + dropout(attn_out, self.rate, None if seed is None else fold_seed(seed, 1), training))
+        f = self.ffn(a)
+        return self.ln2(a + dropout(f, self.rate, None if seed is None else fold_seed(seed, 2), training))
+
+    @tf.Module.with_name_scope
+    def __call__(self, x, seed=None, training=False):
+        """x [B, T, D] -> [B, T, D]. `seed` [2] is needed when training with dropout."""
+        return self._finish(x, self.attn(x), seed, training)
+
+    def prefill(self, x, cache_len):
+        """Inference over a whole prompt, also returning its keys and values.
+
+        x [B, T, D] -> (y [B, T, D], k, v), with k and v [B, H, cache_len, K]:
+        the prompt's keys/values in the first T slots, zeros after.
+        """
+        q, k, v = self.attn.qkv(x)
+        y = self._finish(x, self.attn.attend(q, k, v, causal_mask(tf.shape(x)[1])), None, False)
+        pad = [[0, 0], [0, 0], [0, cache_len - tf.shape(x)[1]], [0, 0]]
+        return y, tf.pad(k, pad), tf.pad(v, pad)
+
+    def decode(self, x, k_cache, v_cache, pos):
+        """One new position per row against the cache.
+
+        x [B, 1, D]; k_cache, v_cache [B, H, L, K]; pos int32 [B] (the slot this
+        token occupies, which may differ per row) -> (y [B, 1, D], k_cache, v_cache).
+        """
+        q, k, v = self.attn.qkv(x)  # [B, H, 1, K]
+        slots = tf.shape(k_cache)[2]
+        write = tf.one_hot(pos, slots)[:, None, :, None]  # [B, 1, L, 1]
+        k_cache = k_cache * (1.0 - write) + k * write
+        v_cache = v_cache * (1.0 - write) + v * write
+        visible = tf.sequence_mask(pos + 1, slots, dtype=tf.float32)[:, None, None, :]  # [B, 1, 1, L]
+        y = self._finish(x, self.attn.attend(q, k_cache, v_cache, visible), None, False)
+        return y, k_cache, v_cache
