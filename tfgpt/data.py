@@ -215,33 +215,46 @@ def split_words(text):
     return tf.strings.split(standardize(text))
 
 
-def build_vocab(lines: list[str], vocab_size: int, batch: int = 8192) -> list[str]:
-    """["", "[UNK]", then words by descending count, ties by the word]; at most
-    vocab_size entries."""
+def count_words(lines: list[str], batch: int = 8192) -> dict[bytes, int]:
+    """How often each standardized word occurs in lines (counted in the graph)."""
     counts: dict[bytes, int] = {}
     for i in range(0, len(lines), batch):
         words = split_words(tf.constant(lines[i:i + batch], tf.string)).flat_values
         uniq, _, n = tf.unique_with_counts(words)
         for w, c in zip(uniq.numpy().tolist(), n.numpy().tolist()):
             counts[w] = counts.get(w, 0) + c
-    counts.pop(UNK.encode(), None)
-    ranked = sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))
-    return [PAD, UNK] + [w.decode("utf-8") for w, _ in ranked[: max(0, vocab_size - 2)]]
+    return counts
 
 
-def write_vocab(vocab: list[str], path: str | Path) -> None:
-    # One word per line; the padding entry is the empty first line.
-    Path(path).write_text("\n".join(vocab) + "\n", encoding="utf-8")
+def build_vocab(lines: list[str], vocab_size: int) -> tuple[list[str], list[int]]:
+    """Words ["", "[UNK]", then by descending count, ties by the word], at most
+    vocab_size of them, and their counts ("[UNK]" counts the words left out)."""
+    ranked = sorted(count_words(lines).items(), key=lambda wc: (-wc[1], wc[0]))
+    kept, dropped = ranked[: max(0, vocab_size - 2)], ranked[max(0, vocab_size - 2):]
+    words = [PAD, UNK] + [w.decode("utf-8") for w, _ in kept]
+    counts = [0, sum(c for _, c in dropped)] + [c for _, c in kept]
+    return words, counts
+
+
+def write_vocab(words: list[str], path: str | Path, counts: list[int] | None = None) -> None:
+    """One `word<TAB>count` line per id; the padding id 0 is the empty word.
+    (A tab-separated column keeps the empty word on a non-empty line, which
+    TensorFlow's text-file table initializer requires.)"""
+    counts = counts or [0] * len(words)
+    Path(path).write_text("".join(f"{w}\t{c}\n" for w, c in zip(words, counts)), encoding="utf-8")
 
 
 def read_vocab(path: str | Path) -> list[str]:
+    """The words of a vocabulary file, index = id."""
     lines = Path(path).read_text(encoding="utf-8").split("\n")
-    return lines[:-1] if lines and lines[-1] == "" else lines
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.split("\t")[0] for line in lines]
 
 
 class Tokenizer(tf.Module):
-    """Text <-> ids in the graph, from a vocabulary file (one word per line,
-    line number = id). Its tables are created here, not in a tf.function, so
+    """Text <-> ids in the graph, from a vocabulary file (`write_vocab`:
+    line number = id, the word in the first tab-separated column). Its tables are created here, not in a tf.function, so
     that a SavedModel holding a Tokenizer carries the file as an asset."""
 
     def __init__(self, vocab_path: str | Path, name="tokenizer"):
@@ -251,13 +264,13 @@ class Tokenizer(tf.Module):
         self.size = len(read_vocab(vocab_path))
         self.to_id = tf.lookup.StaticHashTable(
             tf.lookup.TextFileInitializer(
-                self.vocab_file, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
-                tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER),
+                self.vocab_file, tf.string, 0, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
+                delimiter="\t"),
             default_value=1)
         self.to_word = tf.lookup.StaticHashTable(
             tf.lookup.TextFileInitializer(
-                self.vocab_file, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
-                tf.string, tf.lookup.TextFileIndex.WHOLE_LINE),
+                self.vocab_file, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, tf.string, 0,
+                delimiter="\t"),
             default_value=UNK)
 
     def __call__(self, text):

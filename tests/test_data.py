@@ -1,0 +1,267 @@
+"""Corpus forms, standardization, vocabulary, windows and the input pipeline."""
+
+import hashlib
+import http.server
+import re
+import socket
+import string
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tar_folder, write_imdb_tree
+from tfgpt import data
+
+
+def reference_words(text: str) -> list[str]:
+    """The example's standardization, in plain Python."""
+    text = text.lower().replace("<br />", " ")
+    text = re.sub(f"([{re.escape(string.punctuation)}])", r" \1", text)
+    return text.split()
+
+
+def tf_words(text: str) -> list[str]:
+    return [w.decode() for w in data.split_words(tf.constant([text]))[0].numpy()]
+
+
+@pytest.mark.parametrize("text", [
+    "Don't STOP!<br /><br />It was (really) \"great\"...",
+    "a-b_c{d}e[f]g\\h|i~j`k^l@m#n$o%p&q*r+s=t<u>v?w/x;y:z,",
+    "  spaces   and\ttabs  ",
+    "Émile's café",
+])
+def test_standardize_matches_python_reference(text):
+    assert tf_words(text) == reference_words(text)
+
+
+def test_standardize_splits_contractions_and_punctuation():
+    assert tf_words("Don't<br />stop.") == ["don", "'t", "stop", "."]
+
+
+def test_vocab_order_counts_then_word_and_cap():
+    lines = ["b a a c c c", "d d e e", "z"]
+    # counts: c3, a2, d2, e2, b1, z1 ; ties by the word
+    words, counts = data.build_vocab(lines, 100)
+    assert words == ["", "[UNK]", "c", "a", "d", "e", "b", "z"]
+    assert counts == [0, 0, 3, 2, 2, 2, 1, 1]
+    words, counts = data.build_vocab(lines, 4)
+    assert words == ["", "[UNK]", "c", "a"]
+    assert counts == [0, 6, 3, 2]  # [UNK] stands for the 6 words left out
+
+
+def test_vocab_file_round_trip_and_tokenizer(tmp_path):
+    vocab = ["", "[UNK]", "the", "movie", "'s", "."]
+    path = tmp_path / "vocab.txt"
+    data.write_vocab(vocab, path, [0, 0, 9, 8, 7, 6])
+    assert data.read_vocab(path) == vocab
+    assert path.read_text().splitlines()[:3] == ["\t0", "[UNK]\t0", "the\t9"]
+    tok = data.Tokenizer(path)
+    assert tok.size == 6
+    ids = tok(tf.constant(["The movie's unknownword.", ""]))
+    assert ids.to_list() == [[2, 3, 4, 1, 5], []]
+    text = tok.detokenize(tf.constant([[2, 3, 0, 0], [5, 1, 0, 0]]))
+    assert [t.decode() for t in text.numpy()] == ["the movie", ". [UNK]"]
+
+
+def _names(docs):
+    return sorted(d.name.split("aclImdb/")[-1] for d in docs)
+
+
+def test_imdb_folder_reads_four_splits_and_unsup_only_on_request(tmp_path):
+    base = write_imdb_tree(tmp_path, per_split=3, unsup=2)
+    (base / "imdb.vocab").write_text("the\nmovie\n")
+    (base / "README").write_text("readme")
+    docs = data.read_corpus(base)
+    assert len(docs) == 12
+    assert all("unsup" not in d.name for d in docs)
+    with_unsup = data.read_corpus(base, imdb_unsup=True)
+    assert len(with_unsup) == 14
+    # The parent folder (holding aclImdb/) reads the same reviews.
+    assert _names(data.read_corpus(tmp_path)) == _names(docs)
+
+
+def test_official_and_shared_archive_layouts(tmp_path):
+    base = write_imdb_tree(tmp_path / "src", per_split=2, unsup=3)
+    official = tar_folder(base, tmp_path / "aclImdb_v1.tar.gz",
+                          extra={"aclImdb/imdb.vocab": "the\n", "aclImdb/README": "x",
+                                 "aclImdb/train/labeledBow.feat": "0:1"})
+    docs = data.read_corpus(official)
+    assert len(docs) == 8 and all("unsup" not in d.name for d in docs)
+    assert len(data.read_corpus(official, imdb_unsup=True)) == 11
+    # The development archive: the same four folders and nothing else.
+    import shutil
+    shutil.rmtree(base / "train" / "unsup")
+    shared = tar_folder(base, tmp_path / "aclImdb.tar.gz")
+    assert _names(data.read_corpus(shared)) == _names(docs)
+    assert [d.text for d in data.read_corpus(shared)] == [d.text for d in docs]
+
+
+def test_plain_folder_of_txt_files_recursive_and_single_file(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "one.txt").write_text("first line\nsecond line\n")
+    (tmp_path / "a" / "b" / "two.txt").write_text("third")
+    (tmp_path / "a" / "skip.md").write_text("not text")
+    docs = data.read_corpus(tmp_path / "a")
+    assert [d.name for d in docs] == ["b/two.txt", "one.txt"]
+    assert data.split_lines(docs) == ["third", "first line", "second line", ""]
+    single = data.read_corpus(tmp_path / "a" / "one.txt")
+    assert len(single) == 1 and single[0].text.startswith("first")
+
+
+def test_bad_paths_and_non_utf8(tmp_path):
+    with pytest.raises(data.DataError, match="no such file"):
+        data.read_corpus(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no .txt files"):
+        data.read_corpus(tmp_path / "empty")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "bad.txt").write_bytes(b"caf\xe9 ok\n")
+    (tmp_path / "t" / "good.txt").write_text("fine\n")
+    messages = []
+    docs = data.read_corpus(tmp_path / "t", log=messages.append)
+    assert docs[0].text == "caf\ufffd ok\n"
+    assert len(messages) == 1 and "1 file(s)" in messages[0]
+
+
+def test_split_is_deterministic_and_holds_out_files(tmp_path):
+    docs = [data.Document(f"{i}.txt", f"review {i}") for i in range(100)]
+    a = data.train_val_split(docs, 0.1, seed=3)
+    b = data.train_val_split(docs, 0.1, seed=3)
+    c = data.train_val_split(docs, 0.1, seed=4)
+    assert a == b and a != c
+    assert len(a[1]) == 10 and len(a[0]) == 90
+    assert not set(a[0]) & set(a[1])
+    assert data.train_val_split(docs, 0.0, seed=3)[1] == []
+    # A single document is split by lines.
+    one = [data.Document("all.txt", "\n".join(f"l{i}" for i in range(50)))]
+    train, val = data.train_val_split(one, 0.1, seed=0)
+    assert len(val) == 5 and len(train) == 45
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        self.wfile.write(self.payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_verifies_and_caches(tmp_path, server, monkeypatch):
+    base = write_imdb_tree(tmp_path / "src", per_split=1)
+    archive = tar_folder(base, tmp_path / "a.tar.gz")
+    _Handler.payload = archive.read_bytes()
+    url = f"http://127.0.0.1:{server.server_port}/aclImdb_v1.tar.gz"
+    sha = hashlib.sha256(_Handler.payload).hexdigest()
+    cache = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)  # no ./aclImdb here
+    got = data.resolve_imdb(url, sha, cache, log=lambda *a: None)
+    assert got == cache / "aclImdb_v1.tar.gz" and got.read_bytes() == _Handler.payload
+    assert len(data.read_corpus(got)) == 4
+    # Cached now: no second download even with a wrong URL.
+    assert data.resolve_imdb("http://127.0.0.1:1/none", sha, cache, log=lambda *a: None) == got
+
+
+def test_download_checksum_mismatch_deletes_file(tmp_path, server, monkeypatch):
+    _Handler.payload = b"not the archive"
+    url = f"http://127.0.0.1:{server.server_port}/x.tar.gz"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data.DataError, match="checksum mismatch"):
+        data.resolve_imdb(url, data.IMDB_SHA256, tmp_path / "cache", log=lambda *a: None)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_download_without_network_says_pass_data(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data.DataError, match="--data PATH"):
+        data.resolve_imdb(f"http://127.0.0.1:{port}/a.tar.gz", data.IMDB_SHA256, tmp_path / "c", log=lambda *a: None)
+
+
+def test_local_acl_imdb_folder_is_used_first(tmp_path, monkeypatch):
+    write_imdb_tree(tmp_path, per_split=1)
+    monkeypatch.chdir(tmp_path)
+    assert str(data.resolve_imdb("http://127.0.0.1:1/none", "0", tmp_path / "c")) == "aclImdb"
+
+
+def test_truncate_windows():
+    ids = np.array([5, 6, 7, 8, 9, 3, 4, 2], np.int32)
+    lengths = np.array([5, 1, 2], np.int64)  # rows: 5 6 7 8 9 | 3 | 4 2
+    w = data.make_windows(ids, lengths, maxlen=3, packing="truncate")
+    np.testing.assert_array_equal(w, [[5, 6, 7, 8], [4, 2, 0, 0]])
+    x, y, weight = data.split_window(tf.constant(w), "truncate")
+    np.testing.assert_array_equal(x, [[5, 6, 7], [4, 2, 0]])
+    np.testing.assert_array_equal(y, [[6, 7, 8], [2, 0, 0]])
+    np.testing.assert_array_equal(weight, [[1, 1, 1], [1, 0, 0]])
+
+
+def test_pack_windows_keep_every_token_once():
+    ids = np.array([5, 6, 7, 8, 9, 3, 4, 2], np.int32)
+    lengths = np.array([5, 1, 2], np.int64)
+    w = data.make_windows(ids, lengths, maxlen=3, packing="pack")
+    stream = [5, 6, 7, 8, 9, 0, 3, 0, 4, 2, 0]
+    np.testing.assert_array_equal(w, [stream[0:4], stream[3:7], stream[6:10]])
+    _, y, weight = data.split_window(tf.constant(w), "pack")
+    assert np.asarray(y).ravel().tolist() == stream[1:10]  # each target once, in order
+    assert float(tf.reduce_min(weight)) == 1.0
+
+
+def _batches(ds):
+    return [tuple(t.numpy() for t in b) for b in ds]
+
+
+def test_train_dataset_order_is_a_function_of_seed_and_epoch():
+    windows = np.arange(40 * 5, dtype=np.int32).reshape(40, 5)
+    a = _batches(data.train_dataset(windows, 8, seed=1, epoch=0, packing="truncate"))
+    b = _batches(data.train_dataset(windows, 8, seed=1, epoch=0, packing="truncate"))
+    c = _batches(data.train_dataset(windows, 8, seed=1, epoch=1, packing="truncate"))
+    assert len(a) == 5 and all(x[0].shape == (8, 4) for x in a)
+    assert all(np.array_equal(p[0], q[0]) for p, q in zip(a, b))
+    assert not all(np.array_equal(p[0], q[0]) for p, q in zip(a, c))
+    seen = np.sort(np.concatenate([x[0][:, 0] for x in a]))
+    np.testing.assert_array_equal(seen, np.sort(windows[:, 0]))  # a permutation
+    skipped = _batches(data.train_dataset(windows, 8, seed=1, epoch=0, packing="truncate", skip=2))
+    assert all(np.array_equal(p[0], q[0]) for p, q in zip(a[2:], skipped))
+
+
+def test_replica_slices_reassemble_the_global_batch():
+    windows = np.arange(32 * 5, dtype=np.int32).reshape(32, 5)
+    full = _batches(data.train_dataset(windows, 8, seed=2, epoch=0, packing="truncate"))
+    # Two workers with two replicas each: every worker yields its replicas' slices in order.
+    parts = []
+    for worker in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=4)
+        parts.append(_batches(data.train_dataset(windows, 8, seed=2, epoch=0, packing="truncate", input_context=ctx)))
+    for step, batch in enumerate(full):
+        pieces = [parts[w][2 * step + r][0] for w in range(2) for r in range(2)]
+        assert all(p.shape == (2, 4) for p in pieces)
+        np.testing.assert_array_equal(np.concatenate(pieces), batch[0])
+    with pytest.raises(data.DataError, match="not divisible"):
+        ctx = tf.distribute.InputContext(1, 0, 3)
+        data.train_dataset(windows, 8, seed=2, epoch=0, packing="truncate", input_context=ctx)
+
+
+def test_eval_dataset_pads_with_zero_weight_windows():
+    windows = np.ones([10, 5], np.int32)
+    for packing in ("truncate", "pack"):
+        batches = _batches(data.eval_dataset(windows, 4, packing))
+        assert len(batches) == 3
+        assert sum(float(b[2].sum()) for b in batches) == 10 * 4

@@ -1,0 +1,168 @@
+"""`python train.py`: the command line that fills the configs and runs training."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from tfgpt.config import GPTConfig, TrainConfig, load_config, save_config
+
+# Fields that may differ from the saved config.json when resuming a run.
+RESUMABLE = {"epochs", "max_steps", "lr", "lr_schedule", "warmup_steps", "clip_norm", "log_every",
+             "checkpoint_every", "keep_checkpoints", "quiet", "prompt", "gen_tokens", "top_k",
+             "temperature", "export", "xla", "gpus", "collective_timeout", "data", "loss_chunk"}
+
+
+class UsageError(ValueError):
+    """Bad command-line input: one line on stderr, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    m, t = GPTConfig(), TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="train.py", argument_default=argparse.SUPPRESS,
+        description="Train the miniature GPT (by default the Keras example's model on IMDB) with a "
+                    "custom TensorFlow training loop. Everything a run writes goes to LOGDIR/RUN_NAME.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python train.py --data ../aclImdb_v1.tar.gz --max-steps 300\n"
+               "  python train.py --gpus 2 --precision bfloat16\n"
+               "  python train.py --run-name my-run --resume --epochs 30\n"
+               "watch it: tensorboard --logdir logs")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="'imdb' (./aclImdb, else the cached or downloaded official archive), an IMDB "
+                   "archive or folder, a folder of .txt files (recursive), or one text file; "
+                   f"every line is one example (default: {t.data})")
+    d.add_argument("--imdb-unsup", action="store_true", help="also read IMDB's train/unsup reviews")
+    d.add_argument("--packing", choices=["truncate", "pack"], help="truncate: each line gives one window of its "
+                   "first maxlen+1 tokens, as the example; pack: lines joined (id 0 after each) and cut into "
+                   f"windows, so no text is lost (default: {t.packing})")
+    d.add_argument("--val-fraction", type=float, help=f"fraction of files held out for validation; 0 for none "
+                   f"(default: {t.val_fraction})")
+    d.add_argument("--vocab-size", type=int, help=f"vocabulary entries, including padding and [UNK] (default: {m.vocab_size})")
+    d.add_argument("--maxlen", type=int, help=f"context length in tokens (default: {m.maxlen})")
+    g = p.add_argument_group("model")
+    g.add_argument("--embed-dim", type=int, help=f"model width (default: {m.embed_dim})")
+    g.add_argument("--num-heads", type=int, help=f"attention heads (default: {m.num_heads})")
+    g.add_argument("--head-dim", type=int, help="key/query/value size of each head (default: embed-dim, as the example)")
+    g.add_argument("--ff-dim", type=int, help=f"feed-forward width (default: {m.ff_dim})")
+    g.add_argument("--num-layers", type=int, help=f"Transformer blocks (default: {m.num_layers})")
+    g.add_argument("--dropout", type=float, help=f"dropout rate in [0, 1) (default: {m.dropout})")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, help=f"global batch, split over all replicas (default: {t.batch_size})")
+    o.add_argument("--epochs", type=int, help=f"passes over the training data (default: {t.epochs})")
+    o.add_argument("--max-steps", type=int, help="stop after this many steps in all (default: no limit)")
+    o.add_argument("--lr", type=float, help=f"Adam learning rate (default: {t.lr})")
+    o.add_argument("--lr-schedule", choices=["constant", "cosine"], help=f"(default: {t.lr_schedule})")
+    o.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default: {t.warmup_steps})")
+    o.add_argument("--clip-norm", type=float, help="clip gradients to this global norm (default: off)")
+    o.add_argument("--seed", type=int, help=f"seeds the weights, the data order, the split and dropout (default: {t.seed})")
+    h = p.add_argument_group("devices and speed")
+    h.add_argument("--gpus", type=int, help="data-parallel over N GPUs (N logical CPU devices if there is no GPU); "
+                   "default: one device")
+    h.add_argument("--xla", choices=["auto", "on", "off"], help="jit-compile the per-replica step; auto = on when "
+                   f"every replica is a GPU (default: {t.xla})")
+    h.add_argument("--precision", choices=["float32", "bfloat16"], help="matrix products in bfloat16 with "
+                   f"float32 weights, optimizer, norms and loss (default: {t.precision})")
+    h.add_argument("--loss-chunk", type=int, help="positions per chunk of the output layer and loss; "
+                   f"0 = automatic (default: {t.loss_chunk})")
+    h.add_argument("--collective-timeout", type=float, help="seconds a multi-worker collective may wait "
+                   f"before failing (default: {t.collective_timeout:.0f})")
+    r = p.add_argument_group("run directory, logging, samples")
+    r.add_argument("--logdir", help=f"TensorBoard root (default: {t.logdir})")
+    r.add_argument("--run-name", help="run directory name under LOGDIR (default: a timestamp)")
+    r.add_argument("--resume", action="store_true", help="continue LOGDIR/RUN_NAME from its latest checkpoint")
+    r.add_argument("--log-every", type=int, help=f"write scalars every N steps (default: {t.log_every})")
+    r.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: each epoch only)")
+    r.add_argument("--keep-checkpoints", type=int, help=f"checkpoints kept (default: {t.keep_checkpoints})")
+    r.add_argument("--prompt", help=f"prompt of the per-epoch sample (default: {t.prompt!r})")
+    r.add_argument("--gen-tokens", type=int, help=f"tokens per sample (default: {t.gen_tokens})")
+    r.add_argument("--top-k", type=int, help=f"sample among the k likeliest tokens (default: {t.top_k})")
+    r.add_argument("--temperature", type=float, help=f"sampling temperature; <= 0 is greedy (default: {t.temperature})")
+    r.add_argument("--no-export", dest="export", action="store_false", help="do not export a SavedModel at the end")
+    r.add_argument("--quiet", action="store_true", help="print only the epoch lines")
+    return p
+
+
+def configs_from_args(args: dict) -> tuple[GPTConfig, TrainConfig]:
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model = GPTConfig(**{k: v for k, v in args.items() if k in model_fields})
+    train = TrainConfig(**{k: v for k, v in args.items() if k in train_fields})
+    return model, train
+
+
+def validate(model: GPTConfig, train: TrainConfig) -> None:
+    checks = [
+        (model.vocab_size >= 3, f"--vocab-size must be at least 3, got {model.vocab_size}"),
+        (model.maxlen >= 2, f"--maxlen must be at least 2, got {model.maxlen}"),
+        (model.embed_dim >= 1 and model.ff_dim >= 1 and model.num_heads >= 1 and model.num_layers >= 1,
+         "--embed-dim, --ff-dim, --num-heads and --num-layers must be positive"),
+        (model.head_dim is None or model.head_dim >= 1, "--head-dim must be positive"),
+        (0.0 <= model.dropout < 1.0, f"--dropout must be in [0, 1), got {model.dropout}"),
+        (train.batch_size >= 1, f"--batch-size must be positive, got {train.batch_size}"),
+        (train.epochs >= 1, f"--epochs must be positive, got {train.epochs}"),
+        (train.max_steps is None or train.max_steps >= 1, f"--max-steps must be positive, got {train.max_steps}"),
+        (train.lr > 0, f"--lr must be positive, got {train.lr}"),
+        (train.gen_tokens >= 1, f"--gen-tokens must be positive, got {train.gen_tokens}"),
+        (train.top_k >= 1, f"--top-k must be positive, got {train.top_k}"),
+        (0.0 <= train.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {train.val_fraction}"),
+        (train.log_every >= 1, f"--log-every must be positive, got {train.log_every}"),
+        (train.checkpoint_every >= 0, "--checkpoint-every must be 0 or positive"),
+        (train.keep_checkpoints >= 1, "--keep-checkpoints must be positive"),
+        (train.warmup_steps >= 0, "--warmup-steps must be 0 or positive"),
+        (train.loss_chunk >= 0, "--loss-chunk must be 0 or positive"),
+        (train.clip_norm is None or train.clip_norm > 0, "--clip-norm must be positive"),
+        (train.gpus is None or train.gpus >= 1, f"--gpus must be at least 1, got {train.gpus}"),
+        (train.collective_timeout > 0, "--collective-timeout must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def resolve_run(args: dict) -> tuple[GPTConfig, TrainConfig, Path, bool]:
+    """Fills the configs, from the flags for a new run or from config.json
+    (with the flags allowed to change) for --resume."""
+    resume = args.pop("resume", False)
+    model, train = configs_from_args(args)
+    if resume:
+        if not train.run_name:
+            raise UsageError("--resume needs --run-name, the run directory under --logdir to continue")
+        run_dir = Path(train.logdir) / train.run_name
+        if not (run_dir / "config.json").exists():
+            raise UsageError(f"--resume: {run_dir} holds no config.json; nothing to resume")
+        saved_model, saved_train = load_config(run_dir / "config.json")
+        for key, value in args.items():
+            saved = getattr(saved_model, key, getattr(saved_train, key, None))
+            if key not in RESUMABLE | {"logdir", "run_name"} and value != saved:
+                raise UsageError(f"--resume: --{key.replace('_', '-')} {value} conflicts with the saved "
+                                 f"config.json ({key} = {saved}); leave it out or start a new run")
+        overrides = {k: v for k, v in args.items() if hasattr(saved_train, k)}
+        train = dataclasses.replace(saved_train, **overrides)
+        model = saved_model
+    else:
+        train.run_name = train.run_name or time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(train.logdir) / train.run_name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UsageError(f"{run_dir} already exists; pass --resume to continue it or choose another --run-name")
+    validate(model, train)
+    return model, train, run_dir, resume
+
+
+def main(argv=None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    try:
+        model_cfg, train_cfg, run_dir, resume = resolve_run(args)
+    except UsageError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    from tfgpt.run import train  # imports TensorFlow; after the cheap checks
+
+    return train(model_cfg, train_cfg, run_dir, resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

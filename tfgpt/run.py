@@ -1,0 +1,126 @@
+"""A whole training run: devices, data, trainer, reporting, export."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from tfgpt.config import GPTConfig, TrainConfig, save_config
+from tfgpt.distribute import DeviceError, is_chief, make_strategy
+
+
+def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse_vocab: bool, log=print):
+    """Reads, splits and tokenizes the corpus. Returns (train_windows, val_windows).
+
+    The vocabulary is built from the training lines and written to vocab_path,
+    or read from it when reuse_vocab (a resumed run)."""
+    from tfgpt import data
+
+    t0 = time.perf_counter()
+    source = data.resolve_imdb(log=log) if cfg.data == "imdb" else Path(cfg.data)
+    docs = data.read_corpus(source, imdb_unsup=cfg.imdb_unsup, log=log)
+    train_lines, val_lines = data.train_val_split(docs, cfg.val_fraction, cfg.seed)
+    log(f"data: {source}: {len(docs):,} files, {len(train_lines):,} training and {len(val_lines):,} "
+        f"validation lines ({time.perf_counter() - t0:.1f}s)")
+    if reuse_vocab and vocab_path.exists():
+        vocab = data.read_vocab(vocab_path)
+    else:
+        t0 = time.perf_counter()
+        vocab, counts = data.build_vocab(train_lines, model_cfg.vocab_size)
+        data.write_vocab(vocab, vocab_path, counts)
+        log(f"vocabulary: {len(vocab):,} entries ({time.perf_counter() - t0:.1f}s)")
+    if len(vocab) < model_cfg.vocab_size:
+        # A small corpus: the output layer only needs the words that exist.
+        log(f"note: the corpus has only {len(vocab)} distinct entries; vocab_size is {len(vocab)}")
+        model_cfg.vocab_size = len(vocab)
+    tokenizer = data.Tokenizer(vocab_path)
+    t0 = time.perf_counter()
+    ids, lengths = data.tokenize_lines(tokenizer, train_lines)
+    train_windows = data.make_windows(ids, lengths, model_cfg.maxlen, cfg.packing)
+    val_windows = None
+    if val_lines:
+        vids, vlengths = data.tokenize_lines(tokenizer, val_lines)
+        val_windows = data.make_windows(vids, vlengths, model_cfg.maxlen, cfg.packing)
+    log(f"tokens: {len(ids):,} in training lines -> {len(train_windows):,} windows of {model_cfg.maxlen + 1} "
+        f"({cfg.packing}, {time.perf_counter() - t0:.1f}s)")
+    return train_windows, val_windows
+
+
+def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -> int:
+    """Runs training; returns the process exit status."""
+    try:
+        strategy = make_strategy(cfg.gpus, cfg.collective_timeout)  # before any other TensorFlow op
+    except DeviceError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    import tensorflow as tf
+
+    from tfgpt import data
+    from tfgpt.report import Reporter
+    from tfgpt.trainer import Trainer
+
+    chief = is_chief(strategy)
+    log = print if chief else (lambda *a, **k: None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    vocab_path = run_dir / "vocab.txt"
+    try:
+        train_windows, val_windows = prepare_data(model_cfg, cfg, vocab_path, reuse_vocab=resume, log=log)
+        per_epoch = data.batches_per_epoch(len(train_windows), cfg.batch_size)
+        total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+        trainer = Trainer(model_cfg, cfg, strategy, run_dir, vocab_path, total_steps=total, log=log)
+    except (data.DataError, ValueError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    if chief:
+        save_config(run_dir / "config.json", model_cfg, cfg)
+    trainer.open_checkpoints()
+    if resume:
+        path = trainer.restore_latest()
+        log(f"resumed from {path} (step {int(trainer.optimizer.step.numpy())})" if path
+            else "resume: no checkpoint yet, starting from step 0")
+    from tfgpt.model import count_params
+
+    log(f"model: {count_params(trainer.model):,} parameters; {strategy.num_replicas_in_sync} replica(s); "
+        f"XLA {'on' if trainer.xla else 'off'}; {cfg.precision}; {per_epoch} steps per epoch")
+
+    sample_fn = make_sample_fn(trainer, cfg, vocab_path) if chief else None
+    reporter = Reporter(run_dir, cfg.epochs, cfg.log_every, cfg.quiet, chief, sample_fn)
+    try:
+        history = trainer.fit(train_windows, val_windows, reporter)
+    finally:
+        reporter.close()
+        trainer.close()
+    if chief and cfg.export:
+        from tfgpt.sampler import export_model
+
+        path = export_model(trainer.model, vocab_path, run_dir / "export")
+        log(f"exported SavedModel: {path}")
+    if history and history[-1]["val_loss"] is not None:
+        log(f"final validation loss {history[-1]['val_loss']:.4f}")
+    log(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+    del tf
+    return 0
+
+
+def make_sample_fn(trainer, cfg: TrainConfig, vocab_path: Path):
+    """step -> (prompt, text, settings): the per-epoch sample, from the in-graph sampler."""
+    import tensorflow as tf
+
+    from tfgpt.data import split_words
+    from tfgpt.sampler import Sampler
+
+    sampler = Sampler(trainer.model, str(vocab_path))
+
+    def sample(step: int):
+        out = sampler.generate(
+            prompt=tf.constant([cfg.prompt]), max_tokens=tf.constant(cfg.gen_tokens, tf.int32),
+            top_k=tf.constant(cfg.top_k, tf.int32), temperature=tf.constant(cfg.temperature, tf.float32),
+            seed=tf.constant([cfg.seed, step], tf.int64))
+        text = out["text"].numpy()[0].decode("utf-8", errors="replace")
+        settings = f"{cfg.gen_tokens} tokens, top-k {cfg.top_k}, temperature {cfg.temperature}, step {step}"
+        return prompt, text, settings
+
+    # The prompt as the model sees it (standardized), to mark it in the sample.
+    prompt = " ".join(w.decode("utf-8") for w in split_words(tf.constant([cfg.prompt]))[0].numpy())
+    return sample
