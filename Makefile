@@ -12,6 +12,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	@# The tensorflow wheel depends on keras and imports it at start-up when it
+	@# is installed; tfgpt uses none of it, so the environment goes without.
+	$(PY) -m pip uninstall --quiet --yes keras
 	touch $@
 
 train: venv
