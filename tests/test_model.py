@@ -1,0 +1,372 @@
+"""Model checks: size, causality, graph/XLA equivalence, the chunked loss and
+its gradients, the key/value cache, and seeded initialisation."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfgpt.config import GPTConfig
+from tfgpt.model import GPT, auto_chunk, chunked_xent_sum, count_params
+
+TINY = GPTConfig(vocab_size=23, maxlen=8, embed_dim=8, num_heads=2, ff_dim=12, num_layers=2, dropout=0.0, head_dim=4)
+
+
+def _tiny(seed=0, **overrides):
+    return GPT(dataclasses.replace(TINY, **overrides), seed=seed)
+
+
+def _ids(shape, vocab, seed=0):
+    return tf.constant(np.random.default_rng(seed).integers(0, vocab, size=shape), dtype=tf.int32)
+
+
+def np_log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def np_xent_sum(logits, targets, weights):
+    """sum_i weights[i] * -log softmax(logits[i])[targets[i]], in float64."""
+    lp = np_log_softmax(logits.astype(np.float64))
+    picked = np.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+    return float(np.sum(weights * -picked))
+
+
+def np_xent_grads(h, w, b, targets, weights):
+    """Gradients of np_xent_sum(h w + b) w.r.t. h, w, b: (softmax - onehot) rule."""
+    logits = h @ w + b
+    p = np.exp(np_log_softmax(logits))
+    g = p - np.eye(w.shape[1])[targets]
+    g *= weights[:, None]
+    return g @ w.T, h.T @ g, g.sum(axis=0)
+
+
+# --- size and initialisation ------------------------------------------------------
+
+
+def test_default_parameter_count():
+    """The default config has the Keras example's 10,939,168 parameters."""
+    assert count_params(GPT(GPTConfig())) == 10_939_168
+
+
+def test_parameter_count_formula():
+    """count_params agrees with the count worked out by hand for a tiny config."""
+    c = TINY
+    d, hk, f, v, L = c.embed_dim, c.num_heads * c.key_dim, c.ff_dim, c.vocab_size, c.num_layers
+    attn = 3 * (d * hk + hk) + hk * d + d
+    ffn = d * f + f + f * d + d
+    block = attn + ffn + 4 * d
+    expected = v * d + c.maxlen * d + L * block + d * v + v
+    assert count_params(_tiny()) == expected
+
+
+def test_init_deterministic_per_seed():
+    """Same seed -> identical weights; another seed -> different random weights."""
+    a, b, c = _tiny(seed=3), _tiny(seed=3), _tiny(seed=4)
+    names = [v.name for v in a.trainable_variables]
+    assert names == [v.name for v in c.trainable_variables]
+    for va, vb in zip(a.trainable_variables, b.trainable_variables):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    random_ones = 0
+    for va, vc in zip(a.trainable_variables, c.trainable_variables):
+        x = va.numpy()
+        if np.all(x == x.flat[0]):  # biases (zeros) and gains (ones)
+            np.testing.assert_array_equal(x, vc.numpy())
+            continue
+        random_ones += 1
+        assert not np.allclose(x, vc.numpy()), va.name
+    # token/pos embeddings, head, and per block wq, wk, wv, wo, fc1, fc2
+    assert random_ones == 3 + 6 * TINY.num_layers
+
+
+def test_init_weights_distinct_within_model():
+    """No two random weight tensors of one model start from the same numbers."""
+    m = _tiny(seed=0)
+    seen = []
+    for v in m.trainable_variables:
+        x = v.numpy().ravel()
+        if np.all(x == x[0]):
+            continue
+        head = x[:8]
+        assert not any(np.allclose(head, s) for s in seen), v.name
+        seen.append(head)
+
+
+# --- forward pass -------------------------------------------------------------------
+
+
+def test_logits_shape_and_dtype():
+    """ids [B, T] -> float32 logits [B, T, V]."""
+    m = _tiny()
+    out = m(_ids((3, 5), TINY.vocab_size))
+    assert out.shape == (3, 5, TINY.vocab_size)
+    assert out.dtype == tf.float32
+
+
+def test_causality():
+    """Changing tokens after position t leaves logits at <= t untouched."""
+    m = _tiny(seed=1)
+    t = 3
+    ids = _ids((2, TINY.maxlen), TINY.vocab_size, seed=1).numpy()
+    other = ids.copy()
+    other[:, t + 1:] = (other[:, t + 1:] + 1 + np.arange(TINY.maxlen - t - 1)) % TINY.vocab_size
+    a = m(tf.constant(ids)).numpy()
+    b = m(tf.constant(other)).numpy()
+    np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
+    assert np.abs(a[:, t + 1:] - b[:, t + 1:]).max() > 1e-4
+
+
+def test_tf_function_and_xla_match_eager():
+    """Eager, tf.function and XLA-compiled forward passes agree."""
+    m = _tiny(seed=2)
+    ids = _ids((2, 6), TINY.vocab_size, seed=2)
+    eager = m(ids).numpy()
+    graph = tf.function(lambda x: m(x))(ids).numpy()
+    xla = tf.function(lambda x: m(x), jit_compile=True)(ids).numpy()
+    np.testing.assert_allclose(graph, eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(xla, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_training_dropout_seeded():
+    """With dropout, training output repeats for a seed and differs across seeds."""
+    m = _tiny(seed=0, dropout=0.3)
+    ids = _ids((2, 6), TINY.vocab_size)
+    s = tf.constant([5, 6])
+    y1 = m(ids, seed=s, training=True).numpy()
+    np.testing.assert_array_equal(y1, m(ids, seed=s, training=True).numpy())
+    assert not np.allclose(y1, m(ids, seed=tf.constant([5, 7]), training=True).numpy())
+    assert not np.allclose(y1, m(ids).numpy())
+
+
+# --- loss ---------------------------------------------------------------------------
+
+
+def _loss_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, TINY.vocab_size, size=(2, 5)).astype(np.int32)
+    targets = rng.integers(0, TINY.vocab_size, size=(2, 5)).astype(np.int32)
+    weights = np.ones((2, 5), np.float32)
+    weights[0, 3:] = 0.0
+    weights[1, 4:] = 0.0
+    weights[1, 0] = 0.5
+    return ids, targets, weights
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 5, 10])
+def test_loss_sum_matches_numpy(chunk):
+    """loss_sum == sum(weights * CE) from the model's own logits."""
+    m = _tiny(seed=5)
+    ids, targets, weights = _loss_batch()
+    logits = m(tf.constant(ids)).numpy()
+    expected = np_xent_sum(logits, targets, weights)
+    got = m.loss_sum(tf.constant(ids), tf.constant(targets), tf.constant(weights), chunk=chunk)
+    assert got.shape == ()
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_grads(m, ids, targets, weights, chunk=0):
+    with tf.GradientTape() as tape:
+        loss = m.loss_sum(tf.constant(ids), tf.constant(targets), tf.constant(weights), chunk=chunk)
+    grads = tape.gradient(loss, m.trainable_variables)
+    return float(loss), grads
+
+
+def test_padding_targets_do_not_matter():
+    """Targets under weight 0 change neither the loss nor any gradient."""
+    m = _tiny(seed=6)
+    ids, targets, weights = _loss_batch(seed=1)
+    other = targets.copy()
+    other[weights == 0] = (other[weights == 0] + 7) % TINY.vocab_size
+    assert not np.array_equal(other, targets)
+    l1, g1 = _loss_and_grads(m, ids, targets, weights, chunk=5)
+    l2, g2 = _loss_and_grads(m, ids, other, weights, chunk=5)
+    assert l1 == pytest.approx(l2, rel=1e-6)
+    for v, a, b in zip(m.trainable_variables, g1, g2):
+        assert a is not None, v.name
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(),
+                                   rtol=1e-6, atol=1e-7, err_msg=v.name)
+    # ... while a weighted target does change it.
+    changed = targets.copy()
+    changed[0, 0] = (changed[0, 0] + 1) % TINY.vocab_size
+    l3, _ = _loss_and_grads(m, ids, changed, weights, chunk=5)
+    assert abs(l3 - l1) > 1e-4
+
+
+def test_loss_sum_gradients_match_plain_xent():
+    """Gradients of loss_sum w.r.t. every variable equal those of a plain
+    sparse-softmax cross-entropy on the full logits."""
+    m = _tiny(seed=7)
+    ids, targets, weights = _loss_batch(seed=2)
+    _, got = _loss_and_grads(m, ids, targets, weights, chunk=2)
+    with tf.GradientTape() as tape:
+        logits = m(tf.constant(ids))
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.constant(targets), logits=logits)
+        ref_loss = tf.reduce_sum(ce * weights)
+    want = tape.gradient(ref_loss, m.trainable_variables)
+    for v, a, b in zip(m.trainable_variables, got, want):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(),
+                                   rtol=1e-4, atol=1e-5, err_msg=v.name)
+
+
+def _xent_inputs(n=12, d=5, v=7, seed=0):
+    rng = np.random.default_rng(seed)
+    h = rng.normal(size=(n, d)).astype(np.float32)
+    w = rng.normal(size=(d, v)).astype(np.float32)
+    b = rng.normal(size=(v,)).astype(np.float32)
+    targets = rng.integers(0, v, size=n).astype(np.int32)
+    weights = rng.uniform(0.0, 2.0, size=n).astype(np.float32)
+    weights[[2, n - 1]] = 0.0
+    return h, w, b, targets, weights
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 12, 0])
+def test_chunked_xent_value_and_grads(chunk):
+    """Every chunk size gives the unchunked value and gradients (NumPy and tape)."""
+    h, w, b, targets, weights = _xent_inputs()
+    th, tw, tb = tf.constant(h), tf.constant(w), tf.constant(b)
+    with tf.GradientTape() as tape:
+        tape.watch([th, tw, tb])
+        loss = chunked_xent_sum(th, tw, tb, tf.constant(targets), tf.constant(weights), chunk=chunk)
+    got = tape.gradient(loss, [th, tw, tb])
+
+    h64, w64, b64 = h.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_allclose(float(loss), np_xent_sum(h64 @ w64 + b64, targets, weights), rtol=1e-5, atol=1e-5)
+    for g, ref in zip(got, np_xent_grads(h64, w64, b64, targets, weights.astype(np.float64))):
+        np.testing.assert_allclose(g.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+    with tf.GradientTape() as tape:
+        tape.watch([th, tw, tb])
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.constant(targets), logits=tf.matmul(th, tw) + tb)
+        plain = tf.reduce_sum(ce * weights)
+    want = tape.gradient(plain, [th, tw, tb])
+    np.testing.assert_allclose(float(loss), float(plain), rtol=1e-5, atol=1e-5)
+    for g, ref in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_xent_upstream_gradient_and_variables():
+    """The gradient scales with the upstream gradient and reaches tf.Variables."""
+    h, w, b, targets, weights = _xent_inputs(n=6, seed=1)
+    th, vw, vb = tf.constant(h), tf.Variable(w), tf.Variable(b)
+    with tf.GradientTape() as tape:
+        tape.watch(th)
+        loss = 2.5 * chunked_xent_sum(th, vw, vb, tf.constant(targets), tf.constant(weights), chunk=3)
+    got = tape.gradient(loss, [th, vw, vb])
+    ref = np_xent_grads(h.astype(np.float64), w.astype(np.float64), b.astype(np.float64), targets, weights.astype(np.float64))
+    for g, r in zip(got, ref):
+        assert g is not None
+        np.testing.assert_allclose(tf.convert_to_tensor(g).numpy(), 2.5 * r, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_xent_in_tf_function():
+    """The chunked loss and its gradients are the same inside a tf.function."""
+    h, w, b, targets, weights = _xent_inputs(seed=2)
+    args = [tf.constant(a) for a in (h, w, b)]
+
+    def run(th, tw, tb):
+        with tf.GradientTape() as tape:
+            tape.watch([th, tw, tb])
+            loss = chunked_xent_sum(th, tw, tb, tf.constant(targets), tf.constant(weights), chunk=4)
+        return loss, tape.gradient(loss, [th, tw, tb])
+
+    l_eager, g_eager = run(*args)
+    l_graph, g_graph = tf.function(run)(*args)
+    np.testing.assert_allclose(float(l_graph), float(l_eager), rtol=1e-6)
+    for a, bb in zip(g_graph, g_eager):
+        np.testing.assert_allclose(a.numpy(), bb.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_must_divide_rows():
+    """A chunk that does not divide N is refused."""
+    h, w, b, targets, weights = _xent_inputs(n=12)
+    with pytest.raises(ValueError):
+        chunked_xent_sum(tf.constant(h), tf.constant(w), tf.constant(b), tf.constant(targets), tf.constant(weights), chunk=5)
+
+
+@pytest.mark.parametrize("n,vocab,budget", [(12, 7, 64 << 20), (640, 20000, 64 << 20), (97, 10, 400),
+                                            (10240, 20000, 64 << 20), (96, 10, 400), (100, 10, 400),
+                                            (10, 10, 400), (7, 1000, 100)])
+def test_auto_chunk_divides_within_budget(n, vocab, budget):
+    """auto_chunk returns the largest divisor of n that fits the byte budget."""
+    c = auto_chunk(n, vocab, budget)
+    assert n % c == 0
+    fitting = [d for d in range(1, n + 1) if n % d == 0 and d * vocab * 4 <= budget]
+    assert c == (max(fitting) if fitting else 1)
+
+
+# --- generation with a cache -------------------------------------------------------
+
+
+def test_prefill_matches_full_forward():
+    """prefill's logits equal the forward pass; its caches are zero past T."""
+    m = _tiny(seed=8)
+    ids = _ids((2, 5), TINY.vocab_size, seed=3)
+    logits, caches = m.prefill(ids)
+    np.testing.assert_allclose(logits.numpy(), m(ids).numpy(), rtol=1e-5, atol=1e-5)
+    assert len(caches) == TINY.num_layers
+    for k, v in caches:
+        assert k.shape == (2, TINY.num_heads, TINY.maxlen, TINY.key_dim)
+        assert v.shape == k.shape
+        assert np.all(k.numpy()[:, :, 5:] == 0) and np.all(v.numpy()[:, :, 5:] == 0)
+        assert np.abs(k.numpy()[:, :, :5]).max() > 0
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_decode_matches_full_forward(t):
+    """prefill(ids[:, :t]) then one-token decodes reproduce the full logits."""
+    m = _tiny(seed=9)
+    T = TINY.maxlen
+    ids = _ids((2, T), TINY.vocab_size, seed=4)
+    full = m(ids).numpy()
+    logits, caches = m.prefill(ids[:, :t])
+    np.testing.assert_allclose(logits.numpy(), full[:, :t], rtol=1e-5, atol=1e-5)
+    for p in range(t, T):
+        step, caches = m.decode(ids[:, p], tf.fill([2], p), caches)
+        np.testing.assert_allclose(step.numpy(), full[:, p], rtol=1e-5, atol=1e-5, err_msg=f"position {p}")
+
+
+def test_decode_rows_at_different_positions():
+    """Rows of one batch decode at their own positions against their own caches."""
+    m = _tiny(seed=10)
+    T = TINY.maxlen
+    ids = _ids((2, T), TINY.vocab_size, seed=5)
+    full = m(ids).numpy()
+    starts = [4, 1]  # row 0 has a 4-token prompt, row 1 a 1-token prompt
+    per_row = [m.prefill(ids[r:r + 1, :starts[r]])[1] for r in range(2)]
+    caches = [(tf.concat([per_row[0][i][0], per_row[1][i][0]], 0),
+               tf.concat([per_row[0][i][1], per_row[1][i][1]], 0)) for i in range(TINY.num_layers)]
+    pos = np.array(starts, dtype=np.int32)
+    while pos[0] < T:
+        step, caches = m.decode(tf.constant(ids.numpy()[[0, 1], pos]), tf.constant(pos), caches)
+        for r in range(2):
+            np.testing.assert_allclose(step.numpy()[r], full[r, pos[r]], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"row {r} position {pos[r]}")
+        pos += 1
+
+
+def test_decode_in_tf_function():
+    """A compiled decode step gives the same logits as the eager one."""
+    m = _tiny(seed=11)
+    ids = _ids((2, 6), TINY.vocab_size, seed=6)
+    full = m(ids).numpy()
+    _, caches = m.prefill(ids[:, :2])
+    step_fn = tf.function(lambda i, p, c: m.decode(i, p, c))
+    for p in range(2, 6):
+        step, caches = step_fn(ids[:, p], tf.fill([2], p), caches)
+        np.testing.assert_allclose(step.numpy(), full[:, p], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_overwrites_stale_cache_slots():
+    """Decoding into slots that already hold other tokens' keys/values replaces
+    them, and slots past the row's position stay invisible."""
+    m = _tiny(seed=12)
+    T, t = TINY.maxlen, 3
+    ids = _ids((2, T), TINY.vocab_size, seed=7).numpy()
+    stale = ids.copy()
+    stale[:, t:] = (stale[:, t:] + 5) % TINY.vocab_size
+    full = m(tf.constant(ids)).numpy()
+    _, caches = m.prefill(tf.constant(stale))  # every slot filled, the last T - t wrongly
+    for p in range(t, T):
+        step, caches = m.decode(tf.constant(ids[:, p]), tf.fill([2], p), caches)
+        np.testing.assert_allclose(step.numpy(), full[:, p], rtol=1e-5, atol=1e-5, err_msg=f"position {p}")

@@ -1,0 +1,218 @@
+"""Optimiser, clipping and schedule checks against NumPy references."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfgpt.optim import Adam, clip_by_global_norm, make_schedule
+
+
+class NumpyAdam:
+    """Adam with the bias correction folded into the step size (TF/Keras form)."""
+
+    def __init__(self, params, lr=1e-3, b1=0.9, b2=0.999, eps=1e-7):
+        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+        self.m = [np.zeros_like(p) for p in params]
+        self.v = [np.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, params, grads, lr=None):
+        self.t += 1
+        lr = self.lr if lr is None else lr
+        lr_t = lr * math.sqrt(1.0 - self.b2**self.t) / (1.0 - self.b1**self.t)
+        out = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            self.m[i] = self.b1 * self.m[i] + (1.0 - self.b1) * g
+            self.v[i] = self.b2 * self.v[i] + (1.0 - self.b2) * g * g
+            out.append(p - lr_t * self.m[i] / (np.sqrt(self.v[i]) + self.eps))
+        return out
+
+
+def _problem(seed=0, steps=5):
+    rng = np.random.default_rng(seed)
+    params = [rng.normal(size=(3, 4)), rng.normal(size=(5,))]
+    # Gradients of varying sign and scale, tiny ones included, so eps matters.
+    grads = [[rng.normal(size=p.shape) * 10.0 ** rng.integers(-6, 2, size=p.shape) for p in params]
+             for _ in range(steps)]
+    return params, grads
+
+
+def _f32(xs):
+    return [np.asarray(x, np.float32) for x in xs]
+
+
+def _run_numpy(params, grads, lrs=None, **hp):
+    opt = NumpyAdam(params, **hp)
+    cur = [p.astype(np.float64) for p in params]
+    for i, g in enumerate(grads):
+        cur = opt.step(cur, [x.astype(np.float32).astype(np.float64) for x in g],
+                       lr=None if lrs is None else lrs[i])
+    return cur, opt
+
+
+def test_adam_matches_numpy_eager():
+    """Five Adam steps with default hyper-parameters equal the NumPy version."""
+    params, grads = _problem()
+    variables = [tf.Variable(p) for p in _f32(params)]
+    opt = Adam(variables)
+    for g in grads:
+        lr = opt.apply([tf.constant(x) for x in _f32(g)], variables)
+        assert float(lr) == pytest.approx(1e-3)
+    want, ref = _run_numpy(_f32(params), grads)
+    assert int(opt.step.numpy()) == len(grads)
+    for var, w, m, v, mr, vr in zip(variables, want, opt.m, opt.v, ref.m, ref.v):
+        np.testing.assert_allclose(var.numpy(), w, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(m.numpy(), mr, rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(v.numpy(), vr, rtol=1e-5, atol=1e-20)
+    # The parameters did move by a non-trivial amount.
+    assert np.abs(variables[0].numpy() - _f32(params)[0]).max() > 1e-3
+
+
+def test_adam_matches_numpy_in_tf_function():
+    """The same updates happen when apply() runs inside a tf.function."""
+    params, grads = _problem(seed=1)
+    variables = [tf.Variable(p) for p in _f32(params)]
+    opt = Adam(variables, lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-6)
+
+    @tf.function
+    def step(g0, g1):
+        return opt.apply([g0, g1], variables)
+
+    for g in grads:
+        step(*[tf.constant(x) for x in _f32(g)])
+    want, _ = _run_numpy(_f32(params), grads, lr=1e-2, b1=0.8, b2=0.99, eps=1e-6)
+    for var, w in zip(variables, want):
+        np.testing.assert_allclose(var.numpy(), w, rtol=1e-6, atol=1e-7)
+    assert int(opt.step.numpy()) == len(grads)
+
+
+def test_adam_default_hyperparameters_in_tf_function():
+    """Defaults (1e-3, 0.9, 0.999, 1e-7) inside a tf.function match NumPy."""
+    params, grads = _problem(seed=2)
+    variables = [tf.Variable(p) for p in _f32(params)]
+    opt = Adam(variables)
+    assert (opt.lr, opt.beta1, opt.beta2, opt.eps) == (1e-3, 0.9, 0.999, 1e-7)
+    step = tf.function(lambda g: opt.apply(g, variables))
+    for g in grads:
+        step([tf.constant(x) for x in _f32(g)])
+    want, _ = _run_numpy(_f32(params), grads)
+    for var, w in zip(variables, want):
+        np.testing.assert_allclose(var.numpy(), w, rtol=1e-6, atol=1e-7)
+
+
+def test_adam_with_schedule_uses_one_based_step():
+    """A callable lr is evaluated at the 1-based update number."""
+    params, grads = _problem(seed=3, steps=4)
+    variables = [tf.Variable(p) for p in _f32(params)]
+    sched = make_schedule("constant", 0.01, warmup_steps=4)
+    opt = Adam(variables, lr=sched)
+    used = [float(opt.apply([tf.constant(x) for x in _f32(g)], variables)) for g in grads]
+    lrs = [0.01 * s / 4 for s in range(1, 5)]
+    np.testing.assert_allclose(used, lrs, rtol=1e-6)
+    want, _ = _run_numpy(_f32(params), grads, lrs=lrs)
+    for var, w in zip(variables, want):
+        np.testing.assert_allclose(var.numpy(), w, rtol=1e-6, atol=1e-7)
+
+
+def _np_global_norm(grads):
+    return math.sqrt(sum(float(np.sum(np.square(g.astype(np.float64)))) for g in grads))
+
+
+def test_clip_by_global_norm_clips_when_above():
+    """Above the threshold every gradient is scaled by clip / norm."""
+    rng = np.random.default_rng(0)
+    grads = _f32([rng.normal(size=(3, 2)) * 4, rng.normal(size=(4,)) * 4])
+    norm = _np_global_norm(grads)
+    assert norm > 2.0
+    clipped, got_norm = clip_by_global_norm([tf.constant(g) for g in grads], 2.0)
+    assert float(got_norm) == pytest.approx(norm, rel=1e-6)
+    for c, g in zip(clipped, grads):
+        np.testing.assert_allclose(c.numpy(), g * (2.0 / norm), rtol=1e-5)
+    assert _np_global_norm([c.numpy() for c in clipped]) == pytest.approx(2.0, rel=1e-5)
+
+
+def test_clip_by_global_norm_leaves_small_gradients():
+    """At or below the threshold the gradients pass unchanged; the norm is returned."""
+    grads = _f32([[3.0, 0.0], [[4.0]]])  # global norm 5
+    clipped, norm = clip_by_global_norm([tf.constant(g) for g in grads], 10.0)
+    assert float(norm) == pytest.approx(5.0)
+    for c, g in zip(clipped, grads):
+        np.testing.assert_array_equal(c.numpy(), g)
+    clipped, norm = clip_by_global_norm([tf.constant(g) for g in grads], None)
+    assert float(norm) == pytest.approx(5.0)
+    for c, g in zip(clipped, grads):
+        np.testing.assert_array_equal(tf.convert_to_tensor(c).numpy(), g)
+
+
+def test_clip_by_global_norm_zero_gradients():
+    """All-zero gradients stay finite and zero."""
+    clipped, norm = clip_by_global_norm([tf.zeros([3]), tf.zeros([2, 2])], 1.0)
+    assert float(norm) == 0.0
+    for c in clipped:
+        assert np.all(c.numpy() == 0.0)
+
+
+def test_clip_by_global_norm_in_tf_function():
+    """Clipping gives the same numbers inside a tf.function."""
+    grads = [tf.constant([6.0, 8.0]), tf.constant([[0.0]])]  # norm 10
+    clipped, norm = tf.function(lambda g: clip_by_global_norm(g, 5.0))(grads)
+    assert float(norm) == pytest.approx(10.0)
+    np.testing.assert_allclose(clipped[0].numpy(), [3.0, 4.0], rtol=1e-6)
+
+
+def test_constant_schedule_is_the_float():
+    """'constant' without warm-up returns the learning rate itself."""
+    out = make_schedule("constant", 3e-4)
+    assert isinstance(out, float) and out == 3e-4
+
+
+def test_constant_schedule_with_warmup_ramps_linearly():
+    """Warm-up rises as lr * step / warmup, then stays at lr."""
+    sched = make_schedule("constant", 0.5, warmup_steps=4)
+    got = [float(sched(tf.constant(s, tf.int64))) for s in range(0, 9)]
+    want = [0.5 * min(1.0, s / 4) for s in range(0, 9)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+
+
+def _np_cosine(step, lr, warmup, total):
+    warm = min(1.0, step / warmup) if warmup else 1.0
+    frac = min(1.0, max(0.0, (step - warmup) / (total - warmup)))
+    return lr * warm * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_cosine_schedule_closed_form(warmup):
+    """Cosine: linear warm-up, half-cosine decay to exactly 0 at total_steps."""
+    lr, total = 2e-3, 100
+    sched = make_schedule("cosine", lr, warmup_steps=warmup, total_steps=total)
+    for s in [1, 5, 10, 11, 37, 55, 90, 99, 100, 150]:
+        assert float(sched(tf.constant(s))) == pytest.approx(_np_cosine(s, lr, warmup, total), rel=1e-5, abs=1e-9), s
+    assert float(sched(tf.constant(total))) == pytest.approx(0.0, abs=1e-9)
+    if warmup:
+        assert float(sched(tf.constant(warmup))) == pytest.approx(lr, rel=1e-6)
+        assert float(sched(tf.constant(warmup // 2))) == pytest.approx(lr / 2, rel=1e-6)
+    # Monotone decay after warm-up.
+    tail = [float(sched(tf.constant(s))) for s in range(warmup, total + 1, 5)]
+    assert all(a >= b for a, b in zip(tail, tail[1:]))
+
+
+def test_schedule_in_tf_function():
+    """A schedule evaluated on a tensor step inside a tf.function gives the same value."""
+    sched = make_schedule("cosine", 1.0, warmup_steps=2, total_steps=10)
+    got = tf.function(sched)(tf.constant(6, tf.int64))
+    assert float(got) == pytest.approx(_np_cosine(6, 1.0, 2, 10), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["linear", "Cosine", "", "exp"])
+def test_unknown_schedule_raises(name):
+    """Names other than constant and cosine are refused."""
+    with pytest.raises(ValueError):
+        make_schedule(name, 1e-3, warmup_steps=1, total_steps=10)
+
+
+def test_cosine_needs_total_steps():
+    """Cosine without total_steps is refused."""
+    with pytest.raises(ValueError):
+        make_schedule("cosine", 1e-3)
