@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 from tfgpt.config import GPTConfig, TrainConfig, load_config, save_config
+from tfgpt.distribute import is_chief_task
 
 # Fields that may differ from the saved config.json when resuming a run.
 RESUMABLE = {"epochs", "max_steps", "lr", "lr_schedule", "warmup_steps", "clip_norm", "log_every",
              "checkpoint_every", "keep_checkpoints", "quiet", "prompt", "gen_tokens", "top_k",
-             "temperature", "export", "xla", "gpus", "collective_timeout", "data", "loss_chunk"}
+             "temperature", "export", "xla", "gpus", "collective_timeout", "data", "loss_chunk",
+             "peak_flops", "profile_steps"}
 
 
 class UsageError(ValueError):
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"float32 weights, optimizer, norms and loss (default: {t.precision})")
     h.add_argument("--loss-chunk", type=int, help="positions per chunk of the output layer and loss; "
                    f"0 = automatic (default: {t.loss_chunk})")
+    h.add_argument("--peak-flops", type=float, help="peak FLOP/s of one training device at the training "
+                   "precision (e.g. 989e12 for an H100 in bfloat16), the denominator of the mfu scalar "
+                   "(default: measured with large matmuls at start-up)")
+    h.add_argument("--profile-steps", metavar="A:B", help="record a profiler trace of global steps A to B into "
+                   "RUN/train for TensorBoard's Profile tab (pip install tfgpt[profile]); default: none")
     h.add_argument("--collective-timeout", type=float, help="seconds a multi-worker collective may wait "
                    f"before failing (default: {t.collective_timeout:.0f})")
     r = p.add_argument_group("run directory, logging, samples")
@@ -117,10 +124,15 @@ def validate(model: GPTConfig, train: TrainConfig) -> None:
         (train.clip_norm is None or train.clip_norm > 0, "--clip-norm must be positive"),
         (train.gpus is None or train.gpus >= 1, f"--gpus must be at least 1, got {train.gpus}"),
         (train.collective_timeout > 0, "--collective-timeout must be positive"),
+        (train.peak_flops is None or train.peak_flops > 0, f"--peak-flops must be positive, got {train.peak_flops}"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    try:
+        train.profile_range()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def resolve_run(args: dict) -> tuple[GPTConfig, TrainConfig, Path, bool]:
@@ -146,7 +158,7 @@ def resolve_run(args: dict) -> tuple[GPTConfig, TrainConfig, Path, bool]:
     else:
         train.run_name = train.run_name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(train.logdir) / train.run_name
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if (run_dir / "config.json").exists() and is_chief_task():  # other workers write nothing there
             raise UsageError(f"{run_dir} already exists; pass --resume to continue it or choose another --run-name")
     validate(model, train)
     return model, train, run_dir, resume

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 
@@ -56,6 +57,8 @@ class TrainConfig:
     loss_chunk: int = 0  # positions per output-layer chunk; 0 = automatic
     gpus: int | None = None
     collective_timeout: float = 300.0
+    peak_flops: float | None = None  # FLOP/s of one device for the mfu scalar; None = measured
+    profile_steps: str | None = None  # "A:B": profile global steps A to B (inclusive)
     logdir: str = "logs"
     run_name: str | None = None
     log_every: int = 10
@@ -68,10 +71,34 @@ class TrainConfig:
     quiet: bool = False
     export: bool = True
 
+    def profile_range(self) -> tuple[int, int] | None:
+        """profile_steps "A:B" as (A, B), 1 <= A <= B; None when unset.
+        Raises ValueError on any other text."""
+        if not self.profile_steps:
+            return None
+        try:
+            first, last = (int(part) for part in str(self.profile_steps).split(":"))
+        except ValueError:
+            raise ValueError(f"--profile-steps takes A:B (two step numbers), got {self.profile_steps!r}") from None
+        if not 1 <= first <= last:
+            raise ValueError(f"--profile-steps A:B needs 1 <= A <= B, got {self.profile_steps!r}")
+        return first, last
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Writes a file so that it is either absent, old, or complete: never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 
 def save_config(path: str | Path, model: GPTConfig, train: TrainConfig) -> None:
     doc = {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)}
-    Path(path).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def load_config(path: str | Path) -> tuple[GPTConfig, TrainConfig]:

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from tfgpt.config import write_text_atomic
+
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
 IMDB_SPLITS = ("train/pos", "train/neg", "test/pos", "test/neg")
@@ -241,7 +243,7 @@ def write_vocab(words: list[str], path: str | Path, counts: list[int] | None = N
     (A tab-separated column keeps the empty word on a non-empty line, which
     TensorFlow's text-file table initializer requires.)"""
     counts = counts or [0] * len(words)
-    Path(path).write_text("".join(f"{w}\t{c}\n" for w, c in zip(words, counts)), encoding="utf-8")
+    write_text_atomic(path, "".join(f"{w}\t{c}\n" for w, c in zip(words, counts)))
 
 
 def read_vocab(path: str | Path) -> list[str]:

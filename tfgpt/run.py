@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from tfgpt.config import GPTConfig, TrainConfig, save_config
-from tfgpt.distribute import DeviceError, is_chief, make_strategy
+from tfgpt.distribute import ClusterError, DeviceError, cluster_failure, is_chief, make_strategy, worker_scratch
+from tfgpt.runlock import RunLock, RunLocked
 
 
 def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse_vocab: bool, log=print):
@@ -54,19 +55,44 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
     except DeviceError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    import tensorflow as tf
+    except ClusterError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    chief = is_chief(strategy)
+    log = print if chief else (lambda *a, **k: None)
+    lock = RunLock(run_dir) if chief else None
+    try:
+        if lock:
+            lock.acquire()
+        return _train(strategy, model_cfg, cfg, run_dir, resume, chief, log)
+    except RunLocked as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ntrain.py: interrupted before training started; nothing to save", file=sys.stderr)
+        return 130
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(strategy, model_cfg, cfg, run_dir, resume, chief, log) -> int:
+    import signal
 
     from tfgpt import data
     from tfgpt.report import Reporter
-    from tfgpt.trainer import Trainer
+    from tfgpt.trainer import Interrupted, NonFiniteLoss, Trainer
 
-    chief = is_chief(strategy)
-    log = print if chief else (lambda *a, **k: None)
-    run_dir.mkdir(parents=True, exist_ok=True)
     vocab_path = run_dir / "vocab.txt"
+    if not chief:  # only the chief writes into the run directory
+        vocab_path = worker_scratch(run_dir, resume) / "vocab.txt"
     try:
         train_windows, val_windows = prepare_data(model_cfg, cfg, vocab_path, reuse_vocab=resume, log=log)
         per_epoch = data.batches_per_epoch(len(train_windows), cfg.batch_size)
+        if per_epoch < 1:
+            raise data.DataError(
+                f"the training data gives {len(train_windows)} windows of {model_cfg.maxlen + 1} tokens, "
+                f"fewer than one global batch of {cfg.batch_size}; use more text or a smaller --batch-size")
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
         trainer = Trainer(model_cfg, cfg, strategy, run_dir, vocab_path, total_steps=total, log=log)
     except (data.DataError, ValueError) as e:
@@ -76,7 +102,11 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
         save_config(run_dir / "config.json", model_cfg, cfg)
     trainer.open_checkpoints()
     if resume:
-        path = trainer.restore_latest()
+        try:
+            path = trainer.restore_latest(warn=log)
+        except RuntimeError as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            return 2
         log(f"resumed from {path} (step {int(trainer.optimizer.step.numpy())})" if path
             else "resume: no checkpoint yet, starting from step 0")
     from tfgpt.model import count_params
@@ -85,10 +115,38 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
         f"XLA {'on' if trainer.xla else 'off'}; {cfg.precision}; {per_epoch} steps per epoch")
 
     sample_fn = make_sample_fn(trainer, cfg, vocab_path) if chief else None
-    reporter = Reporter(run_dir, cfg.epochs, cfg.log_every, cfg.quiet, chief, sample_fn)
+    reporter = Reporter.for_run(trainer, model_cfg, cfg, run_dir, chief, sample_fn, log)
+
+    def on_signal(signum, frame):
+        if trainer.stop_signal is None:
+            log(f"\n{signal.Signals(signum).name}: stopping after the current step and saving a checkpoint "
+                "(send it again to stop at once)")
+            trainer.stop_signal = signum
+        else:
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         history = trainer.fit(train_windows, val_windows, reporter)
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        log(f"stopped by {name} after step {e.step}; checkpoint: {e.checkpoint}")
+        log(f"resume with: python train.py --logdir {cfg.logdir} --run-name {cfg.run_name} --resume")
+        return 128 + e.signum
+    except NonFiniteLoss as e:
+        last = trainer.manager.latest_checkpoint if trainer.manager else None
+        print(f"train.py: error: {e}; the step was not applied and nothing was saved after it; "
+              f"last good checkpoint: {last or 'none'}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a lost worker: one line, not a traceback
+        message = cluster_failure(strategy, e, cfg.collective_timeout)
+        if message is None:
+            raise
+        print(f"train.py: error: {message}", file=sys.stderr)
+        return 1
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         reporter.close()
         trainer.close()
     if chief and cfg.export:
@@ -99,7 +157,6 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
     if history and history[-1]["val_loss"] is not None:
         log(f"final validation loss {history[-1]['val_loss']:.4f}")
     log(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
-    del tf
     return 0
 
 

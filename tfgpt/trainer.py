@@ -34,6 +34,24 @@ from tfgpt.model import GPT
 from tfgpt.optim import Adam, clip_by_global_norm, make_schedule
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradients stopped being finite. The step that saw it was
+    not applied, and nothing after the last checkpoint was saved."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        super().__init__(f"the loss or the gradients are not finite at step {step} "
+                         f"(loss {loss}, gradient norm {grad_norm})")
+        self.step = step
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on a signal after finishing a step and saving."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        super().__init__(f"stopped by signal {signum} after step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
 class TrainState(tf.Module):
     """Where training stands: the epoch in progress and the global batches of
     it already consumed. The global step is the optimizer's."""
@@ -76,6 +94,7 @@ class Trainer:
             self.state = TrainState()
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, state=self.state)
         self.manager = None
+        self.stop_signal = None  # set by a signal handler: stop after the current step
         self._build_steps()
 
     # --- steps ---------------------------------------------------------------
@@ -90,9 +109,13 @@ class Trainer:
             grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss_sum, variables)]
             return loss_sum, tf.reduce_sum(w), grads
 
-        def apply_fn(grads):
+        def apply_fn(grads, loss):
             grads, norm = clip_by_global_norm(grads, self.cfg.clip_norm)
-            lr = self.optimizer.apply(grads, variables)
+            # A non-finite loss or gradient leaves every variable (and the
+            # step counter) untouched; the loop then stops with an error.
+            finite = tf.math.is_finite(norm) & tf.math.is_finite(loss)
+            opt = self.optimizer
+            lr = tf.cond(finite, lambda: opt.apply(grads, variables), lambda: opt.learning_rate(opt.step + 1))
             return norm, lr
 
         def eval_fn(x, y, w):
@@ -110,8 +133,9 @@ class Trainer:
             loss_sum, count = ctx.all_reduce(sum_, [loss_sum, count])
             grads = ctx.all_reduce(sum_, grads)
             denom = tf.maximum(count, 1.0)
-            norm, lr = apply_fn([g / denom for g in grads])
-            return loss_sum / denom, norm, lr, count
+            loss = loss_sum / denom
+            norm, lr = apply_fn([g / denom for g in grads], loss)
+            return loss, norm, lr, count
 
         def replica_eval(x, y, w):
             ctx = tf.distribute.get_replica_context()
@@ -166,11 +190,25 @@ class Trainer:
             self.checkpoint, str(directory), max_to_keep=self.cfg.keep_checkpoints,
             step_counter=self.optimizer.step, checkpoint_name="ckpt")
 
-    def restore_latest(self) -> str | None:
-        path = self.manager.latest_checkpoint if self.manager else None
-        if path:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
-        return path
+    def restore_latest(self, warn=print) -> str | None:
+        """Restores the newest readable checkpoint, falling back to older ones
+        (with a warning naming each skipped file). None if there are none."""
+        source = self.manager
+        if source and not self.chief:
+            # The other workers resume from the chief's checkpoints (the run
+            # directory on a shared filesystem), never from their scratch copies.
+            source = tf.train.CheckpointManager(self.checkpoint, str(self.run_dir / "ckpt"), max_to_keep=None)
+        tried = list(reversed(source.checkpoints)) if source else []
+        for path in tried:
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+                return path
+            except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
+                reason = str(e).strip().splitlines()[0][:200]
+                warn(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {reason})")
+        if tried:
+            raise RuntimeError(f"no readable checkpoint in {source.directory}")
+        return None
 
     def save(self) -> str:
         return self.manager.save(checkpoint_number=int(self.optimizer.step.numpy()))
@@ -184,7 +222,8 @@ class Trainer:
 
     def fit(self, train_windows: np.ndarray, val_windows: np.ndarray | None, hooks=None):
         """Trains until cfg.epochs or cfg.max_steps. `hooks` (optional) has
-        on_step(info), on_epoch(info), each called on every worker."""
+        on_step(info), on_epoch(info), each called on every worker, and may
+        have before_step(step), called with the global step about to run."""
         cfg = self.cfg
         per_epoch = data.batches_per_epoch(len(train_windows), cfg.batch_size)
         if per_epoch < 1:
@@ -196,15 +235,21 @@ class Trainer:
         step = int(self.optimizer.step.numpy())
         done = cfg.max_steps is not None and step >= cfg.max_steps
         while not done and int(self.state.epoch.numpy()) < cfg.epochs:
+            if self.stop_signal is not None:
+                raise Interrupted(self.stop_signal, step, self.save())
             epoch, skip = int(self.state.epoch.numpy()), int(self.state.batch.numpy())
             dist = self.distribute(lambda ctx: data.train_dataset(
                 train_windows, cfg.batch_size, cfg.seed, epoch, cfg.packing, ctx, skip=skip))
             epoch_start, losses = time.perf_counter(), []
             for batch in dist:
+                if hooks and hasattr(hooks, "before_step"):
+                    hooks.before_step(step + 1)  # e.g. start a graph trace or the profiler
                 t0 = time.perf_counter()
                 loss, norm, lr, count = self.train_step(batch, self.step_seed(step))
                 loss = float(loss)  # waits for the step
                 dt = time.perf_counter() - t0
+                if not (math.isfinite(loss) and math.isfinite(float(norm))):
+                    raise NonFiniteLoss(step + 1, loss, float(norm))
                 step += 1
                 self.state.batch.assign_add(1)
                 losses.append(loss)
@@ -218,6 +263,8 @@ class Trainer:
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     done = True
                     break
+                if self.stop_signal is not None:
+                    raise Interrupted(self.stop_signal, step, self.save())
             finished_epoch = int(self.state.batch.numpy()) >= per_epoch
             if finished_epoch:
                 self.state.epoch.assign_add(1)
