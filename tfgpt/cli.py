@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, help=f"seeds the weights, the data order, the split and dropout (default: {t.seed})")
     h = p.add_argument_group("devices and speed")
     h.add_argument("--gpus", type=int, help="data-parallel over N GPUs (N logical CPU devices if there is no GPU); "
-                   "default: one device")
+                   "with a multi-worker TF_CONFIG, N GPUs per worker; default: one device")
     h.add_argument("--xla", choices=["auto", "on", "off"], help="jit-compile the per-replica step; auto = on when "
                    f"every replica is a GPU (default: {t.xla})")
     h.add_argument("--precision", choices=["float32", "bfloat16"], help="matrix products in bfloat16 with "
@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: measured with large matmuls at start-up)")
     h.add_argument("--profile-steps", metavar="A:B", help="record a profiler trace of global steps A to B into "
                    "RUN/train for TensorBoard's Profile tab (pip install tfgpt[profile]); default: none")
-    h.add_argument("--collective-timeout", type=float, help="seconds a multi-worker collective may wait "
-                   f"before failing (default: {t.collective_timeout:.0f})")
+    h.add_argument("--collective-timeout", type=float, help="multi-worker runs: seconds a worker waits for the "
+                   "others, at start-up and in each collective, before failing with an error "
+                   f"(default: {t.collective_timeout:.0f})")
     r = p.add_argument_group("run directory, logging, samples")
     r.add_argument("--logdir", help=f"TensorBoard root (default: {t.logdir})")
     r.add_argument("--run-name", help="run directory name under LOGDIR (default: a timestamp)")

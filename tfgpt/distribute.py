@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -234,9 +235,15 @@ def cluster_failure(strategy, error: BaseException, timeout: float) -> str | Non
 
 
 def _first_line(error: BaseException) -> str:
+    """The gist of a TensorFlow error in a few words: which task stopped
+    answering, else the first sentence of the first informative line."""
     text = getattr(error, "message", None) or str(error)
-    line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return line[:200]
+    dead = re.search(r"stopped sending heartbeats\)?:?\s*(/job:\S+)", text)
+    if dead:
+        return f"{dead.group(1)} stopped sending heartbeats"
+    boring = re.compile(r"(Graph execution error|Detected at node|File \"|Traceback)")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not boring.match(line.strip())]
+    return lines[0].split(". ")[0][:200] if lines else type(error).__name__
 
 
 def is_multi_worker(strategy) -> bool:

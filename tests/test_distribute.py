@@ -1,0 +1,409 @@
+"""Data-parallel training: several replicas must train exactly like one device.
+
+Every numerical check compares a multi-replica run with an independent
+single-device run (or a 2-replica MirroredStrategy run, for the multi-worker
+case) on the same global batches.
+"""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import make_review
+from tfgpt import distribute
+from tfgpt.cli import main
+from tfgpt.config import GPTConfig, TrainConfig
+from tfgpt.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = dict(vocab_size=40, maxlen=8, embed_dim=16, num_heads=2, ff_dim=16, num_layers=1)
+BATCH, STEPS = 8, 6
+TOL = 1e-5
+# The same tiny run through train.py, for the multi-worker test and the errors.
+CLI_SMALL = ["--batch-size", "8", "--maxlen", "8", "--embed-dim", "16", "--ff-dim", "16", "--vocab-size", "40",
+             "--val-fraction", "0", "--log-every", "1", "--gen-tokens", "4", "--peak-flops", "1e11", "--quiet"]
+
+
+# --- helpers ------------------------------------------------------------------
+
+def make_windows(n: int = 32, seed: int = 0) -> np.ndarray:
+    """n windows of maxlen + 1 ids, with a random amount of padding at the end
+    of each, so that replicas see different numbers of real targets (a per-replica
+    mean instead of the mean over the global batch would then differ)."""
+    rng = np.random.default_rng(seed)
+    width = MODEL["maxlen"] + 1
+    windows = rng.integers(1, MODEL["vocab_size"], size=[n, width], dtype=np.int32)
+    lengths = rng.integers(2, width + 1, size=n)
+    windows[np.arange(width)[None, :] >= lengths[:, None]] = 0
+    return windows
+
+
+class Recorder:
+    def __init__(self):
+        self.losses = []
+
+    def on_step(self, info):
+        self.losses.append(info["loss"])
+
+    def on_epoch(self, info):
+        pass
+
+
+def strategy_for(replicas: int):
+    """1: the default strategy (one device); 2: MirroredStrategy over 2 logical CPUs."""
+    return distribute.make_strategy(None if replicas == 1 else replicas, warn=lambda *a: None)
+
+
+def make_trainer(replicas: int, run_dir: Path, xla: str = "off", dropout: float = 0.0, seed: int = 0,
+                 max_steps: int = STEPS) -> Trainer:
+    cfg = TrainConfig(batch_size=BATCH, epochs=10, max_steps=max_steps, xla=xla, seed=seed, lr=3e-3,
+                      keep_checkpoints=2)
+    trainer = Trainer(GPTConfig(dropout=dropout, **MODEL), cfg, strategy_for(replicas), run_dir, log=lambda *a: None)
+    trainer.open_checkpoints()
+    return trainer
+
+
+def train(trainer: Trainer, windows: np.ndarray) -> list[float]:
+    rec = Recorder()
+    trainer.fit(windows, None, rec)
+    return rec.losses
+
+
+def weights(trainer: Trainer) -> dict[str, np.ndarray]:
+    return {v.name: v.numpy() for v in trainer.model.trainable_variables}
+
+
+def max_diff(a, b) -> float:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys() and a
+        return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert len(a) == len(b) and len(a) > 0
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def report(what: str, value: float):
+    print(f"[measured] {what}: {value:.3g}")
+
+
+# --- 2 replicas against 1 device ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def windows():
+    return make_windows()  # 4 global batches per epoch: 6 steps cross an epoch boundary
+
+
+@pytest.fixture(scope="module")
+def runs(windows, tmp_path_factory):
+    """(xla, replicas) -> (losses, weights, trainer) after STEPS steps, dropout 0."""
+    out = {}
+    for xla in ("off", "on"):
+        for replicas in (1, 2):
+            trainer = make_trainer(replicas, tmp_path_factory.mktemp(f"xla{xla}-r{replicas}"), xla=xla)
+            assert trainer.replicas == replicas and trainer.xla == (xla == "on")
+            losses = train(trainer, windows)
+            assert len(losses) == STEPS
+            out[xla, replicas] = (losses, weights(trainer), trainer)
+    return out
+
+
+@pytest.mark.parametrize("xla", ["off", "on"])
+def test_two_replicas_match_one_device(runs, xla):
+    one_losses, one_weights, _ = runs[xla, 1]
+    two_losses, two_weights, _ = runs[xla, 2]
+    assert one_losses[-1] < one_losses[0]  # it trains
+    loss_diff, weight_diff = max_diff(one_losses, two_losses), max_diff(one_weights, two_weights)
+    report(f"xla {xla}: 2 replicas vs 1 device, max |loss diff| over {STEPS} steps", loss_diff)
+    report(f"xla {xla}: 2 replicas vs 1 device, max |weight diff| after {STEPS} steps", weight_diff)
+    assert loss_diff <= TOL
+    assert weight_diff <= TOL
+    # The weights moved: a comparison of untouched weights would prove nothing.
+    fresh = make_trainer(1, runs[xla, 1][2].run_dir / "fresh", xla="off")
+    assert max_diff(weights(fresh), one_weights) > 1e-3
+
+
+@pytest.mark.parametrize("xla", ["off", "on"])
+def test_every_replica_holds_the_same_variables(runs, xla):
+    trainer = runs[xla, 2][2]
+    variables = list(trainer.model.variables) + list(trainer.optimizer.variables)
+    assert len(variables) > len(trainer.model.trainable_variables)  # slots and step included
+    worst = 0.0
+    for var in variables:
+        copies = [np.asarray(c) for c in trainer.strategy.experimental_local_results(var)]
+        assert len(copies) == 2, var.name
+        worst = max(worst, float(np.max(np.abs(copies[0] - copies[1]))))
+    report(f"xla {xla}: max |difference| between the two replicas' copies", worst)
+    assert worst == 0.0
+    assert int(trainer.optimizer.step.numpy()) == STEPS
+
+
+def test_dropout_is_reproducible_per_seed(runs, windows, tmp_path):
+    def run(name, seed):
+        return train(make_trainer(2, tmp_path / name, dropout=0.2, seed=seed, max_steps=3), windows)
+
+    first, again, other_seed = run("a", 0), run("b", 0), run("c", 1)
+    no_dropout = runs["off", 2][0][:3]  # the same seed, dropout 0
+    report("dropout 0.2, 2 replicas, same seed twice: max |loss diff|", max_diff(first, again))
+    assert max_diff(first, again) <= 1e-6
+    assert max_diff(first, other_seed) > 1e-3
+    assert max_diff(first, no_dropout) > 1e-3  # dropout is really applied
+
+
+# --- checkpoints across device counts -------------------------------------------
+
+@pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2)])
+def test_checkpoint_resumes_across_device_counts(runs, windows, tmp_path, saved, resumed):
+    """3 steps at `saved` replicas, a checkpoint, then 3 more at `resumed`:
+    the same losses and weights as 6 steps straight at `saved` replicas."""
+    ref_losses, ref_weights, _ = runs["off", saved]
+    first = make_trainer(saved, tmp_path, max_steps=3)
+    losses = train(first, windows)
+    assert first.manager.latest_checkpoint.endswith("ckpt-3")
+    second = make_trainer(resumed, tmp_path, max_steps=STEPS)
+    assert second.replicas == resumed
+    assert second.restore_latest(warn=lambda *a: None) is not None
+    assert int(second.optimizer.step.numpy()) == 3
+    losses += train(second, windows)
+    loss_diff, weight_diff = max_diff(ref_losses, losses), max_diff(ref_weights, weights(second))
+    report(f"checkpoint {saved} -> {resumed} replicas: max |loss diff|", loss_diff)
+    report(f"checkpoint {saved} -> {resumed} replicas: max |weight diff|", weight_diff)
+    assert loss_diff <= TOL
+    assert weight_diff <= TOL
+
+
+# --- several worker processes ----------------------------------------------------
+
+# Runs train.py's main, and also appends every step's (step, loss) to $LOSS_LOG,
+# so that the test sees the losses of every worker, not only the chief's.
+WORKER = """
+import json, os, sys
+from tfgpt import report
+
+_on_step = report.Reporter.on_step
+
+def on_step(self, info):
+    with open(os.environ["LOSS_LOG"], "a") as f:
+        f.write(json.dumps([info["step"], info["loss"]]) + "\\n")
+    _on_step(self, info)
+
+report.Reporter.on_step = on_step
+from tfgpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def tf_config(ports: list[int], index: int) -> str:
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def start_workers(tmp_path: Path, configs: list[str], args: list[list[str]]) -> list[subprocess.Popen]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir(exist_ok=True)
+    procs = []
+    for i, (config, extra) in enumerate(zip(configs, args)):
+        env = dict(os.environ, TF_CONFIG=config, LOSS_LOG=str(tmp_path / f"losses{i}.jsonl"),
+                   TMPDIR=str(scratch), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, str(script)] + extra, cwd=tmp_path, env=env,
+                                      stdout=open(tmp_path / f"out{i}.txt", "w"),
+                                      stderr=open(tmp_path / f"err{i}.txt", "w")))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], limit: float) -> list[int | None]:
+    """Waits up to `limit` seconds in all; then kills whatever still runs (a
+    worker blocked in a collective may not answer SIGTERM)."""
+    deadline = time.monotonic() + limit
+    codes = []
+    try:
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return codes
+
+
+def read_losses(path: Path) -> list[float]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [s for s, _ in rows] == list(range(1, len(rows) + 1))
+    return [loss for _, loss in rows]
+
+
+def event_losses(folder: Path) -> list[float]:
+    out = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                if v.tag == "loss":
+                    out[event.step] = float(tf.make_ndarray(v.tensor))
+    return [out[s] for s in sorted(out)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(3)
+    path = tmp_path_factory.mktemp("corpus") / "reviews.txt"
+    path.write_text("\n".join(make_review(rng) for _ in range(200)) + "\n")
+    return path
+
+
+def test_two_workers_match_mirrored_strategy(corpus, tmp_path, monkeypatch):
+    common = ["--data", str(corpus), "--max-steps", "5", "--dropout", "0.1", "--run-name", "r"] + CLI_SMALL
+    # The reference: one process, MirroredStrategy over 2 (logical CPU) devices.
+    from tfgpt import report as report_module
+
+    reference = []
+    original = report_module.Reporter.on_step
+
+    def record(self, info):
+        reference.append(info["loss"])
+        original(self, info)
+
+    monkeypatch.setattr(report_module.Reporter, "on_step", record)
+    assert main(common + ["--gpus", "2", "--no-export", "--logdir", str(tmp_path / "ref")]) == 0
+    monkeypatch.undo()
+    assert len(reference) == 5
+
+    ports = free_ports(2)
+    procs = start_workers(tmp_path, [tf_config(ports, 0), tf_config(ports, 1)],
+                          [common + ["--logdir", str(tmp_path / f"logs{i}")] for i in range(2)])
+    codes = wait_all(procs, limit=150)
+    errors = [(tmp_path / f"err{i}.txt").read_text()[-2000:] for i in range(2)]
+    assert codes == [0, 0], errors
+    chief, other = read_losses(tmp_path / "losses0.jsonl"), read_losses(tmp_path / "losses1.jsonl")
+    for name, losses in (("chief", chief), ("other worker", other)):
+        report(f"2 workers vs 2-replica MirroredStrategy, {name}: max |loss diff|", max_diff(reference, losses))
+        assert max_diff(reference, losses) <= TOL
+    # The chief's summaries carry the same numbers.
+    assert max_diff(reference, event_losses(tmp_path / "logs0" / "r" / "train")) <= TOL
+    # Only the chief writes: config, vocabulary, checkpoints, summaries, export.
+    run = tmp_path / "logs0" / "r"
+    for name in ("config.json", "vocab.txt", "ckpt/checkpoint", "export/1/saved_model.pb"):
+        assert (run / name).exists(), name
+    assert not (tmp_path / "logs1").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []  # the other worker's scratch folders are gone
+    assert "2 replica(s)" in (tmp_path / "out0.txt").read_text()
+
+
+def test_unreachable_workers_fail_after_the_timeout(corpus, tmp_path):
+    """Two clusters of two workers, each with one worker never started: worker 0
+    (which hosts the coordination service) and worker 1 (which cannot reach it)
+    must both stop with a one-line error after about --collective-timeout."""
+    timeout = 6
+    common = ["--data", str(corpus), "--max-steps", "2", "--no-export", "--collective-timeout", str(timeout)] + CLI_SMALL
+    ports = free_ports(4)
+    t0 = time.monotonic()
+    procs = start_workers(tmp_path, [tf_config(ports[:2], 0), tf_config(ports[2:], 1)],
+                          [common + ["--logdir", str(tmp_path / f"logs{i}")] for i in range(2)])
+    codes = wait_all(procs, limit=90)
+    took = time.monotonic() - t0
+    print(f"[measured] unreachable workers stopped after {took:.1f} s")
+    for i, code in enumerate(codes):
+        err = (tmp_path / f"err{i}.txt").read_text()
+        assert code is not None, f"worker {i} hung: {err[-2000:]}"
+        assert code == 1, err[-2000:]
+        assert "Traceback" not in err
+        # TensorFlow's own log lines surround it; ours is a single line.
+        ours = [line for line in err.splitlines() if line.startswith("train.py:")]
+        assert len(ours) == 1, err[-2000:]
+        assert ours[0].startswith(f"train.py: error: worker {i} (127.0.0.1:")
+        assert f"could not reach the other workers within {timeout} s" in ours[0], ours[0]
+    assert took < 60
+
+
+# --- errors ---------------------------------------------------------------------
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_batch_size_must_divide_over_replicas(corpus, tmp_path, capsys):
+    args = ["--data", str(corpus), "--logdir", str(tmp_path), "--gpus", "2", "--max-steps", "1"] + CLI_SMALL
+    assert main(args + ["--batch-size", "7"]) == 2
+    err = one_line_error(capsys)
+    assert "--batch-size 7" in err and "2 replicas" in err
+
+
+@pytest.mark.parametrize("config, words", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}}), "names no task"),
+    (json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 2}}),
+     "worker:2"),
+    (json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "chief", "index": 0}}), "chief:0"),
+    (json.dumps({"cluster": {"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]},
+                 "task": {"type": "worker", "index": 0}}), '"ps"'),
+])
+def test_bad_tf_config_is_a_one_line_error(corpus, tmp_path, capsys, monkeypatch, config, words):
+    monkeypatch.setenv("TF_CONFIG", config)
+    assert main(["--data", str(corpus), "--logdir", str(tmp_path)] + CLI_SMALL) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("train.py: error: TF_CONFIG") and words in err, err
+    assert not list(tmp_path.rglob("config.json"))
+
+
+def test_tf_config_decides_the_chief(monkeypatch):
+    cases = [({"worker": ["a:1", "b:1"]}, ("worker", 0), True),
+             ({"worker": ["a:1", "b:1"]}, ("worker", 1), False),
+             ({"chief": ["c:1"], "worker": ["a:1"]}, ("worker", 0), False),
+             ({"chief": ["c:1"], "worker": ["a:1"]}, ("chief", 0), True)]
+    for cluster, (kind, index), chief in cases:
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}}))
+        assert distribute.cluster_spec_from_env() is not None
+        assert distribute.is_chief_task() is chief, (cluster, kind, index)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}))
+    assert distribute.cluster_spec_from_env() is None  # one process: no multi-worker strategy
+    monkeypatch.delenv("TF_CONFIG")
+    assert distribute.cluster_spec_from_env() is None and distribute.is_chief_task()
+
+
+def test_gpu_count_errors(monkeypatch):
+    fake = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(2)]
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: fake if kind == "GPU" else real(kind))
+    with pytest.raises(distribute.DeviceError, match=r"--gpus 3 asked for, but only 2 GPUs are visible"):
+        distribute.local_devices(3)
+    assert distribute.local_devices(2) == ["/gpu:0", "/gpu:1"]
+    assert distribute.local_devices(None) is None
+    assert "only 1 GPU is visible" in distribute.gpu_count_error(2, 1)
+    assert distribute.gpu_count_error(2, 0) is None  # no GPU at all: logical CPUs instead
+    monkeypatch.undo()
+    if real("GPU"):
+        return  # the rest is about machines without a GPU
+    # No GPU here: --gpus N gives N logical CPU devices, with a warning.
+    warnings = []
+    assert distribute.local_devices(2, warn=warnings.append) == ["/cpu:0", "/cpu:1"]
+    assert len(warnings) == 1 and "no GPU" in warnings[0]
+    # This process already split its CPU into 2: asking for 3 now is a clear error.
+    with pytest.raises(distribute.DeviceError, match="after TensorFlow has started"):
+        distribute.local_devices(3, warn=lambda *a: None)
