@@ -210,7 +210,10 @@ class Trainer:
             raise RuntimeError(f"no readable checkpoint in {source.directory}")
         return None
 
-    def save(self) -> str:
+    def save(self) -> str | None:
+        """Writes a checkpoint at the current step (none without open_checkpoints)."""
+        if self.manager is None:
+            return None
         return self.manager.save(checkpoint_number=int(self.optimizer.step.numpy()))
 
     def close(self):
