@@ -51,7 +51,7 @@ class GPT(tf.Module):
         """ids int32 [B, T] -> logits float32 [B, T, V]."""
         return self.head(self.hidden(ids, seed, training))
 
-    def loss_sum(self, ids, targets, weights, seed=None, training=False, chunk=0):
+    def loss_sum(self, ids, targets, weights, seed=None, training=False, chunk=0, with_grad=True):
         """Sum over positions of weights * cross-entropy(logits, targets).
 
         ids, targets int32 [B, T]; weights float32 [B, T] (0 for padding).
@@ -64,7 +64,7 @@ class GPT(tf.Module):
         return chunked_xent_sum(
             tf.reshape(h, [-1, d]), self.head.w, self.head.b,
             tf.reshape(targets, [-1]), tf.reshape(weights, [-1]),
-            chunk=chunk, compute_dtype=self.compute_dtype)
+            chunk=chunk, compute_dtype=self.compute_dtype, with_grad=with_grad)
 
     # --- generation -----------------------------------------------------------
 
@@ -96,7 +96,7 @@ class GPT(tf.Module):
         return self.head(x)[:, 0, :], new
 
 
-def auto_chunk(n: int, vocab: int, budget_bytes: int = 64 << 20) -> int:
+def auto_chunk(n: int, vocab: int, budget_bytes: int = 32 << 20) -> int:
     """The largest divisor of n whose [chunk, vocab] float32 logits fit the budget."""
     target = max(1, budget_bytes // (4 * vocab))
     if n <= target:
@@ -107,14 +107,24 @@ def auto_chunk(n: int, vocab: int, budget_bytes: int = 64 << 20) -> int:
     return 1
 
 
-def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float32):
-    """sum_i weights[i] * CE(h[i] @ w + b, targets[i]), computed `chunk` rows at a
-    time in the forward pass and again in the backward pass.
+def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float32, with_grad=True):
+    """sum_i weights[i] * CE(h[i] @ w + b, targets[i]), `chunk` rows at a time.
 
     h [N, D], w [D, V], b [V], targets int32 [N], weights float32 [N] -> scalar.
-    The gradient is written by hand (softmax - one_hot), so neither pass keeps
-    more than one [chunk, V] block of logits alive. `chunk` must divide N;
-    0 picks one (`auto_chunk`). N must be static.
+
+    The loss and its gradient are computed together, in one pass over each
+    [chunk, V] block of logits, so the output layer costs three matrix
+    products (no recomputation) and no more than one block of logits is alive
+    at a time. Per block, with p = softmax(logits):
+
+        loss_i = lse_i - logits[i, t_i],  lse_i = max_j logits[i, j] - log(max_j p[i, j])
+        dlogits = w_i (p - one_hot(t))
+
+    (the largest probability is at least 1/V, so its log never underflows).
+    The one-hot part never becomes a [chunk, V] tensor: its share of each
+    gradient is a gather or a segment sum over the N targets, done once.
+    With `with_grad=False` (evaluation) only the loss is computed.
+    `chunk` must divide N (static); 0 picks one (`auto_chunk`).
     """
     # Plain tensors: a custom gradient must not capture the variables themselves.
     w, b = tf.convert_to_tensor(w), tf.convert_to_tensor(b)
@@ -124,32 +134,49 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
     chunk = chunk or auto_chunk(n, v)
     if n % chunk:
         raise ValueError(f"loss chunk {chunk} does not divide {n} positions")
-    steps = n // chunk
+    cd = compute_dtype
 
-    def block_logits(hc, w, b):
-        return matmul(hc, w, compute_dtype) + b  # [C, V] float32
+    def block(h_rows, w_cd, b, rows):
+        """-> (softmax [C, V], weighted loss sum) of one block of rows."""
+        logits = tf.nn.bias_add(tf.cast(tf.matmul(tf.cast(h_rows, cd), w_cd), tf.float32), b)  # [C, V]
+        p = tf.nn.softmax(logits)  # [C, V] float32
+        lse = tf.reduce_max(logits, -1) - tf.math.log(tf.reduce_max(p, -1))  # [C]
+        loss = lse - tf.gather(logits, targets[rows], batch_dims=1)  # [C]
+        return p, tf.reduce_sum(weights[rows] * loss)
+
+    if not with_grad:
+        w_cd, total = tf.cast(w, cd), tf.zeros([])
+        for i in range(n // chunk):
+            rows = slice(i * chunk, (i + 1) * chunk)
+            with tf.control_dependencies([total]):  # one block at a time
+                h_rows = tf.identity(h[rows])
+            total += block(h_rows, w_cd, b, rows)[1]
+        return total
 
     @tf.custom_gradient
     def xent(h, w, b):
-        total = tf.zeros([])
-        for i in range(steps):
-            s = slice(i * chunk, (i + 1) * chunk)
-            logits = block_logits(h[s], w, b)
-            lse = tf.reduce_logsumexp(logits, axis=-1)
-            picked = tf.gather(logits, targets[s], batch_dims=1)
-            total += tf.reduce_sum(weights[s] * (lse - picked))
+        w_cd = tf.cast(w, cd)  # [D, V], cast once for all blocks
+        hw = h * weights[:, None]  # [N, D]: rows scaled by their weight
+        total, dh, dw, db = tf.zeros([]), [], tf.zeros_like(w), tf.zeros_like(b)
+        for i in range(n // chunk):
+            rows = slice(i * chunk, (i + 1) * chunk)
+            # One block at a time: without this dependency the executor may run
+            # several blocks at once, each with its own [C, V] buffers.
+            with tf.control_dependencies([dw]):
+                h_rows = tf.identity(h[rows])
+            p, block_loss = block(h_rows, w_cd, b, rows)
+            total += block_loss
+            db += tf.linalg.matvec(p, weights[rows], transpose_a=True)  # [V]
+            p_cd = tf.cast(p, cd)
+            dh.append(weights[rows][:, None] * tf.cast(tf.matmul(p_cd, w_cd, transpose_b=True), tf.float32))
+            dw += tf.cast(tf.matmul(tf.cast(hw[rows], cd), p_cd, transpose_a=True), tf.float32)  # [D, V]
+        # The one-hot terms, for all N rows at once.
+        dh = tf.concat(dh, 0) - weights[:, None] * tf.transpose(tf.gather(w, targets, axis=1))  # [N, D]
+        dw -= tf.transpose(tf.math.unsorted_segment_sum(hw, targets, v))  # [D, V]
+        db -= tf.math.unsorted_segment_sum(weights, targets, v)
 
         def grad(upstream):
-            dh, dw, db = [], tf.zeros_like(w), tf.zeros_like(b)
-            for i in range(steps):
-                s = slice(i * chunk, (i + 1) * chunk)
-                logits = block_logits(h[s], w, b)
-                g = tf.nn.softmax(logits) - tf.one_hot(targets[s], v)  # [C, V]
-                g *= (upstream * weights[s])[:, None]
-                dh.append(matmul(g, tf.transpose(w), compute_dtype))
-                dw += matmul(tf.transpose(h[s]), g, compute_dtype)
-                db += tf.reduce_sum(g, axis=0)
-            return tf.concat(dh, 0), dw, db
+            return upstream * dh, upstream * dw, upstream * db
 
         return total, grad
 

@@ -119,7 +119,7 @@ class Trainer:
             return norm, lr
 
         def eval_fn(x, y, w):
-            return model.loss_sum(x, y, w, training=False, chunk=chunk), tf.reduce_sum(w)
+            return model.loss_sum(x, y, w, training=False, chunk=chunk, with_grad=False), tf.reduce_sum(w)
 
         grads_fn = tf.function(grads_fn, jit_compile=self.xla)
         apply_fn = tf.function(apply_fn, jit_compile=self.xla)
