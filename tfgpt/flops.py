@@ -49,9 +49,8 @@ def flops_per_token(config, seq_len: int | None = None, training: bool = True) -
       training: 6 * N_matmul + 12 * L * H * K * T
       forward:  2 * N_matmul +  4 * L * H * K * T
 
-    Not counted: element-wise work (softmax, layer norm, dropout, Adam) and
-    the recomputation of the output-layer logits in the backward pass of the
-    chunked loss; MFU counts the model's FLOPs, not the hardware's.
+    Not counted: element-wise work (softmax, layer norm, dropout, Adam); MFU
+    counts the model's FLOPs, not the hardware's.
 
     config: a GPTConfig. seq_len: T (default config.maxlen). Returns FLOPs
     per token; multiply by tokens per second for FLOP/s.
