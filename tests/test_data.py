@@ -40,6 +40,10 @@ def test_standardize_splits_contractions_and_punctuation():
     assert tf_words("Don't<br />stop.") == ["don", "'t", "stop", "."]
 
 
+def test_standardize_keeps_text_after_a_nul_byte():
+    assert tf_words("before\x00AFTER") == ["before", "after"]
+
+
 def test_vocab_order_counts_then_word_and_cap():
     lines = ["b a a c c c", "d d e e", "z"]
     # counts: c3, a2, d2, e2, b1, z1 ; ties by the word

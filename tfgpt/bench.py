@@ -1,5 +1,13 @@
-"""Benchmarks: `python -m tfgpt.bench [--sampler] [--quick] [--json PATH]`
-(with no benchmark named, all of them run).
+"""Benchmarks: `python -m tfgpt.bench [--train] [--pipeline] [--sampler]
+[--data PATH] [--quick] [--json PATH]` (with no benchmark named, all run).
+
+The training benchmark runs each variant (float32 / bfloat16, XLA on / off,
+1 / 2 replicas) of the default model at the example's global batch (128 x 80)
+in a fresh process, so that its peak resident memory is its own, and prints
+ms/step, tokens/s, achieved GFLOP/s (`tfgpt.flops`), the matmul peak measured
+in that process at that precision, MFU, peak RSS, and the ratio to the Keras
+example's tokens/s on the reference machine. The pipeline benchmark times the
+vocabulary build and the tf.data pipeline alone.
 
 The sampler benchmark times `Sampler.generate` on the default model (random
 weights and a generated vocabulary are enough for timing) and prints, for
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,17 +115,191 @@ def sampler_bench(batches=(1, 32), tokens=(40, 200), modes=("cache", "cache+xla"
     return results
 
 
+# --- training ---------------------------------------------------------------------
+
+KERAS_EXAMPLE = dict(ms_per_step=2500.0, tokens_per_s=3960.0, peak_rss_mb=2200.0, vocab_s=5.3)
+"""The Keras example on this project's reference machine (2-core AVX-512 CPU,
+TensorFlow 2.21, Keras 3.15), global batch 128 x 80 tokens: the figures the
+speed goals are ratios of."""
+
+
+def generated_corpus(reviews: int = 50_000, words: int = 30_000, seed: int = 0) -> list[str]:
+    """Reviews of Zipf-distributed made-up words, about IMDB's size (230 words
+    a review): for timing when no real text is given."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vocab = np.array([f"w{i}" for i in range(words)] + [".", ",", "!"])
+    ranks = np.minimum(rng.zipf(1.2, size=reviews * 230), len(vocab)) - 1
+    lengths = rng.integers(40, 420, size=reviews)
+    ends = np.cumsum(lengths)
+    ends = ends[ends <= len(ranks)]
+    return [" ".join(vocab[ranks[a:b]]) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends)]
+
+
+def prepare_windows(data: str | None, maxlen: int, vocab_size: int, folder: Path, quick: bool = False,
+                    log=print) -> dict:
+    """Reads (or generates) the corpus, times the vocabulary build and the
+    tokenization, and saves the training windows to folder/windows.npy."""
+    import numpy as np
+
+    from tfgpt import data as tdata
+
+    t0 = time.perf_counter()
+    if data:
+        lines = tdata.split_lines(tdata.read_corpus(data, log=log))
+        source = data
+    else:
+        lines = generated_corpus(reviews=5_000 if quick else 50_000)
+        source = "generated corpus"
+    read_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    words, counts = tdata.build_vocab(lines, vocab_size)
+    vocab_s = time.perf_counter() - t0
+    tdata.write_vocab(words, folder / "vocab.txt", counts)
+    t0 = time.perf_counter()
+    ids, lengths = tdata.tokenize_lines(tdata.Tokenizer(folder / "vocab.txt"), lines)
+    windows = tdata.make_windows(ids, lengths, maxlen, "truncate")
+    tokenize_s = time.perf_counter() - t0
+    np.save(folder / "windows.npy", windows)
+    return dict(source=source, lines=len(lines), tokens=int(len(ids)), windows=len(windows),
+                read_s=read_s, vocab_s=vocab_s, tokenize_s=tokenize_s)
+
+
+def pipeline_bench(windows_path: Path, batch_size: int = 128, batches: int = 200) -> dict:
+    """Tokens per second the tf.data pipeline delivers on its own."""
+    import numpy as np
+
+    from tfgpt import data as tdata
+
+    windows = np.load(windows_path)
+    ds = tdata.train_dataset(windows, batch_size, seed=0, epoch=0, packing="truncate").repeat()
+    it = iter(ds)
+    next(it)  # start-up: shuffle buffer fill, first batch
+    count, t0 = 0, time.perf_counter()
+    for _ in range(batches - 1):
+        x, _, _ = next(it)
+        count += int(x.shape[0] * x.shape[1])
+    seconds = time.perf_counter() - t0
+    return dict(batches=batches - 1, tokens_per_s=count / seconds)
+
+
+def train_variant(precision: str, xla: bool, replicas: int, steps: int, windows_path: Path,
+                  warmup: int = 2) -> dict:
+    """Times `steps` training steps of the default model after `warmup` ones,
+    in this process (which must not have run any TensorFlow op yet)."""
+    import resource
+
+    import numpy as np
+
+    from tfgpt.distribute import make_strategy
+
+    strategy = make_strategy(replicas if replicas > 1 else None, warn=lambda *a: None)
+    import tensorflow as tf
+
+    from tfgpt.config import GPTConfig, TrainConfig
+    from tfgpt.flops import flops_per_token, measure_matmul_peak
+    from tfgpt.trainer import Trainer
+
+    windows = np.load(windows_path)
+    model_cfg = GPTConfig()
+    cfg = TrainConfig(batch_size=128, epochs=1, max_steps=warmup + steps, xla="on" if xla else "off",
+                      precision=precision)
+    with tempfile.TemporaryDirectory(prefix="tfgpt-bench-") as tmp:
+        trainer = Trainer(model_cfg, cfg, strategy, tmp)
+        times = []
+
+        class Hooks:
+            def on_step(self, info):
+                times.append(info["step_time"])
+
+            def on_epoch(self, info):
+                pass
+
+        trainer.fit(windows, None, Hooks())
+    step_s = float(np.median(times[warmup:]))
+    tokens = cfg.batch_size * model_cfg.maxlen
+    flops = flops_per_token(model_cfg) * tokens / step_s
+    peak = measure_matmul_peak(tf.bfloat16 if precision == "bfloat16" else tf.float32)
+    return dict(precision=precision, xla=xla, replicas=replicas, steps=steps, ms_per_step=1000 * step_s,
+                tokens_per_s=tokens / step_s, gflops=flops / 1e9, peak_gflops=peak / 1e9, mfu=flops / peak,
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                first_step_s=times[0])
+
+
+def train_bench(variants, steps: int, windows_path: Path, log=print) -> list[dict]:
+    """Runs each variant in a fresh process (so that peak memory is its own)."""
+    rows = []
+    log(f"{'precision':<9} {'xla':>3} {'repl':>4} {'ms/step':>8} {'tokens/s':>9} {'GFLOP/s':>8} "
+        f"{'peak':>6} {'MFU':>6} {'RSS MB':>7} {'vs example':>10}")
+    for precision, xla, replicas in variants:
+        spec = json.dumps(dict(precision=precision, xla=xla, replicas=replicas, steps=steps,
+                               windows=str(windows_path)))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        proc = subprocess.run([sys.executable, "-m", "tfgpt.bench", "--variant", spec],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            log(f"{precision:<9} {'on' if xla else 'off':>3} {replicas:>4} failed: "
+                f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["speedup_vs_example"] = row["tokens_per_s"] / KERAS_EXAMPLE["tokens_per_s"]
+        rows.append(row)
+        log(f"{precision:<9} {'on' if xla else 'off':>3} {replicas:>4} {row['ms_per_step']:>8.0f} "
+            f"{row['tokens_per_s']:>9,.0f} {row['gflops']:>8.1f} {row['peak_gflops']:>6.0f} "
+            f"{row['mfu']:>6.1%} {row['peak_rss_mb']:>7.0f} {row['speedup_vs_example']:>9.2f}x")
+    return rows
+
+
+VARIANTS = [(p, x, r) for p in ("float32", "bfloat16") for x in (False, True) for r in (1, 2)]
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tfgpt.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tfgpt.bench", description="Training, input-pipeline and sampler benchmarks of the "
+        "default model. With no benchmark named, all run.")
+    parser.add_argument("--train", action="store_true", help="time training steps: float32 and bfloat16, "
+                        "XLA on and off, 1 and 2 replicas, each in its own process")
+    parser.add_argument("--pipeline", action="store_true", help="time the vocabulary build and the tf.data pipeline")
     parser.add_argument("--sampler", action="store_true", help="time the in-graph sampler")
+    parser.add_argument("--data", help="real text for --train/--pipeline (any --data form of train.py); "
+                        "default: a generated corpus of IMDB's size")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps per variant "
+                        "(default 5; 3 with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats, 40 new tokens only, cache and no cache only")
+                        help="about a minute: float32 and bfloat16 without XLA on one replica, fewer steps and "
+                             "repeats, a smaller generated corpus, sampler at 40 tokens with and without the cache")
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype of the model (default float32)")
+                        help="compute dtype of the sampler's model (default float32)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one training variant, in a child
     args = parser.parse_args(argv)
-    run_all = not args.sampler  # no benchmark named: run every one
-    report = {}
+    if args.variant:
+        spec = json.loads(args.variant)
+        row = train_variant(spec["precision"], spec["xla"], spec["replicas"], spec["steps"], Path(spec["windows"]))
+        print(json.dumps(row))
+        return 0
+    run_all = not (args.train or args.pipeline or args.sampler)
+    report = {"machine": dict(cpus=os.cpu_count(), load_average=os.getloadavg()[0]),
+              "keras_example": KERAS_EXAMPLE}
+    with tempfile.TemporaryDirectory(prefix="tfgpt-bench-") as tmp:
+        if args.train or args.pipeline or run_all:
+            print(f"corpus: {args.data or 'generated'}", flush=True)
+            prep = prepare_windows(args.data, 80, 20000, Path(tmp), quick=args.quick)
+            print(f"  {prep['lines']:,} lines, {prep['tokens']:,} tokens; vocabulary built in {prep['vocab_s']:.2f} s "
+                  f"(example: {KERAS_EXAMPLE['vocab_s']} s); tokenized in {prep['tokenize_s']:.2f} s", flush=True)
+            report["data"] = prep
+        if args.pipeline or run_all:
+            pipe = pipeline_bench(Path(tmp) / "windows.npy", batches=50 if args.quick else 200)
+            report["pipeline"] = pipe
+            print(f"input pipeline: {pipe['tokens_per_s']:,.0f} tokens/s", flush=True)
+        if args.train or run_all:
+            steps = args.steps or (3 if args.quick else 5)
+            variants = [v for v in VARIANTS if not v[1] and v[2] == 1] if args.quick else VARIANTS
+            report["train"] = train_bench(variants, steps, Path(tmp) / "windows.npy")
+            if report.get("pipeline") and report["train"]:
+                fastest = max(r["tokens_per_s"] for r in report["train"])
+                print(f"input pipeline / fastest step: {report['pipeline']['tokens_per_s'] / fastest:.0f}x")
     if args.sampler or run_all:
         if args.quick:
             report["sampler"] = sampler_bench(tokens=(40,), modes=("cache", "no cache"), repeats=2,

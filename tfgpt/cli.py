@@ -116,6 +116,7 @@ def validate(model: GPTConfig, train: TrainConfig) -> None:
         (train.lr > 0, f"--lr must be positive, got {train.lr}"),
         (train.gen_tokens >= 1, f"--gen-tokens must be positive, got {train.gen_tokens}"),
         (train.top_k >= 1, f"--top-k must be positive, got {train.top_k}"),
+        (bool(train.prompt.strip()), "--prompt must hold at least one word"),
         (0.0 <= train.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {train.val_fraction}"),
         (train.log_every >= 1, f"--log-every must be positive, got {train.log_every}"),
         (train.checkpoint_every >= 0, "--checkpoint-every must be 0 or positive"),

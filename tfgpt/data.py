@@ -207,6 +207,7 @@ def train_val_split(docs: list[Document], val_fraction: float, seed: int):
 def standardize(text):
     """string [...] -> string [...]: lowercase, `<br />` to a space, and a space
     before every punctuation character (so "don't" becomes "don 't")."""
+    text = tf.strings.regex_replace(text, "\\x00", " ")  # a NUL would end the string for lower()
     text = tf.strings.lower(text, encoding="utf-8")
     text = tf.strings.regex_replace(text, "<br />", " ")
     return tf.strings.regex_replace(text, f"({_PUNCT_CLASS})", r" \1")
