@@ -66,7 +66,7 @@ def strategy_for(replicas: int):
 def make_trainer(replicas: int, run_dir: Path, xla: str = "off", dropout: float = 0.0, seed: int = 0,
                  max_steps: int = STEPS) -> Trainer:
     cfg = TrainConfig(batch_size=BATCH, epochs=10, max_steps=max_steps, xla=xla, seed=seed, lr=3e-3,
-                      keep_checkpoints=2)
+                      keep_checkpoints=2, precision="float32")
     trainer = Trainer(GPTConfig(dropout=dropout, **MODEL), cfg, strategy_for(replicas), run_dir, log=lambda *a: None)
     trainer.open_checkpoints()
     return trainer

@@ -63,7 +63,7 @@ def run(tmp_path_factory):
     corpus = write_corpus(tmp)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        status = main(["--data", str(corpus), "--logdir", str(tmp / "logs"), "--run-name", "r",
+        status = main(["--data", str(corpus), "--logdir", str(tmp / "logs"), "--run-name", "r", "--precision", "float32",
                        "--epochs", "2", "--profile-steps", "3:4"] + SMALL)
     assert status == 0, out.getvalue()
     return tmp / "logs", tmp / "logs" / "r", out.getvalue()

@@ -15,7 +15,7 @@ from tfgpt.distribute import is_chief_task
 RESUMABLE = {"epochs", "max_steps", "lr", "lr_schedule", "warmup_steps", "clip_norm", "log_every",
              "checkpoint_every", "keep_checkpoints", "quiet", "prompt", "gen_tokens", "top_k",
              "temperature", "export", "xla", "gpus", "collective_timeout", "data", "loss_chunk",
-             "peak_flops", "profile_steps"}
+             "peak_flops", "profile_steps", "precision"}
 
 
 class UsageError(ValueError):
@@ -66,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a multi-worker TF_CONFIG, N GPUs per worker; default: one device")
     h.add_argument("--xla", choices=["auto", "on", "off"], help="jit-compile the per-replica step; auto = on when "
                    f"every replica is a GPU (default: {t.xla})")
-    h.add_argument("--precision", choices=["float32", "bfloat16"], help="matrix products in bfloat16 with "
-                   f"float32 weights, optimizer, norms and loss (default: {t.precision})")
+    h.add_argument("--precision", choices=["auto", "float32", "bfloat16"], help="bfloat16: matrix products in "
+                   "bfloat16 with float32 weights, optimizer, norms, softmax and loss; auto: bfloat16 where the "
+                   f"devices support it natively (recent GPUs, CPUs with AMX/AVX512-BF16), else float32 "
+                   f"(default: {t.precision})")
     h.add_argument("--loss-chunk", type=int, help="positions per chunk of the output layer and loss; "
                    f"0 = automatic (default: {t.loss_chunk})")
     h.add_argument("--peak-flops", type=float, help="peak FLOP/s of one training device at the training "

@@ -53,7 +53,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine
     warmup_steps: int = 0
     xla: str = "auto"  # auto | on | off
-    precision: str = "float32"  # float32 | bfloat16
+    precision: str = "auto"  # auto | float32 | bfloat16 (auto: bfloat16 where the devices support it natively)
     loss_chunk: int = 0  # positions per output-layer chunk; 0 = automatic
     gpus: int | None = None
     collective_timeout: float = 300.0

@@ -265,6 +265,30 @@ def is_chief(strategy) -> bool:
     return task_type == "worker" and task_id == 0 and not has_chief
 
 
+def fastest_precision(strategy) -> str:
+    """The compute precision that trains fastest on this strategy's devices:
+    bfloat16 where every replica multiplies it natively, else float32.
+
+    GPUs: compute capability 8.0 or newer (A100, H100). CPUs: AMX or
+    AVX512-BF16 in /proc/cpuinfo; on such a 2-core CPU a training step measured
+    0.95 s in bfloat16 against 1.75 s in float32 (`python -m tfgpt.bench`),
+    while without those instructions bfloat16 products are emulated and slower.
+    """
+    import tensorflow as tf
+
+    if all_gpus(strategy):
+        for gpu in tf.config.list_physical_devices("GPU"):
+            major = (tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0))[0]
+            if major < 8:
+                return "float32"
+        return "bfloat16"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "float32"
+    return "bfloat16" if (" amx_bf16" in flags or " avx512_bf16" in flags) else "float32"
+
+
 def all_gpus(strategy) -> bool:
     """True when every replica of this process runs on a GPU."""
     import tensorflow as tf

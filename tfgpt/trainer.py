@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from tfgpt import data
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.distribute import all_gpus, is_chief
+from tfgpt.distribute import all_gpus, fastest_precision, is_chief
 from tfgpt.model import GPT
 from tfgpt.optim import Adam, clip_by_global_norm, make_schedule
 
@@ -85,6 +85,8 @@ class Trainer:
         self.replicas = strategy.num_replicas_in_sync
         if cfg.batch_size % self.replicas:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {self.replicas} replicas")
+        if cfg.precision == "auto":
+            cfg.precision = fastest_precision(strategy)  # recorded as resolved in config.json
         dtype = tf.bfloat16 if cfg.precision == "bfloat16" else tf.float32
         with strategy.scope():
             self.model = GPT(model_cfg, seed=cfg.seed, compute_dtype=dtype)
