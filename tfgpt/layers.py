@@ -180,8 +180,9 @@ class Block(tf.Module):
             self.ffn = FeedForward(dim, ff_dim, seed=seed + 10, compute_dtype=compute_dtype, name="ffn")
             self.ln2 = LayerNorm(dim, name="ln2")
 
-    def _finish(self, x, attn_out, seed, training):
-        """Residuals, dropout and norms around an attention output."""
+    def finish(self, x, attn_out, seed=None, training=False):
+        """Residuals, dropout, feed-forward and norms around an attention output
+        (x and attn_out [..., D]); the sampler's cached step uses it too."""
         a = self.ln1(x + dropout(attn_out, self.rate, None if seed is None else fold_seed(seed, 1), training))
         f = self.ffn(a)
         return self.ln2(a + dropout(f, self.rate, None if seed is None else fold_seed(seed, 2), training))
@@ -189,7 +190,7 @@ class Block(tf.Module):
     @tf.Module.with_name_scope
     def __call__(self, x, seed=None, training=False):
         """x [B, T, D] -> [B, T, D]. `seed` [2] is needed when training with dropout."""
-        return self._finish(x, self.attn(x), seed, training)
+        return self.finish(x, self.attn(x), seed, training)
 
     def prefill(self, x, cache_len):
         """Inference over a whole prompt, also returning its keys and values.
@@ -198,21 +199,6 @@ class Block(tf.Module):
         the prompt's keys/values in the first T slots, zeros after.
         """
         q, k, v = self.attn.qkv(x)
-        y = self._finish(x, self.attn.attend(q, k, v, causal_mask(tf.shape(x)[1])), None, False)
+        y = self.finish(x, self.attn.attend(q, k, v, causal_mask(tf.shape(x)[1])), None, False)
         pad = [[0, 0], [0, 0], [0, cache_len - tf.shape(x)[1]], [0, 0]]
         return y, tf.pad(k, pad), tf.pad(v, pad)
-
-    def decode(self, x, k_cache, v_cache, pos):
-        """One new position per row against the cache.
-
-        x [B, 1, D]; k_cache, v_cache [B, H, L, K]; pos int32 [B] (the slot this
-        token occupies, which may differ per row) -> (y [B, 1, D], k_cache, v_cache).
-        """
-        q, k, v = self.attn.qkv(x)  # [B, H, 1, K]
-        slots = tf.shape(k_cache)[2]
-        write = tf.one_hot(pos, slots)[:, None, :, None]  # [B, 1, L, 1]
-        k_cache = k_cache * (1.0 - write) + k * write
-        v_cache = v_cache * (1.0 - write) + v * write
-        visible = tf.sequence_mask(pos + 1, slots, dtype=tf.float32)[:, None, None, :]  # [B, 1, 1, L]
-        y = self._finish(x, self.attn.attend(q, k_cache, v_cache, visible), None, False)
-        return y, k_cache, v_cache

@@ -1,10 +1,9 @@
 """The miniature GPT: token + position embeddings, Transformer blocks, and a
 dense output layer over the vocabulary.
 
-Besides the plain forward pass, the model offers what generation needs
-(`prefill` and `decode`, with a key/value cache) and what training needs
-(`hidden` and `loss_sum`, which never builds the whole [B*T, V] logits tensor
-at once).
+Besides the plain forward pass, the model offers what training needs:
+`hidden` and `loss_sum`, which never builds the whole [B*T, V] logits tensor
+at once. Generation with a key/value cache lives in `tfgpt/sampler.py`.
 """
 
 from __future__ import annotations
@@ -65,35 +64,6 @@ class GPT(tf.Module):
             tf.reshape(h, [-1, d]), self.head.w, self.head.b,
             tf.reshape(targets, [-1]), tf.reshape(weights, [-1]),
             chunk=chunk, compute_dtype=self.compute_dtype, with_grad=with_grad)
-
-    # --- generation -----------------------------------------------------------
-
-    def prefill(self, ids, cache_len=None):
-        """Runs prompts through the model, returning the logits at every position
-        and each layer's key/value cache.
-
-        ids int32 [B, T] -> (logits [B, T, V], caches: list of (k, v), each
-        [B, H, cache_len, K] with the first T slots filled).
-        """
-        cache_len = cache_len or self.config.maxlen
-        x = self.embed(ids, tf.range(tf.shape(ids)[1]))
-        caches = []
-        for block in self.blocks:
-            x, k, v = block.prefill(x, cache_len)
-            caches.append((k, v))
-        return self.head(x), caches
-
-    def decode(self, ids, pos, caches):
-        """One token per row at its own position.
-
-        ids int32 [B], pos int32 [B] (< cache length) -> (logits [B, V], caches).
-        """
-        x = self.embed(ids[:, None], pos[:, None])  # [B, 1, D]
-        new = []
-        for block, (k, v) in zip(self.blocks, caches):
-            x, k, v = block.decode(x, k, v, pos)
-            new.append((k, v))
-        return self.head(x)[:, 0, :], new
 
 
 def auto_chunk(n: int, vocab: int, budget_bytes: int = 32 << 20) -> int:

@@ -370,7 +370,7 @@ class Sampler(tf.Module):
             context = _attend_one(q * (1.0 / math.sqrt(kd)), k_cache, v_cache, blocked)  # [B, H, K]
             out = matmul(tf.reshape(context, [-1, h * kd]), w_out, w_out.dtype) + b_out  # [B, D]
             # The residuals, feed-forward layer and norms are the block's own.
-            x = block._finish(x, out, None, False)
+            x = block.finish(x, out, None, False)
             new.append((k_cache, v_cache))
         return x, new
 
