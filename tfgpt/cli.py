@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -169,6 +170,8 @@ def resolve_run(args: dict) -> tuple[GPTConfig, TrainConfig, Path, bool]:
 
 
 def main(argv=None) -> int:
+    # TensorFlow's C++ start-up chatter (set TF_CPP_MIN_LOG_LEVEL=0 to see it again).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = vars(build_parser().parse_args(argv))
     try:
         model_cfg, train_cfg, run_dir, resume = resolve_run(args)
