@@ -142,7 +142,7 @@ class Reporter:
             self._stop_profiler()
         self._pending.append(info)
         if not self.quiet:
-            line = progress_line(info, self.tty)
+            line = progress_line(info)
             if self.tty:
                 print("\r" + line.ljust(100), end="", file=self.out, flush=True)
                 self._live = True

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -289,7 +288,7 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 80.0))
 
 
-def progress_line(info, tty: bool) -> str:
+def progress_line(info) -> str:
     """One line for a step: step/steps, loss, ms/step, tokens/s, ETA of the epoch."""
     left = (info["batches"] - info["batch"]) * info["step_time"]
     return (f"{info['batch']}/{info['batches']} - step {info['step']} - loss: {info['loss']:.4f} - "
@@ -314,6 +313,3 @@ def _duration(seconds: float) -> str:
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
-
-def is_tty() -> bool:
-    return sys.stdout.isatty()
