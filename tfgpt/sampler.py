@@ -343,16 +343,16 @@ class Sampler(tf.Module):
         return prepared
 
     def _decode_hidden(self, token, pos, caches, weights):
-        """One new token per row against the cache: what `model.decode` does,
-        without the output layer and shaped for a single query.
+        """One new token per row against the cache: the model's blocks for a
+        single query position, without the output layer.
 
         token, pos int32 [B]; caches: per layer (k, v) [B, H, S, K]; weights
         from `_decode_weights` -> (hidden float32 [B, D], caches).
 
-        Two things differ from `Block.decode`, for speed only: the new key and
-        value are written into their slots in place (`_write_slots`) instead
-        of blending whole caches, and the attention of one query is computed
-        by `_attend_one`.
+        The new key and value are written into their slots in place
+        (`_write_slots`) rather than by blending whole caches, and the attention
+        of one query is computed by `_attend_one`; the residuals, feed-forward
+        and norms are the block's own (`Block.finish`).
         """
         model = self.model
         x = model.embed(token, pos)  # [B, D]
