@@ -269,3 +269,9 @@ def test_eval_dataset_pads_with_zero_weight_windows():
         batches = _batches(data.eval_dataset(windows, 4, packing))
         assert len(batches) == 3
         assert sum(float(b[2].sum()) for b in batches) == 10 * 4
+
+
+def test_batches_per_epoch_drops_the_partial_batch_and_refuses_none():
+    assert data.batches_per_epoch(300, 128) == 2
+    with pytest.raises(data.DataError, match="fewer than one global batch of 128"):
+        data.batches_per_epoch(127, 128)

@@ -67,7 +67,7 @@ def make_trainer(replicas: int, run_dir: Path, xla: str = "off", dropout: float 
                  max_steps: int = STEPS) -> Trainer:
     cfg = TrainConfig(batch_size=BATCH, epochs=10, max_steps=max_steps, xla=xla, seed=seed, lr=3e-3,
                       keep_checkpoints=2, precision="float32")
-    trainer = Trainer(GPTConfig(dropout=dropout, **MODEL), cfg, strategy_for(replicas), run_dir, log=lambda *a: None)
+    trainer = Trainer(GPTConfig(dropout=dropout, **MODEL), cfg, strategy_for(replicas), run_dir)
     trainer.open_checkpoints()
     return trainer
 

@@ -342,6 +342,11 @@ def split_window(window, packing: str):
 
 
 def batches_per_epoch(num_windows: int, global_batch: int) -> int:
+    """Global batches in an epoch (the partial last one is dropped); a
+    DataError when the windows do not fill a single one."""
+    if num_windows < global_batch:
+        raise DataError(f"the training data gives {num_windows} windows, fewer than one global batch of "
+                        f"{global_batch}; use more text or a smaller --batch-size")
     return num_windows // global_batch
 
 

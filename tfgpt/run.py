@@ -48,16 +48,20 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
     return train_windows, val_windows
 
 
+def _fail(message, status: int) -> int:
+    """Prints the one-line error a user sees and returns the exit status."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    return status
+
+
 def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -> int:
     """Runs training; returns the process exit status."""
     try:
         strategy = make_strategy(cfg.gpus, cfg.collective_timeout)  # before any other TensorFlow op
     except DeviceError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, 2)
     except ClusterError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(e, 1)
     chief = is_chief(strategy)
     log = print if chief else (lambda *a, **k: None)
     lock = RunLock(run_dir) if chief else None
@@ -66,8 +70,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
             lock.acquire()
         return _train(strategy, model_cfg, cfg, run_dir, resume, chief, log)
     except RunLocked as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, 2)
     except KeyboardInterrupt:
         print("\ntrain.py: interrupted before training started; nothing to save", file=sys.stderr)
         return 130
@@ -89,15 +92,10 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief, log) -> int:
     try:
         train_windows, val_windows = prepare_data(model_cfg, cfg, vocab_path, reuse_vocab=resume, log=log)
         per_epoch = data.batches_per_epoch(len(train_windows), cfg.batch_size)
-        if per_epoch < 1:
-            raise data.DataError(
-                f"the training data gives {len(train_windows)} windows of {model_cfg.maxlen + 1} tokens, "
-                f"fewer than one global batch of {cfg.batch_size}; use more text or a smaller --batch-size")
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-        trainer = Trainer(model_cfg, cfg, strategy, run_dir, vocab_path, total_steps=total, log=log)
+        trainer = Trainer(model_cfg, cfg, strategy, run_dir, total_steps=total)
     except (data.DataError, ValueError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, 2)
     if chief:
         save_config(run_dir / "config.json", model_cfg, cfg)
     trainer.open_checkpoints()
@@ -105,8 +103,7 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief, log) -> int:
         try:
             path = trainer.restore_latest(warn=log)
         except RuntimeError as e:
-            print(f"train.py: error: {e}", file=sys.stderr)
-            return 2
+            return _fail(e, 2)
         log(f"resumed from {path} (step {int(trainer.optimizer.step.numpy())})" if path
             else "resume: no checkpoint yet, starting from step 0")
     from tfgpt.model import count_params
@@ -135,15 +132,13 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief, log) -> int:
         return 128 + e.signum
     except NonFiniteLoss as e:
         last = trainer.manager.latest_checkpoint if trainer.manager else None
-        print(f"train.py: error: {e}; the step was not applied and nothing was saved after it; "
-              f"last good checkpoint: {last or 'none'}", file=sys.stderr)
-        return 1
+        return _fail(f"{e}; the step was not applied and nothing was saved after it; "
+                     f"last good checkpoint: {last or 'none'}", 1)
     except Exception as e:  # a lost worker: one line, not a traceback
         message = cluster_failure(strategy, e, cfg.collective_timeout)
         if message is None:
             raise
-        print(f"train.py: error: {message}", file=sys.stderr)
-        return 1
+        return _fail(message, 1)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -74,11 +74,9 @@ class Trainer:
     the loop over prepared windows."""
 
     def __init__(self, model_cfg: GPTConfig, cfg: TrainConfig, strategy, run_dir: str | Path,
-                 vocab_path: str | Path | None = None, total_steps: int | None = None, log=print):
+                 total_steps: int | None = None):
         self.model_cfg, self.cfg, self.strategy = model_cfg, cfg, strategy
         self.run_dir = Path(run_dir)
-        self.vocab_path = vocab_path
-        self.log = log
         self.chief = is_chief(strategy)
         self.xla = use_xla(cfg.xla, strategy)
         self.replicas = strategy.num_replicas_in_sync
@@ -230,10 +228,6 @@ class Trainer:
         have before_step(step), called with the global step about to run."""
         cfg = self.cfg
         per_epoch = data.batches_per_epoch(len(train_windows), cfg.batch_size)
-        if per_epoch < 1:
-            raise data.DataError(
-                f"the training data has {len(train_windows)} windows, fewer than one global batch "
-                f"of {cfg.batch_size}; use more text or a smaller --batch-size")
         tokens_per_step = cfg.batch_size * self.model_cfg.maxlen
         history = []
         step = int(self.optimizer.step.numpy())
