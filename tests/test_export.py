@@ -185,6 +185,24 @@ def test_export_command_restores_the_chosen_checkpoint(tmp_path, capsys):
     assert out["text"].numpy()[0].decode() == reference_greedy(make_model(seed=5), PROMPT, 10)
 
 
+def test_export_computes_in_the_runs_precision_unless_told(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    save_config(run / "config.json", CONFIG, TrainConfig(precision="bfloat16"))
+    assert export_cli.main([str(run), "--version", "1"]) == 0
+    assert export_cli.main([str(run), "--version", "2", "--precision", "float32"]) == 0
+    assert "bfloat16 matrix products" in capsys.readouterr().out
+    text = " ".join(f"w{i}" for i in (5, 9, 2, 30, 17, 4, 11))
+    scores = {}
+    for version, dtype in ((1, tf.bfloat16), (2, tf.float32)):
+        model = GPT(CONFIG, compute_dtype=dtype)
+        tf.train.Checkpoint(model=model).read(str(run / "ckpt" / "ckpt-60")).expect_partial()
+        loaded = tf.saved_model.load(str(run / "export" / str(version)))
+        scores[version] = float(loaded.score(tf.constant([text]))["log_prob"][0])
+        np.testing.assert_allclose(scores[version], reference_log_prob(model, text), rtol=1e-4)
+    # bfloat16 products round the logits: the two exports are different models.
+    assert abs(scores[1] - scores[2]) > 1e-4 * abs(scores[2])
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
     ("no_checkpoint", "no checkpoint in"),

@@ -1,11 +1,14 @@
 """Exports a training run's checkpoint as a SavedModel for TensorFlow Serving.
 
-    python -m tfgpt.export logs/<run> [--step N] [--version V]
+    python -m tfgpt.export logs/<run> [--step N] [--version V] [--precision P]
 
 Rebuilds the model from <run>/config.json, restores the latest checkpoint in
 <run>/ckpt (or ckpt-N with --step N), and writes <run>/export/<version>/ with
 the vocabulary <run>/vocab.txt as an asset. Without --version the next
 integer version is used, so a server watching <run>/export picks it up.
+The exported model computes its matrix products in the precision the run
+trained with (as the export at the end of training does), unless --precision
+says otherwise.
 """
 
 from __future__ import annotations
@@ -38,9 +41,13 @@ def find_checkpoint(run_dir: Path, step: int | None) -> str:
     return latest
 
 
-def export_run(run_dir, step: int | None = None, version: int | None = None, log=print) -> Path:
+def export_run(run_dir, step: int | None = None, version: int | None = None, precision: str | None = None,
+               log=print) -> Path:
     """Restores a run's checkpoint into a fresh model and exports it.
-    Returns the version directory written."""
+
+    precision: "float32" or "bfloat16" matrix products in the exported model;
+    None takes the run's training precision. Returns the version directory
+    written."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"run directory {run_dir} does not exist")
@@ -56,18 +63,20 @@ def export_run(run_dir, step: int | None = None, version: int | None = None, log
     from tfgpt.sampler import export_model
 
     try:
-        model_config, _ = load_config(config_path)
+        model_config, train_config = load_config(config_path)
     except (ValueError, KeyError, TypeError) as e:
         raise ExportError(f"cannot read {config_path}: {e}") from None
     checkpoint = find_checkpoint(run_dir, step)
-    model = GPT(model_config)
+    # config.json records the precision the run resolved "auto" to.
+    precision = precision or train_config.precision
+    model = GPT(model_config, compute_dtype=tf.bfloat16 if precision == "bfloat16" else tf.float32)
     try:
         status = tf.train.Checkpoint(model=model).read(checkpoint).expect_partial()
         status.assert_existing_objects_matched()
     except (tf.errors.OpError, AssertionError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"cannot restore the model from {checkpoint}: {first}") from None
-    log(f"restored {checkpoint}")
+    log(f"restored {checkpoint}; {model.compute_dtype.name} matrix products")
     try:
         return export_model(model, vocab_path, run_dir / "export", version)
     except FileExistsError as e:
@@ -80,11 +89,13 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, help="export the checkpoint of this global step (default: the latest)")
     parser.add_argument("--version", type=int,
                         help="the version directory to write (default: one more than the largest present)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"),
+                        help="matrix products of the exported model (default: the run's training precision)")
     args = parser.parse_args(argv)
     if args.version is not None and args.version < 1:
         parser.error("--version must be a positive integer")
     try:
-        path = export_run(args.run_dir, args.step, args.version)
+        path = export_run(args.run_dir, args.step, args.version, args.precision)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

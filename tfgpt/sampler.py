@@ -18,11 +18,12 @@ How a batch is generated (one `tf.while_loop`):
      each prompt are its context; the whole prompt is still returned as text.
   2. One pass over the contexts fills a preallocated key/value cache per
      layer ([B, H, S, K], S = min(maxlen, C + max_tokens) slots) and gives
-     each row's logits after its own last token.
-  3. Each step samples one token per row, appends it to the row's history, and
-     computes the next logits. While a row fits in `maxlen` positions this is
-     one position's attention against the cache. Past `maxlen` the row runs
-     the model again over its last `maxlen` tokens (see `_window_logits`).
+     each row's hidden state at its own last token.
+  3. Each step turns the hidden states into logits, samples one token per
+     row, appends it to the row's history, and computes the next hidden
+     states. While a row fits in `maxlen` positions this is one position's
+     attention against the cache. Past `maxlen` the row runs the model again
+     over its last `maxlen` tokens (see `_window_hidden`).
   4. A row ends when it samples the padding id 0 (the end of a review); the
      loop ends when every row has ended or `max_tokens` steps have run.
 
@@ -217,28 +218,32 @@ class Sampler(tf.Module):
             # A row uses the cache while it fits in L positions, so no more
             # than min(L, C + max_tokens) slots are ever written.
             slots = tf.minimum(self.maxlen, c + max_tokens)
-            logits, caches = self._prefill(context, context_len, slots, head)
+            hidden, caches = self._prefill(context, context_len, slots)
         else:
-            logits, caches = self._window_logits(history, context_len, head), []
+            hidden, caches = self._window_hidden(history, context_len), []
         n = context_len  # [B] tokens in each row's history
         done = tf.zeros([batch], tf.bool)  # [B]
 
-        def more(i, logits, caches, history, n, done):
+        def more(i, hidden, caches, history, n, done):
             return (i < max_tokens) & ~tf.reduce_all(done)
 
-        def step(i, logits, caches, history, n, done):
+        def step(i, hidden, caches, history, n, done):
+            # The output layer runs here only, on each row's newest hidden
+            # state: one matrix product per step, the same graph node for the
+            # first token and the rest.
+            logits = self._logits(hidden, head)  # [B, V]
             token = self._pick(logits, top_k, temperature, tf.random.experimental.stateless_fold_in(seed, i))
             token = tf.where(done, 0, token)  # [B]
             history = _write(history, n, token)
             done = done | (token == 0)
             n += tf.cast(~done, tf.int32)
-            # No logits are needed after the last step.
+            # No hidden state is needed after the last step.
             live = ~done & (i + 1 < max_tokens)
-            logits, caches = self._next_logits(token, n, live, logits, caches, history, head, weights)
-            return i + 1, logits, caches, history, n, done
+            hidden, caches = self._next_hidden(token, n, live, hidden, caches, history, weights)
+            return i + 1, hidden, caches, history, n, done
 
         _, _, _, history, n, _ = tf.while_loop(
-            more, step, (tf.constant(0), logits, caches, history, n, done))
+            more, step, (tf.constant(0), hidden, caches, history, n, done))
         lengths = n - context_len  # [B]
         columns = tf.range(tf.reduce_max(tf.concat([lengths, [0]], 0)))  # [S]
         index = tf.minimum(context_len[:, None] + columns[None, :], width - 1)  # [B, S]
@@ -273,13 +278,12 @@ class Sampler(tf.Module):
         w, b = head
         return matmul(hidden, w, w.dtype) + b
 
-    def _prefill(self, context, context_len, slots, head):
-        """Runs the contexts through the model once.
+    def _prefill(self, context, context_len, slots):
+        """Runs the contexts through the model's blocks once.
 
-        context int32 [B, C], context_len int32 [B] -> (logits float32 [B, V]
-        after each row's last token, caches: per layer (k, v), each [B, H, slots, K]
-        with the first C slots filled). Only the last positions go through the
-        output layer.
+        context int32 [B, C], context_len int32 [B] -> (hidden float32 [B, D]
+        at each row's last token, caches: per layer (k, v), each [B, H, slots, K]
+        with the first C slots filled).
         """
         model = self.model
         x = model.embed(context, tf.range(tf.shape(context)[1]))  # [B, C, D]
@@ -287,21 +291,22 @@ class Sampler(tf.Module):
         for block in model.blocks:
             x, k, v = block.prefill(x, slots)
             caches.append((k, v))
-        last = tf.gather(x, context_len - 1, batch_dims=1)  # [B, D]
-        return self._logits(last, head), caches
+        return tf.gather(x, context_len - 1, batch_dims=1), caches  # [B, D]
 
-    def _next_logits(self, token, n, live, logits, caches, history, head, weights):
-        """The logits after each row's newest token (index n - 1 of its history).
+    def _next_hidden(self, token, n, live, hidden, caches, history, weights):
+        """The last block's output at each row's newest token (index n - 1 of
+        its history).
 
-        token int32 [B], n int32 [B], live bool [B] (rows that need logits)
-        -> (logits [B, V], caches); rows not live keep their old logits.
+        token int32 [B], n int32 [B], live bool [B] (rows that need it),
+        hidden [B, D] (the previous step's) -> (hidden [B, D], caches); rows
+        not live keep their old hidden state.
         Rows whose history fits in L positions decode against the cache; longer
         rows run a window. A batch may hold both kinds at once.
         """
         if not self.use_cache:
             return tf.cond(tf.reduce_any(live),
-                           lambda: (self._window_logits(history, n, head), caches),
-                           lambda: (logits, caches))
+                           lambda: (self._window_hidden(history, n), caches),
+                           lambda: (hidden, caches))
         sliding = n > self.maxlen  # [B]
         slots = tf.shape(caches[0][0])[2]
         # Rows already sliding still pass through the decode step (the batch is
@@ -309,11 +314,10 @@ class Sampler(tf.Module):
         pos = tf.minimum(n - 1, slots - 1)
 
         def cached():
-            hidden, new_caches = self._decode_step(token, pos, caches, weights)
-            return self._logits(hidden, head), new_caches
+            return self._decode_step(token, pos, caches, weights)
 
         def windowed():
-            return self._window_logits(history, n, head), caches
+            return self._window_hidden(history, n), caches
 
         def both():
             from_cache, new_caches = cached()
@@ -325,7 +329,7 @@ class Sampler(tf.Module):
         return tf.cond(
             need_window,
             lambda: tf.cond(need_cache, both, windowed),
-            lambda: tf.cond(need_cache, cached, lambda: (logits, caches)))
+            lambda: tf.cond(need_cache, cached, lambda: (hidden, caches)))
 
     def _decode_weights(self):
         """Per block, the attention weights as the decode step uses them, in
@@ -364,7 +368,7 @@ class Sampler(tf.Module):
         for block, (w_qkv, b_qkv, w_out, b_out), (k_cache, v_cache) in zip(model.blocks, weights, caches):
             h, kd = block.attn.num_heads, block.attn.key_dim
             qkv = matmul(x, w_qkv, w_qkv.dtype) + b_qkv  # [B, 3 * H * K]
-            q, k, v = tf.unstack(tf.reshape(qkv, [-1, 3, h, kd]), axis=1)  # each [B, H, K]
+            q, k, v = (tf.reshape(t, [-1, h, kd]) for t in tf.split(qkv, 3, axis=1))  # each [B, H, K]
             k_cache = _write_slots(k_cache, rows, k, in_place=not self.jit_compile)
             v_cache = _write_slots(v_cache, rows, v, in_place=not self.jit_compile)
             context = _attend_one(q * (1.0 / math.sqrt(kd)), k_cache, v_cache, blocked)  # [B, H, K]
@@ -374,11 +378,11 @@ class Sampler(tf.Module):
             new.append((k_cache, v_cache))
         return x, new
 
-    def _window_logits(self, history, n, head):
-        """The logits after position n - 1 of each row, from the model run over
-        the row's last min(n, L) tokens.
+    def _window_hidden(self, history, n):
+        """The last block's output at position n - 1 of each row, from the
+        model run over the row's last min(n, L) tokens.
 
-        history int32 [B, W], n int32 [B] (1 <= n <= W) -> [B, V].
+        history int32 [B, W], n int32 [B] (1 <= n <= W) -> [B, D].
 
         The position embeddings are absolute: a token's keys and values depend
         on its position in the window. When the window slides by one token,
@@ -390,8 +394,7 @@ class Sampler(tf.Module):
         index = start[:, None] + tf.range(size)[None, :]  # [B, size]
         window = tf.gather(history, index, batch_dims=1)  # [B, size]
         hidden = self.model.hidden(window)  # [B, size, D]
-        last = tf.gather(hidden, n - start - 1, batch_dims=1)  # [B, D]
-        return self._logits(last, head)
+        return tf.gather(hidden, n - start - 1, batch_dims=1)  # [B, D]
 
     # --- scoring ------------------------------------------------------------------
 
