@@ -51,6 +51,8 @@ class Dense(tf.Module):
 
     @tf.Module.with_name_scope
     def __call__(self, x):
+        if x.shape.rank == 2:  # [N, in]: no reshapes (the sampler's one-token step)
+            return matmul(x, self.w, self.compute_dtype) + self.b
         lead = tf.shape(x)[:-1]
         x2 = tf.reshape(x, [-1, self.w.shape[0]])  # [N, in]
         y = matmul(x2, self.w, self.compute_dtype) + self.b  # [N, out]

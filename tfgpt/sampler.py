@@ -213,12 +213,16 @@ class Sampler(tf.Module):
         width = tf.maximum(c + max_tokens, self.maxlen)
         history = tf.pad(context, [[0, 0], [0, width - c]])  # [B, W]
         head = self._head()
-        weights = self._decode_weights() if self.use_cache else []
+        weights = None
         if self.use_cache:
             # A row uses the cache while it fits in L positions, so no more
             # than min(L, C + max_tokens) slots are ever written.
             slots = tf.minimum(self.maxlen, c + max_tokens)
             hidden, caches = self._prefill(context, context_len, slots)
+            weights = self._decode_weights(batch, slots)
+            # In the loop each cache is kept as [B * H * S, K], the shape the
+            # in-place row update takes.
+            caches = [tuple(tf.reshape(t, [-1, tf.shape(t)[3]]) for t in kv) for kv in caches]
         else:
             hidden, caches = self._window_hidden(history, context_len), []
         n = context_len  # [B] tokens in each row's history
@@ -308,10 +312,9 @@ class Sampler(tf.Module):
                            lambda: (self._window_hidden(history, n), caches),
                            lambda: (hidden, caches))
         sliding = n > self.maxlen  # [B]
-        slots = tf.shape(caches[0][0])[2]
         # Rows already sliding still pass through the decode step (the batch is
         # one tensor); their slot is clamped and their result ignored.
-        pos = tf.minimum(n - 1, slots - 1)
+        pos = tf.minimum(n - 1, weights["last_slot"])
 
         def cached():
             return self._decode_step(token, pos, caches, weights)
@@ -331,47 +334,69 @@ class Sampler(tf.Module):
             lambda: tf.cond(need_cache, both, windowed),
             lambda: tf.cond(need_cache, cached, lambda: (hidden, caches)))
 
-    def _decode_weights(self):
-        """Per block, the attention weights as the decode step uses them, in
-        the compute dtype: (w_qkv [D, 3 * H * K], b_qkv [3 * H * K],
-        w_out [H * K, D], b_out [D]). Prepared once per call, outside the loop."""
-        prepared = []
+    def _decode_weights(self, batch, slots):
+        """What the decode step needs, prepared once per call outside the
+        loop, so that each step runs as few operations as possible:
+
+          blocks: per block (w_qkv [D, 3 * H * K], b_qkv [3 * H * K],
+            w_out [H * K, D], b_out [D]), matrices in the compute dtype, with
+            the attention's 1 / sqrt(K) folded into the query columns
+          row_base, row_of int32 [B * H]: the cache row of (b, h, slot p),
+            with a cache seen as [B * H * S, K], is row_base + p[row_of]
+          blocked float32 [S, S]: row p is 0 at the slots a query in slot p
+            sees (<= p) and -1e9 elsewhere
+          last_slot int32 []: S - 1
+          cache_shape int32 [4]: [B, H, S, K]
+        """
+        blocks = []
         for block in self.model.blocks:
             attn = block.attn
             d, hk = attn.dim, attn.num_heads * attn.key_dim
-            w_qkv = tf.concat([tf.reshape(w, [d, hk]) for w in (attn.wq, attn.wk, attn.wv)], 1)
-            b_qkv = tf.concat([tf.reshape(b, [hk]) for b in (attn.bq, attn.bk, attn.bv)], 0)
-            prepared.append((tf.cast(w_qkv, attn.compute_dtype), b_qkv,
-                             tf.cast(tf.reshape(attn.wo, [hk, d]), attn.compute_dtype),
-                             tf.convert_to_tensor(attn.bo)))
-        return prepared
+            scale = 1.0 / math.sqrt(attn.key_dim)
+            w_qkv = tf.concat([tf.reshape(attn.wq, [d, hk]) * scale] +
+                              [tf.reshape(w, [d, hk]) for w in (attn.wk, attn.wv)], 1)
+            b_qkv = tf.concat([tf.reshape(attn.bq, [hk]) * scale] +
+                              [tf.reshape(b, [hk]) for b in (attn.bk, attn.bv)], 0)
+            blocks.append((tf.cast(w_qkv, attn.compute_dtype), b_qkv,
+                           tf.cast(tf.reshape(attn.wo, [hk, d]), attn.compute_dtype),
+                           tf.convert_to_tensor(attn.bo)))
+        heads = self.model.config.num_heads
+        row_of = tf.repeat(tf.range(batch), heads)  # [B * H]: the row b of each (b, h)
+        return {
+            "blocks": blocks,
+            "row_base": tf.range(batch * heads) * slots,
+            "row_of": row_of,
+            "blocked": (1.0 - tf.linalg.band_part(tf.ones([slots, slots]), -1, 0)) * -1e9,
+            "last_slot": slots - 1,
+            "cache_shape": tf.stack([batch, heads, slots, self.model.config.key_dim]),
+        }
 
     def _decode_hidden(self, token, pos, caches, weights):
         """One new token per row against the cache: the model's blocks for a
         single query position, without the output layer.
 
-        token, pos int32 [B]; caches: per layer (k, v) [B, H, S, K]; weights
+        token, pos int32 [B]; caches: per layer (k, v) [B * H * S, K]; weights
         from `_decode_weights` -> (hidden float32 [B, D], caches).
 
         The new key and value are written into their slots in place
-        (`_write_slots`) rather than by blending whole caches, and the attention
+        (`_write_rows`) rather than by blending whole caches, and the attention
         of one query is computed by `_attend_one`; the residuals, feed-forward
         and norms are the block's own (`Block.finish`).
         """
         model = self.model
         x = model.embed(token, pos)  # [B, D]
-        heads, slots = tf.shape(caches[0][0])[1], tf.shape(caches[0][0])[2]
-        blocked = (1.0 - tf.sequence_mask(pos + 1, slots, dtype=tf.float32)) * -1e9  # [B, S]
-        # Row (b * H + h) * S + pos[b] of a cache seen as [B * H * S, K].
-        rows = tf.range(tf.shape(pos)[0] * heads) * slots + tf.repeat(pos, heads)  # [B * H]
+        blocked = tf.gather(weights["blocked"], pos)  # [B, S]
+        rows = weights["row_base"] + tf.gather(pos, weights["row_of"])  # [B * H]
         new = []
-        for block, (w_qkv, b_qkv, w_out, b_out), (k_cache, v_cache) in zip(model.blocks, weights, caches):
+        for block, (w_qkv, b_qkv, w_out, b_out), (k_cache, v_cache) in zip(
+                model.blocks, weights["blocks"], caches):
             h, kd = block.attn.num_heads, block.attn.key_dim
-            qkv = matmul(x, w_qkv, w_qkv.dtype) + b_qkv  # [B, 3 * H * K]
+            qkv = matmul(x, w_qkv, w_qkv.dtype) + b_qkv  # [B, 3 * H * K], q already scaled
             q, k, v = (tf.reshape(t, [-1, h, kd]) for t in tf.split(qkv, 3, axis=1))  # each [B, H, K]
-            k_cache = _write_slots(k_cache, rows, k, in_place=not self.jit_compile)
-            v_cache = _write_slots(v_cache, rows, v, in_place=not self.jit_compile)
-            context = _attend_one(q * (1.0 / math.sqrt(kd)), k_cache, v_cache, blocked)  # [B, H, K]
+            k_cache = _write_rows(k_cache, rows, k, in_place=not self.jit_compile)
+            v_cache = _write_rows(v_cache, rows, v, in_place=not self.jit_compile)
+            shape = weights["cache_shape"]
+            context = _attend_one(q, tf.reshape(k_cache, shape), tf.reshape(v_cache, shape), blocked)  # [B, H, K]
             out = matmul(tf.reshape(context, [-1, h * kd]), w_out, w_out.dtype) + b_out  # [B, D]
             # The residuals, feed-forward layer and norms are the block's own.
             x = block.finish(x, out, None, False)
@@ -463,22 +488,20 @@ class Sampler(tf.Module):
         return tf.cond(total > 0, parts.concat, lambda: tf.zeros([0]))
 
 
-def _write_slots(cache, rows, new, in_place=True):
-    """cache [B, H, S, K] with new [B, H, K] written at the given rows of the
-    cache seen as [B * H * S, K].
+def _write_rows(cache, rows, new, in_place=True):
+    """cache [B * H * S, K] with new [B, H, K] written at the given rows.
 
-    in_place: InplaceUpdate reuses the cache's buffer when nothing else holds
-    it (as in the decoding loop) and copies it otherwise, where a scatter
-    copies the whole cache at every step. XLA has no InplaceUpdate, so a
-    compiled decode step uses the scatter.
+    in_place: InplaceUpdate writes into the cache's own buffer, where a
+    scatter copies the whole cache at every step. It never copies, even when
+    something else still reads the old value, so it is used only where the
+    update is the old cache's last reader: in the decoding loop, each step's
+    cache is read by nothing but the next step. XLA has no InplaceUpdate, so
+    a compiled decode step uses the scatter.
     """
-    shape = tf.shape(cache)
-    flat, new = tf.reshape(cache, [-1, shape[3]]), tf.reshape(new, [-1, shape[3]])
+    new = tf.reshape(new, [-1, tf.shape(cache)[1]])  # [B * H, K]
     if in_place:
-        flat = tf.raw_ops.InplaceUpdate(x=flat, i=rows, v=new)
-    else:
-        flat = tf.tensor_scatter_nd_update(flat, rows[:, None], new)
-    return tf.reshape(flat, shape)
+        return tf.raw_ops.InplaceUpdate(x=cache, i=rows, v=new)
+    return tf.tensor_scatter_nd_update(cache, rows[:, None], new)
 
 
 def _attend_one(q, k_cache, v_cache, blocked, small=1 << 16):
