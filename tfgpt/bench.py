@@ -64,7 +64,7 @@ def _generate_args(batch: int, tokens: int) -> dict:
 
 
 def sampler_bench(batches=(1, 32), tokens=(40, 200), modes=("cache", "cache+xla", "no cache"),
-                  repeats: int = 5, precision: str = "float32", log=print) -> list[dict]:
+                  repeats: int = 10, precision: str = "float32", log=print) -> list[dict]:
     """Times generation from "this movie is" for every mode, batch size and
     number of new tokens. 40 tokens stay within maxlen (80); 200 tokens slide.
 
@@ -108,7 +108,7 @@ def sampler_bench(batches=(1, 32), tokens=(40, 200), modes=("cache", "cache+xla"
     log(f"{'mode':<10} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tokens/s':>9}")
     for setting in settings:
         (mode, _, batch), (seconds, made) = setting, best[setting]
-        row = dict(mode=mode, batch=batch, tokens=made, seconds=seconds,
+        row = dict(mode=mode, precision=precision, batch=batch, tokens=made, seconds=seconds,
                    ms_per_token=1000 * seconds / made, tokens_per_s=batch * made / seconds)
         results.append(row)
         log(f"{mode:<10} {batch:>5} {made:>6} {row['ms_per_token']:>9.3f} {row['tokens_per_s']:>9.0f}")
@@ -269,8 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="about a minute: float32 and bfloat16 without XLA on one replica, fewer steps and "
                              "repeats, a smaller generated corpus, sampler at 40 tokens with and without the cache")
-    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype of the sampler's model (default float32)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16", "both"), default=None,
+                        help="compute dtype of the sampler's model (default: both, float32 with --quick)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one training variant, in a child
     args = parser.parse_args(argv)
@@ -301,11 +301,13 @@ def main(argv=None) -> int:
                 fastest = max(r["tokens_per_s"] for r in report["train"])
                 print(f"input pipeline / fastest step: {report['pipeline']['tokens_per_s'] / fastest:.0f}x")
     if args.sampler or run_all:
-        if args.quick:
-            report["sampler"] = sampler_bench(tokens=(40,), modes=("cache", "no cache"), repeats=2,
-                                              precision=args.precision)
-        else:
-            report["sampler"] = sampler_bench(precision=args.precision)
+        precision = args.precision or ("float32" if args.quick else "both")
+        report["sampler"] = []
+        for p in ("float32", "bfloat16") if precision == "both" else (precision,):
+            if args.quick:
+                report["sampler"] += sampler_bench(tokens=(40,), modes=("cache", "no cache"), repeats=2, precision=p)
+            else:
+                report["sampler"] += sampler_bench(precision=p)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
