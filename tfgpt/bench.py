@@ -188,11 +188,10 @@ def train_variant(precision: str, xla: bool, replicas: int, steps: int, windows_
                   warmup: int = 2) -> dict:
     """Times `steps` training steps of the default model after `warmup` ones,
     in this process (which must not have run any TensorFlow op yet)."""
-    import resource
-
     import numpy as np
 
     from tfgpt.distribute import make_strategy
+    from tfgpt.memory import peak_rss_mb
 
     strategy = make_strategy(replicas if replicas > 1 else None, warn=lambda *a: None)
     import tensorflow as tf
@@ -223,7 +222,7 @@ def train_variant(precision: str, xla: bool, replicas: int, steps: int, windows_
     peak = measure_matmul_peak(tf.bfloat16 if precision == "bfloat16" else tf.float32)
     return dict(precision=precision, xla=xla, replicas=replicas, steps=steps, ms_per_step=1000 * step_s,
                 tokens_per_s=tokens / step_s, gflops=flops / 1e9, peak_gflops=peak / 1e9, mfu=flops / peak,
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                peak_rss_mb=peak_rss_mb(),
                 first_step_s=times[0])
 
 

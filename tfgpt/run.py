@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tfgpt.config import GPTConfig, TrainConfig, save_config
 from tfgpt.distribute import ClusterError, DeviceError, cluster_failure, is_chief, make_strategy, worker_scratch
+from tfgpt.memory import release_library_pages
 from tfgpt.runlock import RunLock, RunLocked
 
 
@@ -62,6 +63,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
         return _fail(e, 2)
     except ClusterError as e:
         return _fail(e, 1)
+    # TensorFlow is imported: unmap the library pages only its start-up used,
+    # before reading and tokenizing the corpus (see tfgpt/memory.py).
+    release_library_pages()
     chief = is_chief(strategy)
     log = print if chief else (lambda *a, **k: None)
     lock = RunLock(run_dir) if chief else None
