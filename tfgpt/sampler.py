@@ -42,7 +42,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from tfgpt.data import Tokenizer
-from tfgpt.layers import matmul
+from tfgpt.layers import causal_mask, matmul
 from tfgpt.model import GPT
 
 # The most tokens one request may generate per prompt, and the most prompts
@@ -213,13 +213,13 @@ class Sampler(tf.Module):
         width = tf.maximum(c + max_tokens, self.maxlen)
         history = tf.pad(context, [[0, 0], [0, width - c]])  # [B, W]
         head = self._head()
-        weights = None
+        setup = None
         if self.use_cache:
             # A row uses the cache while it fits in L positions, so no more
             # than min(L, C + max_tokens) slots are ever written.
             slots = tf.minimum(self.maxlen, c + max_tokens)
             hidden, caches = self._prefill(context, context_len, slots)
-            weights = self._decode_weights(batch, slots)
+            setup = self._decode_setup(batch, slots)
             # In the loop each cache is kept as [B * H * S, K], the shape the
             # in-place row update takes.
             caches = [tuple(tf.reshape(t, [-1, tf.shape(t)[3]]) for t in kv) for kv in caches]
@@ -243,7 +243,7 @@ class Sampler(tf.Module):
             n += tf.cast(~done, tf.int32)
             # No hidden state is needed after the last step.
             live = ~done & (i + 1 < max_tokens)
-            hidden, caches = self._next_hidden(token, n, live, hidden, caches, history, weights)
+            hidden, caches = self._next_hidden(token, n, live, hidden, caches, history, setup)
             return i + 1, hidden, caches, history, n, done
 
         _, _, _, history, n, _ = tf.while_loop(
@@ -297,7 +297,7 @@ class Sampler(tf.Module):
             caches.append((k, v))
         return tf.gather(x, context_len - 1, batch_dims=1), caches  # [B, D]
 
-    def _next_hidden(self, token, n, live, hidden, caches, history, weights):
+    def _next_hidden(self, token, n, live, hidden, caches, history, setup):
         """The last block's output at each row's newest token (index n - 1 of
         its history).
 
@@ -314,10 +314,10 @@ class Sampler(tf.Module):
         sliding = n > self.maxlen  # [B]
         # Rows already sliding still pass through the decode step (the batch is
         # one tensor); their slot is clamped and their result ignored.
-        pos = tf.minimum(n - 1, weights["last_slot"])
+        pos = tf.minimum(n - 1, setup["last_slot"])
 
         def cached():
-            return self._decode_step(token, pos, caches, weights)
+            return self._decode_step(token, pos, caches, setup)
 
         def windowed():
             return self._window_hidden(history, n), caches
@@ -334,7 +334,7 @@ class Sampler(tf.Module):
             lambda: tf.cond(need_cache, both, windowed),
             lambda: tf.cond(need_cache, cached, lambda: (hidden, caches)))
 
-    def _decode_weights(self, batch, slots):
+    def _decode_setup(self, batch, slots):
         """What the decode step needs, prepared once per call outside the
         loop, so that each step runs as few operations as possible:
 
@@ -366,17 +366,17 @@ class Sampler(tf.Module):
             "blocks": blocks,
             "row_base": tf.range(batch * heads) * slots,
             "row_of": row_of,
-            "blocked": (1.0 - tf.linalg.band_part(tf.ones([slots, slots]), -1, 0)) * -1e9,
+            "blocked": (1.0 - causal_mask(slots)) * -1e9,
             "last_slot": slots - 1,
             "cache_shape": tf.stack([batch, heads, slots, self.model.config.key_dim]),
         }
 
-    def _decode_hidden(self, token, pos, caches, weights):
+    def _decode_hidden(self, token, pos, caches, setup):
         """One new token per row against the cache: the model's blocks for a
         single query position, without the output layer.
 
-        token, pos int32 [B]; caches: per layer (k, v) [B * H * S, K]; weights
-        from `_decode_weights` -> (hidden float32 [B, D], caches).
+        token, pos int32 [B]; caches: per layer (k, v) [B * H * S, K]; setup
+        from `_decode_setup` -> (hidden float32 [B, D], caches).
 
         The new key and value are written into their slots in place
         (`_write_rows`) rather than by blending whole caches, and the attention
@@ -385,17 +385,17 @@ class Sampler(tf.Module):
         """
         model = self.model
         x = model.embed(token, pos)  # [B, D]
-        blocked = tf.gather(weights["blocked"], pos)  # [B, S]
-        rows = weights["row_base"] + tf.gather(pos, weights["row_of"])  # [B * H]
+        blocked = tf.gather(setup["blocked"], pos)  # [B, S]
+        rows = setup["row_base"] + tf.gather(pos, setup["row_of"])  # [B * H]
+        shape = setup["cache_shape"]
         new = []
         for block, (w_qkv, b_qkv, w_out, b_out), (k_cache, v_cache) in zip(
-                model.blocks, weights["blocks"], caches):
+                model.blocks, setup["blocks"], caches):
             h, kd = block.attn.num_heads, block.attn.key_dim
             qkv = matmul(x, w_qkv, w_qkv.dtype) + b_qkv  # [B, 3 * H * K], q already scaled
             q, k, v = (tf.reshape(t, [-1, h, kd]) for t in tf.split(qkv, 3, axis=1))  # each [B, H, K]
             k_cache = _write_rows(k_cache, rows, k, in_place=not self.jit_compile)
             v_cache = _write_rows(v_cache, rows, v, in_place=not self.jit_compile)
-            shape = weights["cache_shape"]
             context = _attend_one(q, tf.reshape(k_cache, shape), tf.reshape(v_cache, shape), blocked)  # [B, H, K]
             out = matmul(tf.reshape(context, [-1, h * kd]), w_out, w_out.dtype) + b_out  # [B, D]
             # The residuals, feed-forward layer and norms are the block's own.
