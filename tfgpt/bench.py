@@ -69,7 +69,7 @@ def sampler_bench(batches=(1, 32), tokens=(40, 200), modes=("cache", "cache+xla"
     number of new tokens. 40 tokens stay within maxlen (80); 200 tokens slide.
 
     Each setting runs a warm-up call and then `repeats` timed calls in a row,
-    and the fastest is kept. Returns one dict per setting: mode,
+    and the fastest is kept. Returns one dict per setting: mode, precision,
     batch, tokens, seconds, ms_per_token (per row: seconds / tokens * 1000)
     and tokens_per_s (all rows: batch * tokens / seconds).
     """
@@ -89,25 +89,20 @@ def sampler_bench(batches=(1, 32), tokens=(40, 200), modes=("cache", "cache+xla"
     log(f"sampler: default model (vocab {c.vocab_size}, maxlen {c.maxlen}, width {c.embed_dim}, "
         f"{c.num_layers} block), random weights, {precision}; prompt {PROMPT!r}, top-k 10; "
         f"best of {repeats}; load average {os.getloadavg()[0]:.2f}")
-    settings = [(mode, n, batch) for mode in modes for n in tokens for batch in batches]
-    best = {}
-    for setting in settings:
-        mode, n, batch = setting
+    results = []
+    log(f"{'mode':<10} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tokens/s':>9}")
+    for mode, n, batch in [(mode, n, batch) for mode in modes for n in tokens for batch in batches]:
         args = _generate_args(batch, n)
         samplers[mode].generate(**args)  # traces the function and warms the caches
         # Back-to-back requests of one shape, as a server answering a stream
         # of them: the steady state, not the first request after other work.
+        runs = []
         for _ in range(repeats):
             start = time.perf_counter()
             out = samplers[mode].generate(**args)
             made = int(out["lengths"].numpy().min())
-            seconds = time.perf_counter() - start
-            if setting not in best or seconds < best[setting][0]:
-                best[setting] = (seconds, made)
-    results = []
-    log(f"{'mode':<10} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tokens/s':>9}")
-    for setting in settings:
-        (mode, _, batch), (seconds, made) = setting, best[setting]
+            runs.append((time.perf_counter() - start, made))
+        seconds, made = min(runs)
         row = dict(mode=mode, precision=precision, batch=batch, tokens=made, seconds=seconds,
                    ms_per_token=1000 * seconds / made, tokens_per_s=batch * made / seconds)
         results.append(row)
