@@ -112,6 +112,14 @@ def test_cached_greedy_equals_full_model_across_maxlen(model, sampler):
     assert out["text"].numpy()[0].decode() == prompt + " " + text_of(expected)
 
 
+@pytest.mark.parametrize("length", [6, 7, 8])
+def test_greedy_equals_full_model_from_prompts_near_maxlen(model, sampler, length):
+    # The cache-only loop takes 2, 1 and 0 of the steps; the general loop the rest.
+    prompt = " ".join(f"w{2 + 5 * i}" for i in range(length))
+    out = generate(sampler, [prompt], max_tokens=5)
+    assert rows(out) == [reference_greedy(model, ids_of(prompt), 5)]
+
+
 def test_uncached_sampler_agrees(model, vocab_path):
     out = generate(Sampler(model, vocab_path, use_cache=False), ["w7 w3"], max_tokens=30)
     assert rows(out) == [reference_greedy(model, ids_of("w7 w3"), 30)]
