@@ -245,6 +245,25 @@ def test_chunked_xent_value_and_grads(chunk):
         np.testing.assert_allclose(g.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 12])
+def test_chunked_xent_bfloat16_near_float64(chunk):
+    """bfloat16 products (whose weight gradient is summed in another order)
+    give the float64 value and gradients to bfloat16 accuracy."""
+    h, w, b, targets, weights = _xent_inputs(n=12, d=5, v=7, seed=3)
+    th, tw, tb = tf.constant(h), tf.constant(w), tf.constant(b)
+    with tf.GradientTape() as tape:
+        tape.watch([th, tw, tb])
+        loss = chunked_xent_sum(th, tw, tb, tf.constant(targets), tf.constant(weights), chunk=chunk,
+                                compute_dtype=tf.bfloat16)
+    got = tape.gradient(loss, [th, tw, tb])
+    h64, w64, b64 = h.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+    # Each product rounds its inputs to 8 significant bits (relative error <= 2^-8).
+    np.testing.assert_allclose(float(loss), np_xent_sum(h64 @ w64 + b64, targets, weights), rtol=2e-2)
+    for g, ref in zip(got, np_xent_grads(h64, w64, b64, targets, weights.astype(np.float64))):
+        assert g.shape == ref.shape
+        np.testing.assert_allclose(g.numpy(), ref, rtol=0, atol=3e-2 * np.abs(ref).max())
+
+
 def test_chunked_xent_upstream_gradient_and_variables():
     """The gradient scales with the upstream gradient and reaches tf.Variables."""
     h, w, b, targets, weights = _xent_inputs(n=6, seed=1)

@@ -127,7 +127,13 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
     def xent(h, w, b):
         w_cd = tf.cast(w, cd)  # [D, V], cast once for all blocks
         hw = h * weights[:, None]  # [N, D]: rows scaled by their weight
-        total, dh, dw, db = tf.zeros([]), [], tf.zeros_like(w), tf.zeros_like(b)
+        # In bfloat16 the weight gradient is summed as its transpose, from
+        # p^T @ hw ([V, D]): on a 2-core AVX512-BF16 CPU oneDNN's bfloat16
+        # hw^T @ p took 20% longer, and the training step went from about
+        # 1,490 to 1,350 ms. In float32 the two orders measured the same.
+        transposed = cd == tf.bfloat16
+        total, dh, db = tf.zeros([]), [], tf.zeros_like(b)
+        dw = tf.zeros([v, w.shape[0]]) if transposed else tf.zeros_like(w)
         for i in range(n // chunk):
             rows = slice(i * chunk, (i + 1) * chunk)
             # One block at a time: without this dependency the executor may run
@@ -139,7 +145,13 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
             db += tf.linalg.matvec(p, weights[rows], transpose_a=True)  # [V]
             p_cd = tf.cast(p, cd)
             dh.append(weights[rows][:, None] * tf.cast(tf.matmul(p_cd, w_cd, transpose_b=True), tf.float32))
-            dw += tf.cast(tf.matmul(tf.cast(hw[rows], cd), p_cd, transpose_a=True), tf.float32)  # [D, V]
+            hw_cd = tf.cast(hw[rows], cd)
+            if transposed:
+                dw += tf.cast(tf.matmul(p_cd, hw_cd, transpose_a=True), tf.float32)  # [V, D]
+            else:
+                dw += tf.cast(tf.matmul(hw_cd, p_cd, transpose_a=True), tf.float32)  # [D, V]
+        if transposed:
+            dw = tf.transpose(dw)  # [D, V]
         # The one-hot terms, for all N rows at once, after the last block: they
         # depend on no block, and computed early they (an [N, D] and a [V, D]
         # tensor, each with its transpose) stayed alive through the whole loop,
