@@ -407,3 +407,24 @@ def test_gpu_count_errors(monkeypatch):
     # This process already split its CPU into 2: asking for 3 now is a clear error.
     with pytest.raises(distribute.DeviceError, match="after TensorFlow has started"):
         distribute.local_devices(3, warn=lambda *a: None)
+
+
+# --- precision ------------------------------------------------------------------
+
+def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+        cpuinfo if str(path) == "/proc/cpuinfo" else path, *a, **k))
+    assert distribute.cpu_flags() == {"fpu", "sse", "avx2", "avx512f", "avx512_bf16"}
+    strategy = tf.distribute.get_strategy()
+    if not tf.config.list_physical_devices("GPU"):
+        assert distribute.fastest_precision(strategy) == "bfloat16"
+        for flags, want in (("fpu avx2 amx_bf16", "bfloat16"), ("fpu avx2 avx512f", "float32")):
+            cpuinfo.write_text(f"flags\t: {flags}\n")
+            assert distribute.fastest_precision(strategy) == want
+        cpuinfo.unlink()  # no /proc/cpuinfo at all
+        assert distribute.cpu_flags() == set()
+        assert distribute.fastest_precision(strategy) == "float32"

@@ -282,11 +282,17 @@ def fastest_precision(strategy) -> str:
             if major < 8:
                 return "float32"
         return "bfloat16"
+    return "bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this machine's CPU (/proc/cpuinfo; empty
+    where there is none)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        lines = open("/proc/cpuinfo").read().splitlines()
     except OSError:
-        return "float32"
-    return "bfloat16" if (" amx_bf16" in flags or " avx512_bf16" in flags) else "float32"
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
 
 
 def all_gpus(strategy) -> bool:
