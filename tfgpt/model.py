@@ -150,8 +150,6 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
                 dw += tf.cast(tf.matmul(p_cd, hw_cd, transpose_a=True), tf.float32)  # [V, D]
             else:
                 dw += tf.cast(tf.matmul(hw_cd, p_cd, transpose_a=True), tf.float32)  # [D, V]
-        if transposed:
-            dw = tf.transpose(dw)  # [D, V]
         # The one-hot terms, for all N rows at once, after the last block: they
         # depend on no block, and computed early they (an [N, D] and a [V, D]
         # tensor, each with its transpose) stayed alive through the whole loop,
@@ -160,7 +158,7 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
             w_t = tf.gather(w, targets, axis=1)  # [D, N]
             hw_t = tf.math.unsorted_segment_sum(hw, targets, v)  # [V, D]
         dh = tf.concat(dh, 0) - weights[:, None] * tf.transpose(w_t)  # [N, D]
-        dw -= tf.transpose(hw_t)  # [D, V]
+        dw = tf.transpose(dw - hw_t) if transposed else dw - tf.transpose(hw_t)  # [D, V]
         db -= tf.math.unsorted_segment_sum(weights, targets, v)
 
         def grad(upstream):
