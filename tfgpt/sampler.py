@@ -23,10 +23,11 @@ How a batch is generated (in `tf.while_loop`s):
      row, appends it to the row's history, and computes the next hidden
      states. While a row fits in `maxlen` positions this is one position's
      attention against the cache. Past `maxlen` the row runs the model again
-     over its last `maxlen` tokens (see `_window_hidden`). A first loop runs
-     while every row fits, with the cached step alone; a second one, with
-     both kinds of step, takes over from there (it does not run for the
-     example's 40 tokens after a short prompt).
+     over its last `maxlen` tokens (see `_window_hidden`). A first loop,
+     whose step is the cached one alone, runs while every row will still fit
+     after its next token; a second one, whose step can also run windows,
+     takes over from there (for the example's 40 tokens after a short
+     prompt it never runs).
   4. A row ends when it samples the padding id 0 (the end of a review); the
      loop ends when every row has ended or `max_tokens` steps have run.
 
