@@ -418,7 +418,7 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
     real_open = open
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
         cpuinfo if str(path) == "/proc/cpuinfo" else path, *a, **k))
-    assert distribute.cpu_flags() == {"fpu", "sse", "avx2", "avx512f", "avx512_bf16"}
+    assert distribute.cpu_info() == ("Some CPU", {"fpu", "sse", "avx2", "avx512f", "avx512_bf16"})
     strategy = tf.distribute.get_strategy()
     if not tf.config.list_physical_devices("GPU"):
         assert distribute.fastest_precision(strategy) == "bfloat16"
@@ -426,5 +426,5 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
             cpuinfo.write_text(f"flags\t: {flags}\n")
             assert distribute.fastest_precision(strategy) == want
         cpuinfo.unlink()  # no /proc/cpuinfo at all
-        assert distribute.cpu_flags() == set()
+        assert distribute.cpu_info() == ("unknown CPU", set())
         assert distribute.fastest_precision(strategy) == "float32"

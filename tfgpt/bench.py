@@ -40,14 +40,10 @@ def cpu_summary() -> str:
     """This machine's CPU: model name, cores and the instructions that decide
     its bfloat16 speed (the bfloat16 matmul peak measured 1,411 GFLOP/s on a
     2-core CPU with AMX, about 400 on one with AVX512-BF16 alone)."""
-    from tfgpt.distribute import cpu_flags
+    from tfgpt.distribute import cpu_info
 
-    try:
-        lines = open("/proc/cpuinfo").read().splitlines()
-    except OSError:
-        lines = []
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
-    found = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    name, flags = cpu_info()
+    found = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name}, {os.cpu_count()} cores, {' '.join(found) or 'no AVX-512'}"
 
 

@@ -283,17 +283,21 @@ def fastest_precision(strategy) -> str:
             if major < 8:
                 return "float32"
         return "bfloat16"
-    return "bfloat16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
+    return "bfloat16" if cpu_info()[1] & {"amx_bf16", "avx512_bf16"} else "float32"
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of this machine's CPU (/proc/cpuinfo; empty
-    where there is none)."""
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, instruction-set flags) of this machine's CPU, from
+    /proc/cpuinfo; ("unknown CPU", empty set) where there is none."""
     try:
         lines = open("/proc/cpuinfo").read().splitlines()
     except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+        lines = []
+
+    def field(key):
+        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
+
+    return field("model name") or "unknown CPU", set((field("flags") or "").split())
 
 
 def all_gpus(strategy) -> bool:
