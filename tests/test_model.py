@@ -264,6 +264,35 @@ def test_chunked_xent_bfloat16_near_float64(chunk):
         np.testing.assert_allclose(g.numpy(), ref, rtol=0, atol=3e-2 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_chunked_xent_target_probability_below_float32_range(dtype):
+    """A weighted target whose probability underflows float32 (its logit 200
+    below the others) still gets its exact loss, about 200, in the blocks that
+    hold one; a padding row with such a target adds nothing and no NaN."""
+    h, w, b, targets, weights = _xent_inputs(n=12, d=5, v=7, seed=4)
+    h, w = h * 0.1, w * 0.1
+    b = np.zeros(7, np.float32)
+    b[3] = -200.0
+    targets[:] = [3, 0, 3, 1, 3, 2, 4, 5, 6, 0, 1, 2]
+    weights[:] = 1.0
+    weights[4] = 0.0  # padding in the second block of 3: that block needs no exact value
+    th, tw, tb = tf.constant(h), tf.constant(w), tf.constant(b)
+    with tf.GradientTape() as tape:
+        tape.watch([th, tw, tb])
+        loss = chunked_xent_sum(th, tw, tb, tf.constant(targets), tf.constant(weights), chunk=3, compute_dtype=dtype)
+    got = tape.gradient(loss, [th, tw, tb])
+    h64, w64, b64 = h.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+    want = np_xent_sum(h64 @ w64 + b64, targets, weights)
+    assert want > 400  # two weighted rows of about 200 each
+    rtol = 1e-6 if dtype == tf.float32 else 1e-2
+    np.testing.assert_allclose(float(loss), want, rtol=rtol)
+    for g, ref in zip(got, np_xent_grads(h64, w64, b64, targets, weights.astype(np.float64))):
+        np.testing.assert_allclose(g.numpy(), ref, rtol=0, atol=(1e-5 if dtype == tf.float32 else 3e-2) * np.abs(ref).max())
+    evaluated = chunked_xent_sum(th, tw, tb, tf.constant(targets), tf.constant(weights), chunk=3,
+                                 compute_dtype=dtype, with_grad=False)
+    np.testing.assert_allclose(float(evaluated), want, rtol=rtol)
+
+
 def test_chunked_xent_upstream_gradient_and_variables():
     """The gradient scales with the upstream gradient and reaches tf.Variables."""
     h, w, b, targets, weights = _xent_inputs(n=6, seed=1)

@@ -77,6 +77,9 @@ def auto_chunk(n: int, vocab: int, budget_bytes: int = 32 << 20) -> int:
     return 1
 
 
+_TINY = 2.0 ** -126  # the smallest normal float32
+
+
 def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float32, with_grad=True):
     """sum_i weights[i] * CE(h[i] @ w + b, targets[i]), `chunk` rows at a time.
 
@@ -87,10 +90,15 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
     products (no recomputation) and no more than one block of logits is alive
     at a time. Per block, with p = softmax(logits):
 
-        loss_i = lse_i - logits[i, t_i],  lse_i = max_j logits[i, j] - log(max_j p[i, j])
+        loss_i = -log p[i, t_i]
         dlogits = w_i (p - one_hot(t))
 
-    (the largest probability is at least 1/V, so its log never underflows).
+    If some p[i, t_i] of a weighted row is below the smallest normal float32
+    (its logit more than about 87 below the row's largest), that block's loss is
+    taken from the log-sum-exp instead, lse_i - logits[i, t_i] with
+    lse_i = max_j logits[i, j] - log(max_j p[i, j]) (the largest probability
+    is at least 1/V, so its log never underflows). Two reductions over the
+    [chunk, V] block are thus spent only where they are needed.
     The one-hot part never becomes a [chunk, V] tensor: its share of each
     gradient is a gather or a segment sum over the N targets, done once.
     With `with_grad=False` (evaluation) only the loss is computed.
@@ -106,21 +114,34 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
         raise ValueError(f"loss chunk {chunk} does not divide {n} positions")
     cd = compute_dtype
 
-    def block(h_rows, w_cd, b, rows):
+    def block(h_rows, w_cd, b_cd, rows):
         """-> (softmax [C, V], weighted loss sum) of one block of rows."""
-        logits = tf.nn.bias_add(tf.cast(tf.matmul(tf.cast(h_rows, cd), w_cd), tf.float32), b)  # [C, V]
+        # The bias is added inside the product, before its result is rounded
+        # to the compute type (in bfloat16 a separate float32 pass cost 1 ms a block).
+        logits = tf.cast(tf.nn.bias_add(tf.matmul(tf.cast(h_rows, cd), w_cd), b_cd), tf.float32)  # [C, V]
         p = tf.nn.softmax(logits)  # [C, V] float32
-        lse = tf.reduce_max(logits, -1) - tf.math.log(tf.reduce_max(p, -1))  # [C]
-        loss = lse - tf.gather(logits, targets[rows], batch_dims=1)  # [C]
-        return p, tf.reduce_sum(weights[rows] * loss)
+        t = targets[rows]
+        p_t = tf.gather(p, t, batch_dims=1)  # [C]
 
+        def from_lse():
+            lse = tf.reduce_max(logits, -1) - tf.math.log(tf.reduce_max(p, -1))  # [C]
+            return lse - tf.gather(logits, t, batch_dims=1)
+
+        # Rows of weight 0 (padding) never need the exact value; clamping
+        # their p_t keeps 0 * log(0) out of the sum.
+        w_rows = weights[rows]
+        exact = tf.reduce_all((p_t >= _TINY) | (w_rows == 0.0))
+        loss = tf.cond(exact, lambda: -tf.math.log(tf.maximum(p_t, _TINY)), from_lse)  # [C]
+        return p, tf.reduce_sum(w_rows * loss)
+
+    b_cd = tf.cast(b, cd)
     if not with_grad:
         w_cd, total = tf.cast(w, cd), tf.zeros([])
         for i in range(n // chunk):
             rows = slice(i * chunk, (i + 1) * chunk)
             with tf.control_dependencies([total]):  # one block at a time
                 h_rows = tf.identity(h[rows])
-            total += block(h_rows, w_cd, b, rows)[1]
+            total += block(h_rows, w_cd, b_cd, rows)[1]
         return total
 
     @tf.custom_gradient
@@ -140,7 +161,7 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
             # several blocks at once, each with its own [C, V] buffers.
             with tf.control_dependencies([dw]):
                 h_rows = tf.identity(h[rows])
-            p, block_loss = block(h_rows, w_cd, b, rows)
+            p, block_loss = block(h_rows, w_cd, b_cd, rows)
             total += block_loss
             db += tf.linalg.matvec(p, weights[rows], transpose_a=True)  # [V]
             p_cd = tf.cast(p, cd)
