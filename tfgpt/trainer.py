@@ -7,8 +7,9 @@ MultiWorkerMirroredStrategy):
       strategy.run(replica_step)             in each replica:
         loss_sum, count, grads = grad_fn()   jit-compiled with XLA on
         all-reduce(loss_sum, count, grads)   outside XLA
-        grads /= global count                mean over the real target tokens
-        clip, then optimizer update          jit-compiled with XLA on
+        Adam update with grads scaled by     jit-compiled with XLA on
+          1 / global count (the mean over
+          real target tokens) and the clip
 
 Every replica applies the same all-reduced update to its own copy of the
 variables, so the copies stay identical. Summaries, progress, samples and
@@ -30,7 +31,7 @@ from tfgpt import data, memory
 from tfgpt.config import GPTConfig, TrainConfig
 from tfgpt.distribute import all_gpus, fastest_precision, is_chief
 from tfgpt.model import GPT
-from tfgpt.optim import Adam, clip_by_global_norm, make_schedule
+from tfgpt.optim import Adam, clip_scale, make_schedule
 
 
 class NonFiniteLoss(RuntimeError):
@@ -112,13 +113,15 @@ class Trainer:
             grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss_sum, variables)]
             return loss_sum, tf.reduce_sum(w), grads
 
-        def apply_fn(grads, loss):
-            grads, norm = clip_by_global_norm(grads, self.cfg.clip_norm)
+        def apply_fn(grads, count, loss):
+            # grads are sums over the global batch: the update divides them by
+            # the number of real target tokens and clips their global norm.
+            scale, norm = clip_scale(grads, self.cfg.clip_norm, tf.maximum(count, 1.0))
             # A non-finite loss or gradient leaves every variable (and the
             # step counter) untouched; the loop then stops with an error.
             finite = tf.math.is_finite(norm) & tf.math.is_finite(loss)
             opt = self.optimizer
-            lr = tf.cond(finite, lambda: opt.apply(grads, variables), lambda: opt.learning_rate(opt.step + 1))
+            lr = tf.cond(finite, lambda: opt.apply(grads, variables, scale), lambda: opt.learning_rate(opt.step + 1))
             return norm, lr
 
         def eval_fn(x, y, w):
@@ -135,9 +138,8 @@ class Trainer:
             loss_sum, count, grads = grads_fn(x, y, w, replica_seed)
             loss_sum, count = ctx.all_reduce(sum_, [loss_sum, count])
             grads = ctx.all_reduce(sum_, grads)
-            denom = tf.maximum(count, 1.0)
-            loss = loss_sum / denom
-            norm, lr = apply_fn([g / denom for g in grads], loss)
+            loss = loss_sum / tf.maximum(count, 1.0)
+            norm, lr = apply_fn(grads, count, loss)
             return loss, norm, lr, count
 
         def replica_eval(x, y, w):
