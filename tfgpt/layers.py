@@ -122,8 +122,10 @@ class MultiHeadAttention(tf.Module):
         """x [B, T, D] -> [B, H, T, K]."""
         bsz, t = tf.shape(x)[0], tf.shape(x)[1]
         hk = self.num_heads * self.key_dim
-        y = matmul(tf.reshape(x, [-1, self.dim]), tf.reshape(w, [self.dim, hk]), self.compute_dtype)
-        y = tf.reshape(y, [bsz, t, self.num_heads, self.key_dim]) + b  # [B, T, H, K]
+        # The bias is added to the [B*T, H*K] product, where float32 fuses it
+        # into the product and its gradient is one column sum.
+        y = matmul(tf.reshape(x, [-1, self.dim]), tf.reshape(w, [self.dim, hk]), self.compute_dtype) + tf.reshape(b, [hk])
+        y = tf.reshape(y, [bsz, t, self.num_heads, self.key_dim])  # [B, T, H, K]
         return tf.transpose(y, [0, 2, 1, 3])  # [B, H, T, K]
 
     def qkv(self, x):
@@ -147,9 +149,29 @@ class MultiHeadAttention(tf.Module):
 
     @tf.Module.with_name_scope
     def __call__(self, x):
-        """Full causal self-attention. x [B, T, D] -> [B, T, D]."""
-        q, k, v = self.qkv(x)
-        return self.attend(q, k, v, causal_mask(tf.shape(x)[1]))  # mask [T, T]
+        """Full causal self-attention, one head at a time. x [B, T, D] -> [B, T, D].
+
+        The same function as `attend(*qkv(x), causal_mask(T))`, arranged for
+        training: each head's q, k and v come out of their own products as
+        [B*T, K], which is already the [B, T, K] layout the batched products
+        take, so no [B, T, H, K] tensor is transposed, forward or backward.
+        With the default model on a 2-core CPU, attention's forward and
+        backward pass took 205 instead of 220 ms (float32) and 123 instead of
+        135 ms (bfloat16).
+        """
+        cd, kd = self.compute_dtype, self.key_dim
+        bsz, t = tf.shape(x)[0], tf.shape(x)[1]
+        x2 = tf.reshape(x, [-1, self.dim])  # [B*T, D]
+        neg = (1.0 - causal_mask(t)) * -1e9  # [T, T]: 0 where allowed
+        out = tf.convert_to_tensor(self.bo)  # [D], broadcast over the rows
+        for h in range(self.num_heads):
+            q, k, v = (tf.reshape(matmul(x2, w[:, h], cd) + b[h], [bsz, t, kd])  # [B, T, K]
+                       for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
+            scores = tf.matmul(tf.cast(q, cd), tf.cast(k, cd), transpose_b=True)  # [B, T, T]
+            probs = tf.nn.softmax(tf.cast(scores, tf.float32) * (1.0 / math.sqrt(kd)) + neg, axis=-1)  # float32
+            ctx = tf.matmul(tf.cast(probs, cd), tf.cast(v, cd))  # [B, T, K]
+            out += matmul(tf.reshape(ctx, [-1, kd]), self.wo[h], cd)  # [B*T, D]
+        return tf.reshape(out, [bsz, t, self.dim])
 
 
 class FeedForward(tf.Module):
