@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_review
-from tfgpt import distribute
+from tfgpt import data as tfdata, distribute
 from tfgpt.cli import main
 from tfgpt.config import GPTConfig, TrainConfig
 from tfgpt.trainer import Trainer
@@ -113,6 +113,35 @@ def runs(windows, tmp_path_factory):
             assert len(losses) == STEPS
             out[xla, replicas] = (losses, weights(trainer), trainer)
     return out
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_train_step_matches_an_independent_update(tmp_path, clip):
+    """One train step equals a separate computation: TensorFlow's plain sparse
+    cross-entropy averaged over the real targets, tf.clip_by_global_norm, then
+    Adam in NumPy. With clip 0.05 the clip is active (the norm is larger)."""
+    cfg = TrainConfig(batch_size=BATCH, epochs=1, xla="off", lr=3e-3, clip_norm=clip, precision="float32")
+    trainer = Trainer(GPTConfig(dropout=0.0, **MODEL), cfg, strategy_for(1), tmp_path)
+    model, variables = trainer.model, trainer.model.trainable_variables
+    before = [v.numpy().astype(np.float64) for v in variables]
+    x, y, w = tfdata.split_window(tf.constant(make_windows(BATCH, seed=3)), "truncate")
+    with tf.GradientTape() as tape:
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=model(x))
+        loss = tf.reduce_sum(ce * w) / tf.reduce_sum(w)
+    grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+    norm = float(tf.linalg.global_norm(grads))
+    if clip:
+        assert norm > clip
+        grads, _ = tf.clip_by_global_norm(grads, clip)
+    got_loss, got_norm, _, _ = trainer.train_step((x, y, w), trainer.step_seed(0))
+    np.testing.assert_allclose(float(got_loss), float(loss), rtol=1e-5)
+    np.testing.assert_allclose(float(got_norm), norm, rtol=1e-4)
+    b1, b2, eps, lr = (float(np.float32(c)) for c in (0.9, 0.999, 1e-7, 3e-3))
+    lr_t = lr * np.sqrt(1 - b2) / (1 - b1)
+    for v, p, g in zip(variables, before, grads):
+        g = g.numpy().astype(np.float64)
+        m, s = (1 - b1) * g, (1 - b2) * g * g
+        np.testing.assert_allclose(v.numpy(), p - lr_t * m / (np.sqrt(s) + eps), rtol=1e-5, atol=1e-6, err_msg=v.name)
 
 
 @pytest.mark.parametrize("xla", ["off", "on"])
