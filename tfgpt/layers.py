@@ -132,15 +132,21 @@ class MultiHeadAttention(tf.Module):
         """x [B, T, D] -> q, k, v, each [B, H, T, K]."""
         return self._project(x, self.wq, self.bq), self._project(x, self.wk, self.bk), self._project(x, self.wv, self.bv)
 
+    def _context(self, q, k, v, mask):
+        """Softmax attention. q [..., Tq, K], k/v [..., Tk, K], mask broadcastable
+        to [..., Tq, Tk] (1 = may attend) -> context [..., Tq, K] in the compute
+        dtype; scores and softmax in float32."""
+        cd = self.compute_dtype
+        scores = tf.matmul(tf.cast(q, cd), tf.cast(k, cd), transpose_b=True)  # [..., Tq, Tk]
+        scores = tf.cast(scores, tf.float32) * (1.0 / math.sqrt(self.key_dim)) + (1.0 - mask) * -1e9
+        probs = tf.nn.softmax(scores, axis=-1)  # float32
+        return tf.matmul(tf.cast(probs, cd), tf.cast(v, cd))  # [..., Tq, K]
+
     def attend(self, q, k, v, mask):
         """q [B, H, Tq, K], k/v [B, H, Tk, K], mask broadcastable to [B, H, Tq, Tk]
         (1 = may attend) -> [B, Tq, D]."""
         cd = self.compute_dtype
-        scores = tf.matmul(tf.cast(q, cd), tf.cast(k, cd), transpose_b=True)  # [B, H, Tq, Tk]
-        scores = tf.cast(scores, tf.float32) * (1.0 / math.sqrt(self.key_dim))
-        scores += (1.0 - mask) * -1e9
-        probs = tf.nn.softmax(scores, axis=-1)  # float32
-        ctx = tf.matmul(tf.cast(probs, cd), tf.cast(v, cd))  # [B, H, Tq, K]
+        ctx = self._context(q, k, v, mask)  # [B, H, Tq, K]
         ctx = tf.transpose(tf.cast(ctx, tf.float32), [0, 2, 1, 3])  # [B, Tq, H, K]
         bsz, tq = tf.shape(ctx)[0], tf.shape(ctx)[1]
         hk = self.num_heads * self.key_dim
@@ -162,14 +168,12 @@ class MultiHeadAttention(tf.Module):
         cd, kd = self.compute_dtype, self.key_dim
         bsz, t = tf.shape(x)[0], tf.shape(x)[1]
         x2 = tf.reshape(x, [-1, self.dim])  # [B*T, D]
-        neg = (1.0 - causal_mask(t)) * -1e9  # [T, T]: 0 where allowed
+        mask = causal_mask(t)  # [T, T]
         out = tf.convert_to_tensor(self.bo)  # [D], broadcast over the rows
         for h in range(self.num_heads):
             q, k, v = (tf.reshape(matmul(x2, w[:, h], cd) + b[h], [bsz, t, kd])  # [B, T, K]
                        for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
-            scores = tf.matmul(tf.cast(q, cd), tf.cast(k, cd), transpose_b=True)  # [B, T, T]
-            probs = tf.nn.softmax(tf.cast(scores, tf.float32) * (1.0 / math.sqrt(kd)) + neg, axis=-1)  # float32
-            ctx = tf.matmul(tf.cast(probs, cd), tf.cast(v, cd))  # [B, T, K]
+            ctx = self._context(q, k, v, mask)  # [B, T, K]
             out += matmul(tf.reshape(ctx, [-1, kd]), self.wo[h], cd)  # [B*T, D]
         return tf.reshape(out, [bsz, t, self.dim])
 
