@@ -46,10 +46,29 @@ def checkpoint_step(run: Path) -> int:
     return int(reader.get_tensor(key))
 
 
-def assert_same_weights(a: dict, b: dict, tol: float):
+def assert_same_weights(a: dict, b: dict, tol: float, context: str = ""):
     assert a.keys() == b.keys() and a
     worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
-    assert worst <= tol, worst
+    assert worst <= tol, f"weights differ by {worst}{context}"
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    """The training loss of every logged step, from the run's event files."""
+    out = {}
+    for path in sorted((run / "train").glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                if v.tag == "loss":
+                    out[event.step] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
+def loss_report(a: dict[int, float], b: dict[int, float]) -> str:
+    """Where two runs' per-step losses part, for a failure message."""
+    steps = sorted(set(a) | set(b))
+    first = next((s for s in steps if a.get(s) != b.get(s)), None)
+    rows = ", ".join(f"{s}: {a.get(s)} / {b.get(s)}" for s in steps)
+    return f"; first step whose loss differs: {first}; per-step losses (straight / split): {rows}"
 
 
 @pytest.mark.parametrize("gpus", [1, 2])
@@ -63,7 +82,11 @@ def test_exact_resume(corpus, tmp_path, gpus, packing):
     assert checkpoint_step(tmp_path / "split") == 5
     assert main(["--logdir", str(tmp_path), "--run-name", "split", "--resume", "--max-steps", "12"]) == 0
     assert checkpoint_step(tmp_path / "split") == 12
-    assert_same_weights(model_weights(tmp_path / "straight"), model_weights(tmp_path / "split"), 1e-6)
+    losses = step_losses(tmp_path / "straight"), step_losses(tmp_path / "split")
+    assert sorted(losses[0]) == sorted(losses[1]) == list(range(1, 13))
+    assert_same_weights(model_weights(tmp_path / "straight"), model_weights(tmp_path / "split"), 1e-6,
+                        loss_report(*losses))
+    assert losses[0] == losses[1], loss_report(*losses)
 
 
 def _start(args, **kw):

@@ -51,11 +51,14 @@ class Adam(tf.Module):
         lr = self.learning_rate(t)
         b1_power, b2_power = self.beta1 ** tf_, self.beta2 ** tf_
         for g, var, m, v in zip(grads, variables, self.m, self.v):
-            # In replica context a mirrored variable's handle is this replica's copy.
+            # In replica context a mirrored variable's handle is this replica's
+            # copy. use_locking: the kernel holds the variables' mutexes while
+            # it writes, as assign ops do, so no read can see a half-written
+            # update (without it TensorFlow leaves that case undefined).
             tf.raw_ops.ResourceApplyAdam(
                 var=var.handle, m=m.handle, v=v.handle, beta1_power=b1_power, beta2_power=b2_power,
                 lr=lr, beta1=self.beta1, beta2=self.beta2, epsilon=self.eps,
-                grad=g if scale is None else g * scale)
+                grad=g if scale is None else g * scale, use_locking=True)
         self.step.assign(t)
         return lr
 
