@@ -33,6 +33,17 @@ def make_review(rng: random.Random) -> str:
     return "<br /><br />".join(sentences) if rng.random() < 0.2 else " ".join(sentences)
 
 
+def read_events(folder: Path) -> dict[str, list[tuple[int, object]]]:
+    """tag -> [(step, value)] from the event files directly in folder, in the
+    order they were written."""
+    out: dict[str, list] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, tf.make_ndarray(v.tensor)))
+    return out
+
+
 def write_imdb_tree(root: Path, per_split: int = 6, unsup: int = 0, seed: int = 0) -> Path:
     """An aclImdb-like folder: aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt."""
     rng = random.Random(seed)

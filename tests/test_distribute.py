@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import make_review
+from conftest import make_review, read_events
 from test_optim import NumpyAdam
 from tfgpt import data as tfdata, distribute
 from tfgpt.cli import main
@@ -286,12 +286,8 @@ def read_losses(path: Path) -> list[float]:
 
 
 def event_losses(folder: Path) -> list[float]:
-    out = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for v in event.summary.value:
-                if v.tag == "loss":
-                    out[event.step] = float(tf.make_ndarray(v.tensor))
+    """The logged training losses in step order (a step logged twice: its last value)."""
+    out = {step: float(v) for step, v in read_events(folder).get("loss", [])}
     return [out[s] for s in sorted(out)]
 
 

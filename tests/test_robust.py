@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import make_review
+from conftest import make_review, read_events
 from tfgpt.cli import main
 from tfgpt.runlock import RunLock
 
@@ -54,13 +54,7 @@ def assert_same_weights(a: dict, b: dict, tol: float, context: str = ""):
 
 def step_losses(run: Path) -> dict[int, float]:
     """The training loss of every logged step, from the run's event files."""
-    out = {}
-    for path in sorted((run / "train").glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for v in event.summary.value:
-                if v.tag == "loss":
-                    out[event.step] = float(tf.make_ndarray(v.tensor))
-    return out
+    return {step: float(v) for step, v in read_events(run / "train").get("loss", [])}
 
 
 def loss_report(a: dict[int, float], b: dict[int, float]) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import read_events
 from tfgpt.cli import main
 from tfgpt.config import GPTConfig
 from tfgpt.flops import flops_per_token, matmul_params, measure_matmul_peak
@@ -33,16 +34,6 @@ SMALL = ["--batch-size", str(BATCH), "--maxlen", str(MAXLEN), "--embed-dim", "32
 TRAIN_TAGS = {"loss", "perplexity", "learning_rate", "grad_norm", "tokens_per_second", "step_time_ms", "mfu"}
 SERVER_START_S = 90  # the most a test waits for TensorBoard to serve the run
 SERVER_LIFETIME_S = 300  # the server is killed after this, whatever happens
-
-
-def read_events(folder: Path) -> dict[str, list[tuple[int, object]]]:
-    """tag -> [(step, value)] from the event files directly in folder."""
-    out: dict[str, list] = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for v in event.summary.value:
-                out.setdefault(v.tag, []).append((event.step, tf.make_ndarray(v.tensor)))
-    return out
 
 
 def write_corpus(folder: Path, lines: int = 800) -> Path:

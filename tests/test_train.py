@@ -10,22 +10,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import read_events
 from tfgpt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--batch-size", "16", "--maxlen", "16", "--embed-dim", "32", "--ff-dim", "32",
          "--vocab-size", "100", "--log-every", "5", "--gen-tokens", "8", "--quiet"]
-
-
-def read_events(folder: Path) -> dict[str, list[tuple[int, object]]]:
-    """tag -> [(step, value)] from every event file in folder."""
-    out: dict[str, list] = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for v in event.summary.value:
-                value = tf.make_ndarray(v.tensor)
-                out.setdefault(v.tag, []).append((event.step, value))
-    return out
 
 
 @pytest.fixture(scope="module")
