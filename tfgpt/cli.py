@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tfgpt.config import GPTConfig, TrainConfig, load_config, save_config
+from tfgpt.config import GPTConfig, TrainConfig, load_config
 from tfgpt.distribute import is_chief_task
 
 # Fields that may differ from the saved config.json when resuming a run.

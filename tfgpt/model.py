@@ -11,7 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfgpt.config import GPTConfig
-from tfgpt.layers import Block, Dense, Embedding, fold_seed, matmul
+from tfgpt.layers import Block, Dense, Embedding, fold_seed
 
 
 class GPT(tf.Module):
