@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from conftest import make_review, read_events
 from test_optim import NumpyAdam
-from tfgpt import data as tfdata, distribute
+from tfgpt import cluster, data as tfdata, devices, distribute
 from tfgpt.cli import main
 from tfgpt.config import GPTConfig, TrainConfig
 from tfgpt.trainer import Trainer
@@ -61,13 +61,13 @@ class Recorder:
 
 def strategy_for(replicas: int):
     """1: the default strategy (one device); 2: MirroredStrategy over 2 logical CPUs."""
-    return distribute.make_strategy(None if replicas == 1 else replicas, warn=lambda *a: None)
+    return distribute.make_strategy(cpu_replicas=None if replicas == 1 else replicas, warn=lambda *a: None)
 
 
 def make_trainer(replicas: int, run_dir: Path, xla: str = "off", dropout: float = 0.0, seed: int = 0,
-                 max_steps: int = STEPS) -> Trainer:
+                 max_steps: int = STEPS, **settings) -> Trainer:
     cfg = TrainConfig(batch_size=BATCH, epochs=10, max_steps=max_steps, xla=xla, seed=seed, lr=3e-3,
-                      keep_checkpoints=2, precision="float32")
+                      keep_checkpoints=2, precision="float32", **settings)
     trainer = Trainer(GPTConfig(dropout=dropout, **MODEL), cfg, strategy_for(replicas), run_dir)
     trainer.open_checkpoints()
     return trainer
@@ -134,7 +134,7 @@ def test_train_step_matches_an_independent_update(tmp_path, clip):
     if clip:
         assert norm > clip
         grads, _ = tf.clip_by_global_norm(grads, clip)
-    got_loss, got_norm, _, _ = trainer.train_step((x, y, w), trainer.step_seed(0))
+    got_loss, got_norm = trainer.train_step((x, y, w), trainer.step_seed(0))[:2]
     np.testing.assert_allclose(float(got_loss), float(loss), rtol=1e-5)
     np.testing.assert_allclose(float(got_norm), norm, rtol=1e-4)
     want = NumpyAdam(before, lr=3e-3).step(before, [g.numpy().astype(np.float64) for g in grads])
@@ -170,6 +170,33 @@ def test_every_replica_holds_the_same_variables(runs, xla):
     report(f"xla {xla}: max |difference| between the two replicas' copies", worst)
     assert worst == 0.0
     assert int(trainer.optimizer.step.numpy()) == STEPS
+
+
+@pytest.mark.parametrize("xla", ["off", "on"])
+def test_several_steps_per_call_equal_one_step_per_call(runs, windows, tmp_path, xla):
+    """4 steps per compiled call (the last call of the first epoch and of the
+    run shorter: 6 steps over epochs of 4 batches) against one per call, on 2
+    replicas: the same per-step losses and weights, and the same state."""
+    ref_losses, ref_weights, _ = runs[xla, 2]
+    trainer = make_trainer(2, tmp_path, xla=xla, steps_per_call=4)
+    assert trainer.steps_per_call == 4
+    calls = []
+    trainer.train_steps = counting(trainer.train_steps, calls)
+    losses = train(trainer, windows)
+    assert calls == [4, 2]  # the epoch's 4 batches, then the 2 left to max_steps
+    report(f"xla {xla}: 4 steps per call vs 1, max |loss diff|", max_diff(ref_losses, losses))
+    assert max_diff(ref_losses, losses) <= 1e-6
+    assert max_diff(ref_weights, weights(trainer)) <= 1e-6
+    assert [int(v.numpy()) for v in (trainer.state.step, trainer.state.epoch, trainer.state.batch,
+                                     trainer.optimizer.step)] == [STEPS, 1, 2, STEPS]
+
+
+def counting(fn, calls: list):
+    """fn(iterator, n), recording each call's n."""
+    def wrapped(iterator, n):
+        calls.append(int(n))
+        return fn(iterator, n)
+    return wrapped
 
 
 def test_dropout_is_reproducible_per_seed(runs, windows, tmp_path):
@@ -239,19 +266,45 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def tf_config(ports: list[int], index: int) -> str:
-    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                       "task": {"type": "worker", "index": index}})
+def consecutive_free_ports(n: int) -> int:
+    """The first of n consecutive free ports on 127.0.0.1."""
+    for _ in range(50):
+        first = free_ports(1)[0]
+        socks = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
 
 
-def start_workers(tmp_path: Path, configs: list[str], args: list[list[str]]) -> list[subprocess.Popen]:
+def tf_config(ports: list[int], index: int) -> dict:
+    return {"TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                                     "task": {"type": "worker", "index": index}})}
+
+
+def slurm_env(tasks: int, index: int) -> dict:
+    """What srun sets for task `index` of a job step of `tasks` tasks on one node."""
+    return {"SLURM_PROCID": str(index), "SLURM_LOCALID": str(index), "SLURM_STEP_NUM_TASKS": str(tasks),
+            "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_STEP_TASKS_PER_NODE": str(tasks), "SLURM_JOB_ID": "7"}
+
+
+def start_workers(tmp_path: Path, configs: list[dict], args: list[list[str]]) -> list[subprocess.Popen]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     scratch = tmp_path / "tmp"
     scratch.mkdir(exist_ok=True)
     procs = []
     for i, (config, extra) in enumerate(zip(configs, args)):
-        env = dict(os.environ, TF_CONFIG=config, LOSS_LOG=str(tmp_path / f"losses{i}.jsonl"),
+        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith("SLURM_")}
+        env = dict(env, **config, LOSS_LOG=str(tmp_path / f"losses{i}.jsonl"),
                    TMPDIR=str(scratch), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen([sys.executable, str(script)] + extra, cwd=tmp_path, env=env,
@@ -299,7 +352,10 @@ def corpus(tmp_path_factory):
     return path
 
 
-def test_two_workers_match_mirrored_strategy(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["tf_config", "slurm"])
+def test_two_workers_match_mirrored_strategy(corpus, tmp_path, monkeypatch, source):
+    """Two worker processes, their cluster from TF_CONFIG or from a SLURM job
+    step's environment (--cluster auto), against one process with two replicas."""
     common = ["--data", str(corpus), "--max-steps", "5", "--dropout", "0.1", "--run-name", "r"] + CLI_SMALL
     # The reference: one process, MirroredStrategy over 2 (logical CPU) devices.
     from tfgpt import report as report_module
@@ -312,13 +368,17 @@ def test_two_workers_match_mirrored_strategy(corpus, tmp_path, monkeypatch):
         original(self, info)
 
     monkeypatch.setattr(report_module.Reporter, "on_step", record)
-    assert main(common + ["--gpus", "2", "--no-export", "--logdir", str(tmp_path / "ref")]) == 0
+    assert main(common + ["--cpu-replicas", "2", "--no-export", "--logdir", str(tmp_path / "ref")]) == 0
     monkeypatch.undo()
     assert len(reference) == 5
 
-    ports = free_ports(2)
-    procs = start_workers(tmp_path, [tf_config(ports, 0), tf_config(ports, 1)],
-                          [common + ["--logdir", str(tmp_path / f"logs{i}")] for i in range(2)])
+    if source == "tf_config":
+        ports = free_ports(2)
+        configs, extra = [tf_config(ports, 0), tf_config(ports, 1)], []
+    else:
+        configs, extra = [slurm_env(2, 0), slurm_env(2, 1)], ["--cluster-port", str(consecutive_free_ports(2))]
+    procs = start_workers(tmp_path, configs,
+                          [common + extra + ["--logdir", str(tmp_path / f"logs{i}")] for i in range(2)])
     codes = wait_all(procs, limit=150)
     errors = [(tmp_path / f"err{i}.txt").read_text()[-2000:] for i in range(2)]
     assert codes == [0, 0], errors
@@ -335,6 +395,7 @@ def test_two_workers_match_mirrored_strategy(corpus, tmp_path, monkeypatch):
     assert not (tmp_path / "logs1").exists()
     assert list((tmp_path / "tmp").iterdir()) == []  # the other worker's scratch folders are gone
     assert "2 replica(s)" in (tmp_path / "out0.txt").read_text()
+    assert "on each of 2 workers" in (tmp_path / "out0.txt").read_text()
 
 
 def test_unreachable_workers_fail_after_the_timeout(corpus, tmp_path):
@@ -372,7 +433,7 @@ def one_line_error(capsys) -> str:
 
 
 def test_batch_size_must_divide_over_replicas(corpus, tmp_path, capsys):
-    args = ["--data", str(corpus), "--logdir", str(tmp_path), "--gpus", "2", "--max-steps", "1"] + CLI_SMALL
+    args = ["--data", str(corpus), "--logdir", str(tmp_path), "--cpu-replicas", "2", "--max-steps", "1"] + CLI_SMALL
     assert main(args + ["--batch-size", "7"]) == 2
     err = one_line_error(capsys)
     assert "--batch-size 7" in err and "2 replicas" in err
@@ -400,36 +461,53 @@ def test_tf_config_decides_the_chief(monkeypatch):
              ({"worker": ["a:1", "b:1"]}, ("worker", 1), False),
              ({"chief": ["c:1"], "worker": ["a:1"]}, ("worker", 0), False),
              ({"chief": ["c:1"], "worker": ["a:1"]}, ("chief", 0), True)]
-    for cluster, (kind, index), chief in cases:
-        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}}))
-        assert distribute.cluster_spec_from_env() is not None
-        assert distribute.is_chief_task() is chief, (cluster, kind, index)
+    for jobs, (kind, index), chief in cases:
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": jobs, "task": {"type": kind, "index": index}}))
+        found = cluster.detect("auto")
+        assert found is not None and found.source == "tf_config" and found.chief is chief
+        assert cluster.is_chief_task() is chief, (jobs, kind, index)
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}))
-    assert distribute.cluster_spec_from_env() is None  # one process: no multi-worker strategy
+    assert cluster.detect() is None  # one process: no multi-worker strategy
     monkeypatch.delenv("TF_CONFIG")
-    assert distribute.cluster_spec_from_env() is None and distribute.is_chief_task()
+    assert cluster.detect() is None and cluster.is_chief_task()
 
 
-def test_gpu_count_errors(monkeypatch):
-    fake = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(2)]
-    real = tf.config.list_physical_devices
-    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: fake if kind == "GPU" else real(kind))
-    with pytest.raises(distribute.DeviceError, match=r"--gpus 3 asked for, but only 2 GPUs are visible"):
-        distribute.local_devices(3)
-    assert distribute.local_devices(2) == ["/gpu:0", "/gpu:1"]
-    assert distribute.local_devices(None) is None
-    assert "only 1 GPU is visible" in distribute.gpu_count_error(2, 1)
-    assert distribute.gpu_count_error(2, 0) is None  # no GPU at all: logical CPUs instead
-    monkeypatch.undo()
-    if real("GPU"):
-        return  # the rest is about machines without a GPU
-    # No GPU here: --gpus N gives N logical CPU devices, with a warning.
-    warnings = []
-    assert distribute.local_devices(2, warn=warnings.append) == ["/cpu:0", "/cpu:1"]
-    assert len(warnings) == 1 and "no GPU" in warnings[0]
-    # This process already split its CPU into 2: asking for 3 now is a clear error.
-    with pytest.raises(distribute.DeviceError, match="after TensorFlow has started"):
-        distribute.local_devices(3, warn=lambda *a: None)
+def test_a_slurm_job_step_gives_the_cluster(monkeypatch):
+    """Four tasks on two nodes, as srun describes them: one worker per task,
+    each node's workers on consecutive ports; SLURM_PROCID picks this task."""
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    env = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NODELIST": "node[01-02]",
+           "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for mode in ("auto", "slurm"):
+        found = cluster.detect(mode, port_base=7000)
+        assert found.source == "slurm"
+        assert found.jobs == {"worker": ["node01:7000", "node01:7001", "node02:7000", "node02:7001"]}
+        assert (found.task_type, found.task_index, found.local_index, found.chief) == ("worker", 3, 1, False)
+    assert not cluster.is_chief_task("auto")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert cluster.is_chief_task("auto") and cluster.detect("slurm").chief
+    # TF_CONFIG, when set, wins over SLURM in auto mode.
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:1"]},
+                                                "task": {"type": "worker", "index": 1}}))
+    assert cluster.detect("auto").source == "tf_config" and not cluster.is_chief_task("auto")
+    assert cluster.detect("slurm").source == "slurm"
+    # One task: no cluster. Outside a job step, --cluster slurm is an error.
+    monkeypatch.delenv("TF_CONFIG")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert cluster.detect("auto") is None
+    monkeypatch.delenv("SLURM_PROCID")
+    with pytest.raises(devices.DeviceError, match="--cluster slurm: SLURM_PROCID and SLURM_STEP_NUM_TASKS"):
+        cluster.detect("slurm")
+    assert cluster.detect("auto") is None
+
+
+def test_workers_on_one_host_get_consecutive_local_indices():
+    jobs = {"chief": ["h1:1"], "worker": ["h1:2", "h2:1", "h1:3", "h2:2"]}
+    got = [cluster.local_rank(jobs, j, i) for j, i in
+           [("chief", 0), ("worker", 0), ("worker", 1), ("worker", 2), ("worker", 3)]]
+    assert got == [0, 1, 0, 2, 1]
 
 
 # --- precision ------------------------------------------------------------------
@@ -441,13 +519,13 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
     real_open = open
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
         cpuinfo if str(path) == "/proc/cpuinfo" else path, *a, **k))
-    assert distribute.cpu_info() == ("Some CPU", {"fpu", "sse", "avx2", "avx512f", "avx512_bf16"})
+    assert devices.cpu_info() == ("Some CPU", {"fpu", "sse", "avx2", "avx512f", "avx512_bf16"})
     strategy = tf.distribute.get_strategy()
     if not tf.config.list_physical_devices("GPU"):
-        assert distribute.fastest_precision(strategy) == "bfloat16"
+        assert devices.fastest_precision(strategy) == "bfloat16"
         for flags, want in (("fpu avx2 amx_bf16", "bfloat16"), ("fpu avx2 avx512f", "float32")):
             cpuinfo.write_text(f"flags\t: {flags}\n")
-            assert distribute.fastest_precision(strategy) == want
+            assert devices.fastest_precision(strategy) == want
         cpuinfo.unlink()  # no /proc/cpuinfo at all
-        assert distribute.cpu_info() == ("unknown CPU", set())
-        assert distribute.fastest_precision(strategy) == "float32"
+        assert devices.cpu_info() == ("unknown CPU", set())
+        assert devices.fastest_precision(strategy) == "float32"

@@ -264,11 +264,13 @@ def test_chunked_xent_bfloat16_near_float64(chunk):
         np.testing.assert_allclose(g.numpy(), ref, rtol=0, atol=3e-2 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("branch_free", [False, True])
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
-def test_chunked_xent_target_probability_below_float32_range(dtype):
+def test_chunked_xent_target_probability_below_float32_range(dtype, branch_free):
     """A weighted target whose probability underflows float32 (its logit 200
     below the others) still gets its exact loss, about 200, in the blocks that
-    hold one; a padding row with such a target adds nothing and no NaN."""
+    hold one; a padding row with such a target adds nothing and no NaN. The
+    same with the branch-free form (a per-row select instead of a tf.cond)."""
     h, w, b, targets, weights = _xent_inputs(n=12, d=5, v=7, seed=4)
     h, w = h * 0.1, w * 0.1
     b = np.zeros(7, np.float32)
@@ -279,7 +281,8 @@ def test_chunked_xent_target_probability_below_float32_range(dtype):
     th, tw, tb = tf.constant(h), tf.constant(w), tf.constant(b)
     with tf.GradientTape() as tape:
         tape.watch([th, tw, tb])
-        loss = chunked_xent_sum(th, tw, tb, tf.constant(targets), tf.constant(weights), chunk=3, compute_dtype=dtype)
+        loss = chunked_xent_sum(th, tw, tb, tf.constant(targets), tf.constant(weights), chunk=3, compute_dtype=dtype,
+                                branch_free=branch_free)
     got = tape.gradient(loss, [th, tw, tb])
     h64, w64, b64 = h.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
     want = np_xent_sum(h64 @ w64 + b64, targets, weights)
@@ -289,7 +292,7 @@ def test_chunked_xent_target_probability_below_float32_range(dtype):
     for g, ref in zip(got, np_xent_grads(h64, w64, b64, targets, weights.astype(np.float64))):
         np.testing.assert_allclose(g.numpy(), ref, rtol=0, atol=(1e-5 if dtype == tf.float32 else 3e-2) * np.abs(ref).max())
     evaluated = chunked_xent_sum(th, tw, tb, tf.constant(targets), tf.constant(weights), chunk=3,
-                                 compute_dtype=dtype, with_grad=False)
+                                 compute_dtype=dtype, with_grad=False, branch_free=branch_free)
     np.testing.assert_allclose(float(evaluated), want, rtol=rtol)
 
 

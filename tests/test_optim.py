@@ -138,6 +138,28 @@ def test_adam_scale_multiplies_the_gradients():
             np.testing.assert_allclose(var.numpy(), w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_adam_where_false_changes_nothing_without_a_conditional(jit):
+    """apply(where=False) with Inf and NaN gradients leaves weights, slots and
+    step as they were; where=True is the plain update (NumPy). Also under XLA."""
+    params, grads = _problem(seed=5, steps=2)
+    variables = [tf.Variable(p) for p in _f32(params)]
+    opt = Adam(variables)
+    step = tf.function(lambda g, ok: opt.apply(g, variables, tf.constant(1.0), where=ok), jit_compile=jit)
+    step([tf.constant(x) for x in _f32(grads[0])], tf.constant(True))
+    snapshot = [v.numpy() for v in variables + opt.m + opt.v]
+    bad = [np.full(p.shape, np.inf, np.float32) for p in params]
+    bad[1][0] = np.nan
+    step([tf.constant(x) for x in bad], tf.constant(False))
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(snapshot, variables + opt.m + opt.v))
+    assert int(opt.step.numpy()) == 1
+    step([tf.constant(x) for x in _f32(grads[1])], tf.constant(True))
+    want, _ = _run_numpy(_f32(params), grads)
+    for var, w in zip(variables, want):
+        np.testing.assert_allclose(var.numpy(), w, rtol=1e-5, atol=1e-6)
+    assert int(opt.step.numpy()) == 2
+
+
 def test_clip_scale_clips_the_mean_when_above():
     """Above the threshold the scale is clip / norm over the divisor, with norm
     that of the divided gradients; the scaled gradients then have norm clip."""

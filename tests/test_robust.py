@@ -65,12 +65,12 @@ def loss_report(a: dict[int, float], b: dict[int, float]) -> str:
     return f"; first step whose loss differs: {first}; per-step losses (straight / split): {rows}"
 
 
-@pytest.mark.parametrize("gpus", [1, 2])
+@pytest.mark.parametrize("replicas", [1, 2])
 @pytest.mark.parametrize("packing", ["truncate", "pack"])
-def test_exact_resume(corpus, tmp_path, gpus, packing):
+def test_exact_resume(corpus, tmp_path, replicas, packing):
     """n steps straight == k steps, then --resume to n (dropout on)."""
     common = ["--data", str(corpus), "--logdir", str(tmp_path), "--batch-size", "16", "--epochs", "5",
-              "--packing", packing, "--gpus", str(gpus)] + TINY
+              "--packing", packing, "--cpu-replicas", str(replicas)] + TINY
     assert main(common + ["--run-name", "straight", "--max-steps", "12"]) == 0
     assert main(common + ["--run-name", "split", "--max-steps", "5"]) == 0
     assert checkpoint_step(tmp_path / "split") == 5
@@ -205,7 +205,7 @@ def test_bad_input_gives_one_line_and_status_2(corpus, tmp_path, capsys):
         (["--data", str(corpus), "--lr", "nan"], "--lr"),
         (["--data", str(corpus), "--gen-tokens", "0"], "--gen-tokens"),
         (["--data", str(corpus), "--dropout", "1.5"], "--dropout"),
-        (["--data", str(corpus), "--gpus", "2", "--batch-size", "15"], "not divisible"),
+        (["--data", str(corpus), "--cpu-replicas", "2", "--batch-size", "15"], "not divisible"),
     ]
     for i, (extra, words) in enumerate(cases):
         assert main(base + ["--run-name", f"r{i}"] + extra) == 2, extra

@@ -39,7 +39,8 @@ def test_run_directory_layout(trained):
     assert status == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["embed_dim"] == 32 and cfg["train"]["batch_size"] == 16
-    assert cfg["train"]["precision"] in ("float32", "bfloat16")  # "auto", resolved for this machine
+    # As asked ("auto"), and what it resolved to on this machine.
+    assert cfg["train"]["precision"] == "auto" and cfg["train"]["compute_precision"] in ("float32", "bfloat16")
     vocab = (run / "vocab.txt").read_text().splitlines()
     assert vocab[0] == "\t0" and vocab[1].startswith("[UNK]\t")
     assert tf.train.latest_checkpoint(str(run / "ckpt")) is not None

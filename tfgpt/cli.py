@@ -10,13 +10,15 @@ import time
 from pathlib import Path
 
 from tfgpt.config import GPTConfig, TrainConfig, load_config
-from tfgpt.distribute import is_chief_task
+from tfgpt.cluster import MODES, is_chief_task
+from tfgpt.devices import PRECISIONS
 
 # Fields that may differ from the saved config.json when resuming a run.
 RESUMABLE = {"epochs", "max_steps", "lr", "lr_schedule", "warmup_steps", "clip_norm", "log_every",
              "checkpoint_every", "keep_checkpoints", "quiet", "prompt", "gen_tokens", "top_k",
-             "temperature", "export", "xla", "gpus", "collective_timeout", "data", "loss_chunk",
-             "peak_flops", "profile_steps", "precision"}
+             "temperature", "export", "xla", "gpus", "cpu_replicas", "cluster", "cluster_port",
+             "collective_timeout", "data", "loss_chunk", "steps_per_call", "deterministic", "peak_flops",
+             "profile_steps", "precision"}
 
 
 class UsageError(ValueError):
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python train.py --data ../aclImdb_v1.tar.gz --max-steps 300\n"
                "  python train.py --gpus 2 --precision bfloat16\n"
+               "  srun --ntasks 4 --gpus-per-task 2 python train.py --gpus 2   # 4 workers of a SLURM job\n"
                "  python train.py --run-name my-run --resume --epochs 30\n"
                "watch it: tensorboard --logdir logs")
     d = p.add_argument_group("data")
@@ -63,14 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--clip-norm", type=float, help="clip gradients to this global norm (default: off)")
     o.add_argument("--seed", type=int, help=f"seeds the weights, the data order, the split and dropout (default: {t.seed})")
     h = p.add_argument_group("devices and speed")
-    h.add_argument("--gpus", type=int, help="data-parallel over N GPUs (N logical CPU devices if there is no GPU); "
-                   "with a multi-worker TF_CONFIG, N GPUs per worker; default: one device")
+    h.add_argument("--gpus", type=int, help="data-parallel over N GPUs of this machine (an error if fewer are "
+                   "visible; only those N are used, with memory growth); in a multi-worker run, N GPUs per worker, "
+                   "chosen by the worker's local index (default: one device, the first GPU, else the CPU)")
+    h.add_argument("--cpu-replicas", type=int, help="data-parallel over N logical CPU devices: the multi-replica "
+                   "code on a machine without GPUs (correct, not faster)")
+    h.add_argument("--cluster", choices=MODES, help="where a multi-worker run's cluster comes from: TF_CONFIG, "
+                   "a SLURM job step (srun), or auto = TF_CONFIG if set, else SLURM with several tasks, else "
+                   f"none (default: {t.cluster})")
+    h.add_argument("--cluster-port", type=int, help="SLURM clusters: the port of the first worker on each node, "
+                   f"the next ones counting up (default: {t.cluster_port})")
     h.add_argument("--xla", choices=["auto", "on", "off"], help="jit-compile the per-replica step; auto = on when "
                    f"every replica is a GPU (default: {t.xla})")
-    h.add_argument("--precision", choices=["auto", "float32", "bfloat16"], help="bfloat16: matrix products in "
-                   "bfloat16 with float32 weights, optimizer, norms, softmax and loss; auto: bfloat16 where the "
-                   f"devices support it natively (recent GPUs, CPUs with AMX/AVX512-BF16), else float32 "
-                   f"(default: {t.precision})")
+    h.add_argument("--precision", choices=["auto", *PRECISIONS], help="matrix products in bfloat16 or float16 "
+                   "with float32 weights, optimizer, norms, softmax and loss (float16 with dynamic loss scaling); "
+                   "auto: bfloat16 on GPUs of compute capability 8.0+ and on CPUs with AMX/AVX512-BF16, float16 on "
+                   f"7.x GPUs, else float32 (default: {t.precision})")
+    h.add_argument("--steps-per-call", type=int, help="training steps per compiled call; the host reads the "
+                   "step metrics once per call; 0 = automatic: --log-every on GPUs, 1 on CPUs "
+                   f"(default: {t.steps_per_call})")
+    h.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow ops "
+                   "(tf.config.experimental.enable_op_determinism): the same run gives the same bits on a GPU "
+                   "too, somewhat slower")
     h.add_argument("--loss-chunk", type=int, help="positions per chunk of the output layer and loss; "
                    f"0 = automatic (default: {t.loss_chunk})")
     h.add_argument("--peak-flops", type=float, help="peak FLOP/s of one training device at the training "
@@ -128,6 +145,12 @@ def validate(model: GPTConfig, train: TrainConfig) -> None:
         (train.loss_chunk >= 0, "--loss-chunk must be 0 or positive"),
         (train.clip_norm is None or train.clip_norm > 0, "--clip-norm must be positive"),
         (train.gpus is None or train.gpus >= 1, f"--gpus must be at least 1, got {train.gpus}"),
+        (train.cpu_replicas is None or train.cpu_replicas >= 1,
+         f"--cpu-replicas must be at least 1, got {train.cpu_replicas}"),
+        (train.gpus is None or train.cpu_replicas is None,
+         "--gpus and --cpu-replicas exclude each other: train on GPUs or on the CPU"),
+        (train.steps_per_call >= 0, f"--steps-per-call must be 0 (automatic) or positive, got {train.steps_per_call}"),
+        (1 <= train.cluster_port <= 65535, f"--cluster-port must be a port number, got {train.cluster_port}"),
         (train.collective_timeout > 0, "--collective-timeout must be positive"),
         (train.peak_flops is None or train.peak_flops > 0, f"--peak-flops must be positive, got {train.peak_flops}"),
     ]
@@ -158,21 +181,28 @@ def resolve_run(args: dict) -> tuple[GPTConfig, TrainConfig, Path, bool]:
                 raise UsageError(f"--resume: --{key.replace('_', '-')} {value} conflicts with the saved "
                                  f"config.json ({key} = {saved}); leave it out or start a new run")
         overrides = {k: v for k, v in args.items() if hasattr(saved_train, k)}
+        # Devices: the flag given now replaces the other kind saved.
+        if "gpus" in overrides and "cpu_replicas" not in overrides:
+            overrides["cpu_replicas"] = None
+        if "cpu_replicas" in overrides and "gpus" not in overrides:
+            overrides["gpus"] = None
         train = dataclasses.replace(saved_train, **overrides)
         model = saved_model
     else:
         train.run_name = train.run_name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(train.logdir) / train.run_name
-        if (run_dir / "config.json").exists() and is_chief_task():  # other workers write nothing there
+        if (run_dir / "config.json").exists() and is_chief_task(train.cluster):  # other workers write nothing there
             raise UsageError(f"{run_dir} already exists; pass --resume to continue it or choose another --run-name")
     validate(model, train)
     return model, train, run_dir, resume
 
 
 def main(argv=None) -> int:
-    # TensorFlow's C++ start-up chatter (set TF_CPP_MIN_LOG_LEVEL=0 to see it again).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = vars(build_parser().parse_args(argv))
+    # TensorFlow's C++ log: on CPUs only its errors (its start-up chatter is
+    # noise); with --gpus its warnings too, which say why a GPU library did
+    # not load. TF_CPP_MIN_LOG_LEVEL set by the user wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if args.get("gpus") else "2")
     try:
         model_cfg, train_cfg, run_dir, resume = resolve_run(args)
     except UsageError as e:

@@ -53,9 +53,16 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine
     warmup_steps: int = 0
     xla: str = "auto"  # auto | on | off
-    precision: str = "auto"  # auto | float32 | bfloat16 (auto: bfloat16 where the devices support it natively)
+    precision: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: the fastest the devices run natively)
+    # What `precision` resolved to on the devices of the run (None until then).
+    compute_precision: str | None = None
     loss_chunk: int = 0  # positions per output-layer chunk; 0 = automatic
+    steps_per_call: int = 0  # training steps per compiled call; 0 = automatic
+    deterministic: bool = False
     gpus: int | None = None
+    cpu_replicas: int | None = None
+    cluster: str = "auto"  # auto | tf_config | slurm
+    cluster_port: int = 8888  # first port of the workers on each node of a SLURM cluster
     collective_timeout: float = 300.0
     peak_flops: float | None = None  # FLOP/s of one device for the mfu scalar; None = measured
     profile_steps: str | None = None  # "A:B": profile global steps A to B (inclusive)

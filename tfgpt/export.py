@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tfgpt.devices import PRECISIONS, compute_dtype
+
 
 class ExportError(Exception):
     """A problem with the run directory: reported as one line, no traceback."""
@@ -45,7 +47,7 @@ def export_run(run_dir, step: int | None = None, version: int | None = None, pre
                log=print) -> Path:
     """Restores a run's checkpoint into a fresh model and exports it.
 
-    precision: "float32" or "bfloat16" matrix products in the exported model;
+    precision: "float32", "bfloat16" or "float16" matrix products in the exported model;
     None takes the run's training precision. Returns the version directory
     written."""
     run_dir = Path(run_dir)
@@ -68,8 +70,9 @@ def export_run(run_dir, step: int | None = None, version: int | None = None, pre
         raise ExportError(f"cannot read {config_path}: {e}") from None
     checkpoint = find_checkpoint(run_dir, step)
     # config.json records the precision the run resolved "auto" to.
-    precision = precision or train_config.precision
-    model = GPT(model_config, compute_dtype=tf.bfloat16 if precision == "bfloat16" else tf.float32)
+    precision = precision or train_config.compute_precision or \
+        (train_config.precision if train_config.precision != "auto" else "float32")
+    model = GPT(model_config, compute_dtype=compute_dtype(precision))
     try:
         status = tf.train.Checkpoint(model=model).read(checkpoint).expect_partial()
         status.assert_existing_objects_matched()
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, help="export the checkpoint of this global step (default: the latest)")
     parser.add_argument("--version", type=int,
                         help="the version directory to write (default: one more than the largest present)")
-    parser.add_argument("--precision", choices=("float32", "bfloat16"),
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="matrix products of the exported model (default: the run's training precision)")
     args = parser.parse_args(argv)
     if args.version is not None and args.version < 1:

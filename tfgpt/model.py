@@ -50,23 +50,30 @@ class GPT(tf.Module):
         """ids int32 [B, T] -> logits float32 [B, T, V]."""
         return self.head(self.hidden(ids, seed, training))
 
-    def loss_sum(self, ids, targets, weights, seed=None, training=False, chunk=0, with_grad=True):
+    def loss_sum(self, ids, targets, weights, seed=None, training=False, chunk=0, with_grad=True,
+                 branch_free=False):
         """Sum over positions of weights * cross-entropy(logits, targets).
 
         ids, targets int32 [B, T]; weights float32 [B, T] (0 for padding).
         The output layer and the softmax run `chunk` positions at a time
         (see `chunked_xent_sum`), so the peak memory of the loss does not grow
-        with B*T*V.
+        with B*T*V. `branch_free`: no data-dependent conditional (for XLA on GPUs).
         """
         h = self.hidden(ids, seed, training)  # [B, T, D]
         d = self.config.embed_dim
         return chunked_xent_sum(
             tf.reshape(h, [-1, d]), self.head.w, self.head.b,
             tf.reshape(targets, [-1]), tf.reshape(weights, [-1]),
-            chunk=chunk, compute_dtype=self.compute_dtype, with_grad=with_grad)
+            chunk=chunk, compute_dtype=self.compute_dtype, with_grad=with_grad, branch_free=branch_free)
 
 
-def auto_chunk(n: int, vocab: int, budget_bytes: int = 32 << 20) -> int:
+# Bytes of float32 logits one loss chunk may take, by device type: on a CPU a
+# block that stays in its cache; a GPU has the memory for all of a replica's
+# rows at the default size, and each extra chunk is one more kernel sequence.
+CHUNK_BUDGET = {"CPU": 32 << 20, "GPU": 1 << 30}
+
+
+def auto_chunk(n: int, vocab: int, budget_bytes: int = CHUNK_BUDGET["CPU"]) -> int:
     """The largest divisor of n whose [chunk, vocab] float32 logits fit the budget."""
     target = max(1, budget_bytes // (4 * vocab))
     if n <= target:
@@ -80,7 +87,8 @@ def auto_chunk(n: int, vocab: int, budget_bytes: int = 32 << 20) -> int:
 _TINY = 2.0 ** -126  # the smallest normal float32
 
 
-def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float32, with_grad=True):
+def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float32, with_grad=True,
+                     branch_free=False):
     """sum_i weights[i] * CE(h[i] @ w + b, targets[i]), `chunk` rows at a time.
 
     h [N, D], w [D, V], b [V], targets int32 [N], weights float32 [N] -> scalar.
@@ -98,7 +106,10 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
     taken from the log-sum-exp instead, lse_i - logits[i, t_i] with
     lse_i = max_j logits[i, j] - log(max_j p[i, j]) (the largest probability
     is at least 1/V, so its log never underflows). Two reductions over the
-    [chunk, V] block are thus spent only where they are needed.
+    [chunk, V] block are thus spent only where they are needed. With
+    `branch_free` both are always computed and selected per row instead:
+    under XLA on a GPU a data-dependent conditional copies its predicate to
+    the host and waits for it, once per block.
     The one-hot part never becomes a [chunk, V] tensor: its share of each
     gradient is a gather or a segment sum over the N targets, done once.
     With `with_grad=False` (evaluation) only the loss is computed.
@@ -130,8 +141,11 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
         # Rows of weight 0 (padding) never need the exact value; clamping
         # their p_t keeps 0 * log(0) out of the sum.
         w_rows = weights[rows]
-        exact = tf.reduce_all((p_t >= _TINY) | (w_rows == 0.0))
-        loss = tf.cond(exact, lambda: -tf.math.log(tf.maximum(p_t, _TINY)), from_lse)  # [C]
+        exact_rows = (p_t >= _TINY) | (w_rows == 0.0)
+        if branch_free:
+            loss = tf.where(exact_rows, -tf.math.log(tf.maximum(p_t, _TINY)), from_lse())  # [C]
+        else:
+            loss = tf.cond(tf.reduce_all(exact_rows), lambda: -tf.math.log(tf.maximum(p_t, _TINY)), from_lse)
         return p, tf.reduce_sum(w_rows * loss)
 
     b_cd = tf.cast(b, cd)

@@ -91,11 +91,11 @@ class Reporter:
             if per_device is None:
                 t0 = time.perf_counter()
                 try:
-                    per_device = measured_peak(cfg.precision, device)
+                    per_device = measured_peak(trainer.precision, device)
                 except tf.errors.OpError as e:  # e.g. out of memory: train on, without mfu
                     log(f"warning: could not measure the peak FLOP/s of {device}, so no mfu scalar "
                         f"({type(e).__name__}); pass --peak-flops")
-                source = f"{cfg.precision} matmuls measured on {device} in {time.perf_counter() - t0:.1f}s"
+                source = f"{trainer.precision} matmuls measured on {device} in {time.perf_counter() - t0:.1f}s"
             if per_device is not None:
                 peak = per_device * count
                 extra["mfu_peak_flops"] = peak
@@ -313,11 +313,12 @@ _PEAKS: dict = {}
 def measured_peak(precision: str, device: str) -> float:
     """measure_matmul_peak for the training precision on device, once per
     process (later runs in the same process reuse it)."""
+    from tfgpt.devices import compute_dtype
     from tfgpt.flops import measure_matmul_peak
 
     key = (precision, device)
     if key not in _PEAKS:
-        _PEAKS[key] = measure_matmul_peak(tf.bfloat16 if precision == "bfloat16" else tf.float32, device)
+        _PEAKS[key] = measure_matmul_peak(compute_dtype(precision), device)
     return _PEAKS[key]
 
 

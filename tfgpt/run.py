@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
+from tfgpt.cluster import ClusterError, cluster_failure, is_chief, worker_scratch
 from tfgpt.config import GPTConfig, TrainConfig, save_config
-from tfgpt.distribute import ClusterError, DeviceError, cluster_failure, is_chief, make_strategy, worker_scratch
+from tfgpt.devices import DeviceError
+from tfgpt.distribute import make_strategy
 from tfgpt.memory import release_library_pages
 from tfgpt.runlock import RunLock, RunLocked
 
@@ -58,7 +62,8 @@ def _fail(message, status: int) -> int:
 def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -> int:
     """Runs training; returns the process exit status."""
     try:
-        strategy = make_strategy(cfg.gpus, cfg.collective_timeout)  # before any other TensorFlow op
+        strategy = make_strategy(cfg.gpus, cfg.cpu_replicas, cfg.cluster, cfg.collective_timeout,
+                                 cluster_port=cfg.cluster_port)  # before any other TensorFlow op
     except DeviceError as e:
         return _fail(e, 2)
     except ClusterError as e:
@@ -68,6 +73,14 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
     release_library_pages()
     chief = is_chief(strategy)
     log = print if chief else (lambda *a, **k: None)
+    if cfg.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    cfg, notes = resolve_devices(cfg, strategy, resume)
+    log(device_line(strategy, cfg))
+    for note in notes:
+        log(note)
     lock = RunLock(run_dir) if chief else None
     try:
         if lock:
@@ -81,6 +94,39 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
     finally:
         if lock:
             lock.release()
+
+
+def resolve_devices(cfg: TrainConfig, strategy, resume: bool) -> tuple[TrainConfig, list[str]]:
+    """(cfg with compute_precision set for this strategy's devices, lines to
+    tell the user). On --resume the precision is checked again: `auto` may
+    choose differently on other devices (the weights are float32 in every
+    precision, so the run goes on); an explicit precision that the devices
+    do not run natively is pointed out."""
+    from tfgpt.devices import native, resolve_precision
+
+    chosen, notes = resolve_precision(cfg.precision, strategy), []
+    if resume and cfg.compute_precision and chosen != cfg.compute_precision:
+        notes.append(f"precision: {chosen} on these devices (--precision {cfg.precision}); the run trained in "
+                     f"{cfg.compute_precision} before")
+    if cfg.precision != "auto" and not native(chosen, strategy):
+        notes.append(f"warning: --precision {chosen} is not native on these devices: slower than float32, "
+                     "or emulated")
+    return dataclasses.replace(cfg, compute_precision=chosen), notes
+
+
+def device_line(strategy, cfg: TrainConfig) -> str:
+    """The run's first line: devices, precision, XLA, replicas, steps per call."""
+    from tfgpt.devices import describe
+    from tfgpt.trainer import auto_steps_per_call, use_xla
+
+    workers = ""
+    if getattr(strategy, "cluster_resolver", None) is not None:
+        spec = strategy.cluster_resolver.cluster_spec().as_dict()
+        workers = f" on each of {sum(len(v) for v in spec.values())} workers"
+    spc = auto_steps_per_call(cfg.steps_per_call, strategy, cfg.log_every)
+    return (f"devices: {describe(strategy)}{workers}; precision {cfg.compute_precision}; "
+            f"XLA {'on' if use_xla(cfg.xla, strategy) else 'off'}; {strategy.num_replicas_in_sync} replica(s); "
+            f"{spc} step(s) per call" + ("; deterministic ops" if cfg.deterministic else ""))
 
 
 def _train(strategy, model_cfg, cfg, run_dir, resume, chief, log) -> int:
@@ -108,12 +154,11 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief, log) -> int:
             path = trainer.restore_latest(warn=log)
         except RuntimeError as e:
             return _fail(e, 2)
-        log(f"resumed from {path} (step {int(trainer.optimizer.step.numpy())})" if path
+        log(f"resumed from {path} (step {int(trainer.state.step.numpy())})" if path
             else "resume: no checkpoint yet, starting from step 0")
     from tfgpt.model import count_params
 
-    log(f"model: {count_params(trainer.model):,} parameters; {strategy.num_replicas_in_sync} replica(s); "
-        f"XLA {'on' if trainer.xla else 'off'}; {cfg.precision}; {per_epoch} steps per epoch")
+    log(f"model: {count_params(trainer.model):,} parameters; {per_epoch} steps per epoch")
 
     sample_fn = make_sample_fn(trainer, cfg, vocab_path) if chief else None
     reporter = Reporter.for_run(trainer, model_cfg, cfg, run_dir, chief, sample_fn, log)
@@ -151,12 +196,27 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief, log) -> int:
     if chief and cfg.export:
         from tfgpt.sampler import export_model
 
-        path = export_model(trainer.model, vocab_path, run_dir / "export")
+        with op_determinism(False):  # serving_default draws a fresh seed per request
+            path = export_model(trainer.model, vocab_path, run_dir / "export")
         log(f"exported SavedModel: {path}")
     if history and history[-1]["val_loss"] is not None:
         log(f"final validation loss {history[-1]['val_loss']:.4f}")
     log(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
     return 0
+
+
+@contextlib.contextmanager
+def op_determinism(enabled: bool):
+    """TensorFlow's op determinism set to `enabled` inside the block, restored
+    after. (TensorFlow has a public switch to turn it on, not off.)"""
+    from tensorflow.python.framework import config
+
+    before = config.is_op_determinism_enabled()
+    (config.enable_op_determinism if enabled else config.disable_op_determinism)()
+    try:
+        yield
+    finally:
+        (config.enable_op_determinism if before else config.disable_op_determinism)()
 
 
 def make_sample_fn(trainer, cfg: TrainConfig, vocab_path: Path):

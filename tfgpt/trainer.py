@@ -1,19 +1,28 @@
 """The training loop: distributed steps, validation, checkpoints, summaries.
 
-One train step, for every strategy (the default one, MirroredStrategy,
-MultiWorkerMirroredStrategy):
+One call runs several train steps (`steps_per_call`), for every strategy (the
+default one, MirroredStrategy, MultiWorkerMirroredStrategy):
 
-    outer tf.function (never jit-compiled)
+    outer tf.function (never jit-compiled), a loop of up to n steps:
+      next global batch from the distributed iterator
       strategy.run(replica_step)             in each replica:
         loss_sum, count, grads = grad_fn()   jit-compiled with XLA on
         all-reduce(loss_sum, count, grads)   outside XLA
         Adam update with grads scaled by     jit-compiled with XLA on
           1 / global count (the mean over
           real target tokens) and the clip
+      the step's loss, norm, lr and count into on-device arrays
+    the host reads the arrays once per call
 
-Every replica applies the same all-reduced update to its own copy of the
+The host thus waits for the device once per call, not once per step. Every
+replica applies the same all-reduced update to its own copy of the
 variables, so the copies stay identical. Summaries, progress, samples and
 exports come from the chief, outside any compiled function.
+
+float16 (`--precision float16`) multiplies the loss by a dynamic loss scale
+(tfgpt/loss_scale.py) before the backward pass; a step whose all-reduced
+gradients are not finite is skipped and the scale halved. In float32 and
+bfloat16 a non-finite loss or gradient stops training with an error.
 """
 
 from __future__ import annotations
@@ -28,9 +37,11 @@ import numpy as np
 import tensorflow as tf
 
 from tfgpt import data, memory
+from tfgpt.cluster import is_chief
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.distribute import all_gpus, fastest_precision, is_chief
-from tfgpt.model import GPT
+from tfgpt.devices import all_gpus, compute_dtype, resolve_precision
+from tfgpt.loss_scale import LossScale
+from tfgpt.model import CHUNK_BUDGET, GPT, auto_chunk
 from tfgpt.optim import Adam, clip_scale, make_schedule
 
 
@@ -38,9 +49,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss or the gradients stopped being finite. The step that saw it was
     not applied, and nothing after the last checkpoint was saved."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float):
+    def __init__(self, step: int, loss: float, grad_norm: float, scale: float | None = None):
+        detail = f"; float16 gradients overflow even at loss scale {scale:g}" if scale is not None else ""
         super().__init__(f"the loss or the gradients are not finite at step {step} "
-                         f"(loss {loss}, gradient norm {grad_norm})")
+                         f"(loss {loss}, gradient norm {grad_norm}){detail}")
         self.step = step
 
 
@@ -53,11 +65,13 @@ class Interrupted(RuntimeError):
 
 
 class TrainState(tf.Module):
-    """Where training stands: the epoch in progress and the global batches of
-    it already consumed. The global step is the optimizer's."""
+    """Where training stands: the global step (global batches trained on), the
+    epoch in progress and the global batches of it already consumed. The
+    optimizer counts its own updates: fewer, when float16 skipped steps."""
 
     def __init__(self):
         super().__init__(name="state")
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.batch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch")
 
@@ -68,6 +82,15 @@ def use_xla(setting: str, strategy) -> bool:
     if setting == "off":
         return False
     return all_gpus(strategy)  # auto: XLA on GPUs; on CPU it measured slower
+
+
+def auto_steps_per_call(setting: int, strategy, log_every: int) -> int:
+    """Steps per compiled call: `setting`, or for 0 (automatic) log_every on
+    GPUs, whose steps are short enough for the host's wait after each one to
+    leave the device idle, and 1 on CPUs, whose steps are long."""
+    if setting:
+        return setting
+    return max(1, min(log_every, 100)) if all_gpus(strategy) else 1
 
 
 class Trainer:
@@ -83,16 +106,20 @@ class Trainer:
         self.replicas = strategy.num_replicas_in_sync
         if cfg.batch_size % self.replicas:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {self.replicas} replicas")
-        if cfg.precision == "auto":
-            cfg.precision = fastest_precision(strategy)  # recorded as resolved in config.json
-        dtype = tf.bfloat16 if cfg.precision == "bfloat16" else tf.float32
+        self.precision = cfg.compute_precision or resolve_precision(cfg.precision, strategy)
+        self.steps_per_call = auto_steps_per_call(cfg.steps_per_call, strategy, cfg.log_every)
+        rows = cfg.batch_size // self.replicas * model_cfg.maxlen  # loss rows per replica
+        self.loss_chunk = cfg.loss_chunk or auto_chunk(
+            rows, model_cfg.vocab_size, CHUNK_BUDGET["GPU" if all_gpus(strategy) else "CPU"])
         with strategy.scope():
-            self.model = GPT(model_cfg, seed=cfg.seed, compute_dtype=dtype)
+            self.model = GPT(model_cfg, seed=cfg.seed, compute_dtype=compute_dtype(self.precision))
             schedule = make_schedule(cfg.lr_schedule, cfg.lr, cfg.warmup_steps, total_steps)
             self.optimizer = Adam(self.model.trainable_variables, lr=schedule,
                                   beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
             self.state = TrainState()
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, state=self.state)
+            self.loss_scale = LossScale()  # used in float16 only; checkpointed always
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, state=self.state,
+                                              loss_scale=self.loss_scale)
         self.manager = None
         self.stop_signal = None  # set by a signal handler: stop after the current step
         self._stepped = False  # whether train_step has run in this process
@@ -104,62 +131,113 @@ class Trainer:
     # --- steps ---------------------------------------------------------------
 
     def _build_steps(self):
-        model, variables = self.model, self.model.trainable_variables
-        chunk = self.cfg.loss_chunk
+        model, variables, cfg = self.model, self.model.trainable_variables, self.cfg
+        chunk, branch_free = self.loss_chunk, self.xla
+        scaled = self.precision == "float16"  # dynamic loss scaling
+        optimizer, loss_scale = self.optimizer, self.loss_scale
+        # float16: the loss scale multiplies the mean over a replica's rows,
+        # not the sum, so that the summed weight gradients stay in range.
+        rows = float(cfg.batch_size // self.replicas * self.model_cfg.maxlen)
 
-        def grads_fn(x, y, w, seed):
+        def grads_fn(x, y, w, seed, scale):
             with tf.GradientTape() as tape:
-                loss_sum = model.loss_sum(x, y, w, seed=seed, training=True, chunk=chunk)
-            grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss_sum, variables)]
+                loss_sum = model.loss_sum(x, y, w, seed=seed, training=True, chunk=chunk, branch_free=branch_free)
+                target = loss_sum * (scale / rows) if scaled else loss_sum
+            grads = [tf.convert_to_tensor(g) for g in tape.gradient(target, variables)]
             return loss_sum, tf.reduce_sum(w), grads
 
-        def apply_fn(grads, count, loss):
-            # grads are sums over the global batch: the update divides them by
-            # the number of real target tokens and clips their global norm.
-            scale, norm = clip_scale(grads, self.cfg.clip_norm, tf.maximum(count, 1.0))
-            # A non-finite loss or gradient leaves every variable (and the
-            # step counter) untouched; the loop then stops with an error.
+        def apply_fn(grads, count, loss, scale):
+            # grads are sums over the global batch (times scale / rows in
+            # float16): the update divides them by the number of real target
+            # tokens (and that factor) and clips their global norm.
+            divisor = tf.maximum(count, 1.0) * (scale / rows) if scaled else tf.maximum(count, 1.0)
+            factor, norm = clip_scale(grads, cfg.clip_norm, divisor)
+            # A step with a non-finite loss or gradient leaves every variable
+            # (and the optimizer's step) untouched.
             finite = tf.math.is_finite(norm) & tf.math.is_finite(loss)
-            opt = self.optimizer
-            lr = tf.cond(finite, lambda: opt.apply(grads, variables, scale), lambda: opt.learning_rate(opt.step + 1))
-            return norm, lr
+            if branch_free:
+                lr = optimizer.apply(grads, variables, factor, where=finite)
+            else:
+                lr = tf.cond(finite, lambda: optimizer.apply(grads, variables, factor),
+                             lambda: optimizer.learning_rate(optimizer.step + 1))
+            if scaled:
+                loss_scale.update(finite)
+            return norm, lr, finite
 
         def eval_fn(x, y, w):
-            return model.loss_sum(x, y, w, training=False, chunk=chunk, with_grad=False), tf.reduce_sum(w)
+            loss = model.loss_sum(x, y, w, training=False, chunk=chunk, with_grad=False, branch_free=branch_free)
+            return loss, tf.reduce_sum(w)
 
         grads_fn = tf.function(grads_fn, jit_compile=self.xla)
         apply_fn = tf.function(apply_fn, jit_compile=self.xla)
         eval_fn = tf.function(eval_fn, jit_compile=self.xla)
         sum_ = tf.distribute.ReduceOp.SUM
 
+        shape = [cfg.batch_size // self.replicas, self.model_cfg.maxlen]  # one replica's slice
+
         def replica_train(x, y, w, seed):
+            # A multi-worker iterator read inside a loop leaves the batch size
+            # unknown; the loss needs it static (every batch is full).
+            x, y, w = (tf.ensure_shape(t, shape) for t in (x, y, w))
             ctx = tf.distribute.get_replica_context()
             replica_seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
-            loss_sum, count, grads = grads_fn(x, y, w, replica_seed)
+            scale = tf.identity(loss_scale.scale) if scaled else tf.ones([])
+            loss_sum, count, grads = grads_fn(x, y, w, replica_seed, scale)
             loss_sum, count = ctx.all_reduce(sum_, [loss_sum, count])
             grads = ctx.all_reduce(sum_, grads)
             loss = loss_sum / tf.maximum(count, 1.0)
-            norm, lr = apply_fn(grads, count, loss)
-            return loss, norm, lr, count
+            norm, lr, finite = apply_fn(grads, count, loss, scale)
+            return loss, norm, lr, count, finite
 
         def replica_eval(x, y, w):
             ctx = tf.distribute.get_replica_context()
             return ctx.all_reduce(sum_, list(eval_fn(x, y, w)))
 
-        strategy = self.strategy
+        strategy, state = self.strategy, self.state
+
+        def first(values):
+            # Every replica holds the same all-reduced values: take the first.
+            return [strategy.experimental_local_results(v)[0] for v in values]
 
         @tf.function
         def train_step(batch, seed):
-            out = strategy.run(replica_train, args=(*batch, seed))
-            # Every replica holds the same all-reduced values: take the first.
-            return [strategy.experimental_local_results(v)[0] for v in out]
+            """One step on a given global batch; counts no state. -> loss, norm, lr, count, finite."""
+            return first(strategy.run(replica_train, args=(*batch, seed)))
+
+        @tf.function
+        def train_steps(iterator, n):
+            """Up to n steps on the iterator's next global batches, counting
+            them in the state. Stops after a step that must end training (see
+            `_keeps_going`). -> per-step [steps] loss, norm, lr, count, finite;
+            the loss scale after each step."""
+            arrays = [tf.TensorArray(dtype, size=n) for dtype in (tf.float32,) * 4 + (tf.bool, tf.float32)]
+            i, going = tf.constant(0), tf.constant(True)
+            while i < n and going:
+                seed = tf.stack([tf.constant(cfg.seed, tf.int64), state.step])
+                loss, norm, lr, count, finite = first(strategy.run(replica_train, args=(*next(iterator), seed)))
+                state.step.assign_add(1)
+                state.batch.assign_add(1)
+                scale = tf.identity(loss_scale.scale)
+                values = (loss, norm, lr, count, finite, scale)
+                arrays = [a.write(i, v) for a, v in zip(arrays, values)]
+                going = self._keeps_going(finite, loss, scale)
+                i += 1
+            return [a.stack() for a in arrays]
 
         @tf.function
         def eval_step(batch):
-            out = strategy.run(replica_eval, args=batch)
-            return [strategy.experimental_local_results(v)[0] for v in out]
+            return first(strategy.run(replica_eval, args=batch))
 
-        self.train_step, self.eval_step = train_step, eval_step
+        self.train_step, self.train_steps, self.eval_step = train_step, train_steps, eval_step
+
+    def _keeps_going(self, finite, loss, scale):
+        """Whether training goes on after a step. float32 and bfloat16: only
+        after a finite step. float16: also after skipping a step whose
+        gradients overflowed, while the loss itself is finite and the scale
+        has not fallen below 1 (at 1 an overflow is not the scale's doing)."""
+        if self.precision != "float16":
+            return finite
+        return finite | (tf.math.is_finite(loss) & (scale >= 1.0))
 
     def step_seed(self, step: int):
         """The dropout seed of global step `step`: a function of the run seed
@@ -193,7 +271,7 @@ class Trainer:
             self._scratch = directory
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(directory), max_to_keep=self.cfg.keep_checkpoints,
-            step_counter=self.optimizer.step, checkpoint_name="ckpt")
+            step_counter=self.state.step, checkpoint_name="ckpt")
 
     def restore_latest(self, warn=print) -> str | None:
         """Restores the newest readable checkpoint, falling back to older ones
@@ -219,7 +297,7 @@ class Trainer:
         """Writes a checkpoint at the current step (none without open_checkpoints)."""
         if self.manager is None:
             return None
-        return self.manager.save(checkpoint_number=int(self.optimizer.step.numpy()))
+        return self.manager.save(checkpoint_number=int(self.state.step.numpy()))
 
     def close(self):
         scratch = getattr(self, "_scratch", None)
@@ -231,50 +309,53 @@ class Trainer:
     def fit(self, train_windows: np.ndarray, val_windows: np.ndarray | None, hooks=None):
         """Trains until cfg.epochs or cfg.max_steps. `hooks` (optional) has
         on_step(info), on_epoch(info), each called on every worker, and may
-        have before_step(step), called with the global step about to run."""
+        have before_step(step), called with the first global step of each
+        compiled call about to run."""
         cfg = self.cfg
         per_epoch = data.batches_per_epoch(len(train_windows), cfg.batch_size)
         tokens_per_step = cfg.batch_size * self.model_cfg.maxlen
         history = []
-        step = int(self.optimizer.step.numpy())
+        step = int(self.state.step.numpy())
         done = cfg.max_steps is not None and step >= cfg.max_steps
         while not done and int(self.state.epoch.numpy()) < cfg.epochs:
             if self.stop_signal is not None:
                 raise Interrupted(self.stop_signal, step, self.save())
-            epoch, skip = int(self.state.epoch.numpy()), int(self.state.batch.numpy())
+            epoch, batch = int(self.state.epoch.numpy()), int(self.state.batch.numpy())
             dist = self.distribute(lambda ctx: data.train_dataset(
-                train_windows, cfg.batch_size, cfg.seed, epoch, cfg.packing, ctx, skip=skip))
+                train_windows, cfg.batch_size, cfg.seed, epoch, cfg.packing, ctx, skip=batch))
+            iterator = iter(dist)
             epoch_start, losses = time.perf_counter(), []
-            for batch in dist:
+            while batch < per_epoch and not done:
+                n = self._call_length(step, per_epoch - batch)
                 if hooks and hasattr(hooks, "before_step"):
                     hooks.before_step(step + 1)  # e.g. start a graph trace or the profiler
                 t0 = time.perf_counter()
-                loss, norm, lr, count = self.train_step(batch, self.step_seed(step))
-                loss = float(loss)  # waits for the step
-                dt = time.perf_counter() - t0
+                out = [a.numpy() for a in self.train_steps(iterator, tf.constant(n))]  # waits for the call
+                dt = (time.perf_counter() - t0) / len(out[0])
                 if not self._stepped:
-                    # The first step traced and optimised the graph: code no
+                    # The first call traced and optimised the graph: code no
                     # later step runs (another ~30 MB of peak RSS).
                     self._stepped = True
                     memory.release_library_pages()
-                if not (math.isfinite(loss) and math.isfinite(float(norm))):
-                    raise NonFiniteLoss(step + 1, loss, float(norm))
-                step += 1
-                self.state.batch.assign_add(1)
-                losses.append(loss)
-                info = dict(step=step, epoch=epoch, batch=int(self.state.batch.numpy()), batches=per_epoch,
-                            loss=loss, grad_norm=float(norm), lr=float(lr), tokens=float(count),
-                            step_time=dt, tokens_per_second=tokens_per_step / dt)
-                if hooks:
-                    hooks.on_step(info)
+                for loss, norm, lr, count, finite, scale in zip(*out):
+                    step, batch = step + 1, batch + 1
+                    if not finite and self.precision != "float16" or not math.isfinite(loss):
+                        raise NonFiniteLoss(step, float(loss), float(norm))
+                    if not finite and scale < 1.0:
+                        raise NonFiniteLoss(step, float(loss), float(norm), scale=float(scale))
+                    losses.append(float(loss))
+                    info = dict(step=step, epoch=epoch, batch=batch, batches=per_epoch, loss=float(loss),
+                                grad_norm=float(norm), lr=float(lr), tokens=float(count), step_time=dt,
+                                tokens_per_second=tokens_per_step / dt, skipped=not finite,
+                                loss_scale=float(scale) if self.precision == "float16" else None)
+                    if hooks:
+                        hooks.on_step(info)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save()
-                if cfg.max_steps is not None and step >= cfg.max_steps:
-                    done = True
-                    break
-                if self.stop_signal is not None:
+                done = cfg.max_steps is not None and step >= cfg.max_steps
+                if self.stop_signal is not None and not done:
                     raise Interrupted(self.stop_signal, step, self.save())
-            finished_epoch = int(self.state.batch.numpy()) >= per_epoch
+            finished_epoch = batch >= per_epoch
             if finished_epoch:
                 self.state.epoch.assign_add(1)
                 self.state.batch.assign(0)
@@ -287,6 +368,23 @@ class Trainer:
             if hooks:
                 hooks.on_epoch(info)
         return history
+
+    def _call_length(self, step: int, left_in_epoch: int) -> int:
+        """Steps of the next call: steps_per_call, but no call runs past the end
+        of the epoch, --max-steps, a --checkpoint-every step or a boundary of
+        the --profile-steps range, so each happens after a whole call."""
+        n = min(self.steps_per_call, left_in_epoch)
+        if self.cfg.max_steps is not None:
+            n = min(n, self.cfg.max_steps - step)
+        marks = [self.cfg.checkpoint_every] if self.cfg.checkpoint_every else []
+        for every in marks:
+            n = min(n, every - step % every)
+        profile = self.cfg.profile_range()
+        if profile:
+            for edge in (profile[0] - 1, profile[1]):
+                if edge > step:
+                    n = min(n, edge - step)
+        return max(1, n)
 
 
 def perplexity(loss: float) -> float:

@@ -1,0 +1,199 @@
+"""Devices: --gpus means GPUs (with a one-line reason when TensorFlow sees
+too few), --cpu-replicas means logical CPUs, only the GPUs used are visible,
+and the precision follows the devices. GPUs are faked at the
+tf.config level; the CLI errors run in real processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+
+from tfgpt import devices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeGPUs:
+    """tf.config's device functions for a machine with `count` GPUs."""
+
+    def __init__(self, monkeypatch, count, capability=(9, 0), name="NVIDIA H100 80GB HBM3"):
+        self.gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(count)]
+        self.visible, self.growth = list(self.gpus), []
+        real = tf.config.list_physical_devices
+        monkeypatch.setattr(tf.config, "list_physical_devices",
+                            lambda kind=None: list(self.gpus) if kind == "GPU" else real(kind))
+        monkeypatch.setattr(tf.config, "set_visible_devices", self.set_visible)
+        monkeypatch.setattr(tf.config, "get_visible_devices",
+                            lambda kind=None: list(self.visible) if kind == "GPU" else [])
+        monkeypatch.setattr(tf.config.experimental, "set_memory_growth", lambda d, on: self.growth.append((d, on)))
+        monkeypatch.setattr(tf.config.experimental, "get_device_details",
+                            lambda d: {"device_name": name, "compute_capability": capability})
+        monkeypatch.setattr(devices, "nvidia_smi", lambda *a: [f"{name}, 81559"] if "--query-gpu" in a[0] else
+                            [f"GPU {i}: {name} (UUID: GPU-{i})" for i in range(count)])
+
+    def set_visible(self, chosen, kind=None):
+        self.visible = list(chosen)
+
+
+def test_gpus_are_chosen_by_local_index_with_memory_growth(monkeypatch):
+    fake = FakeGPUs(monkeypatch, 4)
+    assert devices.use_gpus(2, local_index=1) == ["/gpu:0", "/gpu:1"]
+    assert fake.visible == fake.gpus[2:4]
+    assert fake.growth == [(fake.gpus[2], True), (fake.gpus[3], True)]
+    assert devices.use_gpus(1, local_index=3) and fake.visible == [fake.gpus[3]]
+    with pytest.raises(devices.DeviceError, match=r"local index 2 needs GPUs 4\.\.5, but TensorFlow sees 4"):
+        devices.use_gpus(2, local_index=2)
+
+
+def test_a_scheduler_that_gave_each_process_its_gpus_is_respected(monkeypatch):
+    """Exactly the asked number visible (e.g. SLURM set CUDA_VISIBLE_DEVICES):
+    the local index is not applied again."""
+    fake = FakeGPUs(monkeypatch, 2)
+    assert devices.use_gpus(2, local_index=3) == ["/gpu:0", "/gpu:1"]
+    assert fake.visible == fake.gpus
+
+
+def test_too_few_gpus_is_one_line_saying_what_tensorflow_sees(monkeypatch):
+    FakeGPUs(monkeypatch, 2)
+    with pytest.raises(devices.DeviceError) as e:
+        devices.use_gpus(3)
+    assert str(e.value).startswith("--gpus 3 asked for, but TensorFlow sees 2 GPUs; use --gpus 2 or fewer")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("cuda_build, listed, hidden, libraries, expect", [
+    (False, 2, None, False, "this TensorFlow build has no CUDA support; install the GPU build with `make venv GPU=1`"),
+    (True, 0, None, False, "nvidia-smi lists none (no NVIDIA driver or GPU on this machine); to train several "
+                           "replicas on the CPU use --cpu-replicas N"),
+    (True, 2, "-1", True, "CUDA_VISIBLE_DEVICES='-1' hides all 2 GPUs that nvidia-smi lists; unset it"),
+    (True, 2, None, False, "while nvidia-smi lists 2: TensorFlow's CUDA libraries are not installed"),
+    (True, 2, None, True, "could not load its CUDA libraries or they do not match the driver"),
+])
+def test_the_reason_for_no_gpu(monkeypatch, cuda_build, listed, hidden, libraries, expect):
+    monkeypatch.setattr(tf.test, "is_built_with_cuda", lambda: cuda_build)
+    monkeypatch.setattr(devices, "driver_gpus", lambda: [f"GPU {i}: X" for i in range(listed)])
+    monkeypatch.setattr(devices, "cuda_libraries_installed", lambda: libraries)
+    if hidden is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+    message = devices.why_no_gpus(2, 0)
+    assert message.startswith("--gpus 2 asked for, but TensorFlow sees 0 GPUs")
+    assert expect in message and "\n" not in message
+
+
+def test_precision_follows_the_gpus_compute_capability(monkeypatch):
+    strategy = tf.distribute.get_strategy()
+    for capability, fastest in (((9, 0), "bfloat16"), ((8, 0), "bfloat16"), ((7, 0), "float16"),
+                                ((7, 5), "float16"), ((6, 1), "float32")):
+        with monkeypatch.context() as m:
+            FakeGPUs(m, 1, capability=capability)
+            assert devices.all_gpus(strategy)
+            assert devices.fastest_precision(strategy) == fastest
+            assert devices.resolve_precision("auto", strategy) == fastest
+            assert devices.resolve_precision("float32", strategy) == "float32"
+            assert devices.native("bfloat16", strategy) == (capability[0] >= 8)
+            assert devices.native("float16", strategy) == (capability[0] >= 7)
+
+
+def test_the_device_line_names_model_capability_and_memory(monkeypatch):
+    FakeGPUs(monkeypatch, 2)
+    assert devices.describe(tf.distribute.get_strategy()) == \
+        "1 x NVIDIA H100 80GB HBM3 (compute capability 9.0, 80 GiB)"
+    monkeypatch.undo()
+    cpu = devices.describe(tf.distribute.get_strategy())
+    assert devices.cpu_info()[0] in cpu and f"{os.cpu_count()} cores" in cpu
+
+
+def test_compute_dtypes():
+    assert [devices.compute_dtype(p) for p in devices.PRECISIONS] == [tf.float32, tf.bfloat16, tf.float16]
+
+
+# --- the command line, in real processes ------------------------------------------------
+
+def run_train(args, tmp_path, path_dir=None, **env):
+    environ = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env)
+    if path_dir is not None:
+        environ["PATH"] = f"{path_dir}:{environ['PATH']}"
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("this movie is good\n" * 50)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(corpus), "--logdir",
+                           str(tmp_path / "logs"), "--max-steps", "1", *args],
+                          capture_output=True, text=True, env=environ, timeout=300)
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="about machines without a GPU")
+def test_gpus_on_a_machine_without_gpu_is_one_line_not_a_cpu_fallback(tmp_path):
+    out = run_train(["--gpus", "2"], tmp_path, CUDA_VISIBLE_DEVICES="")
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and "--gpus 2 asked for, but TensorFlow sees 0 GPUs" in errors[0]
+    assert "Traceback" not in out.stderr
+    assert not list((tmp_path / "logs").rglob("config.json"))  # stopped before the run began
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="about machines without a GPU")
+def test_a_driver_without_cuda_libraries_names_the_fix(tmp_path):
+    """nvidia-smi lists GPUs (a fake one on PATH) but TensorFlow has no CUDA
+    libraries, as with the plain tensorflow wheel on a GPU machine."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-0)'\n"
+                                     "echo 'GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-1)'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    out = subprocess.run([sys.executable, "-c", "from tfgpt import devices; print(devices.why_no_gpus(2, 0))"],
+                         capture_output=True, text=True, env=dict(env, PATH=f"{fake}:{env['PATH']}",
+                                                                  TF_CPP_MIN_LOG_LEVEL="2"), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "while nvidia-smi lists 2" in out.stdout
+    assert "make venv GPU=1" in out.stdout
+
+
+def test_gpus_and_cpu_replicas_exclude_each_other(tmp_path):
+    out = run_train(["--gpus", "1", "--cpu-replicas", "2"], tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == \
+        "train.py: error: --gpus and --cpu-replicas exclude each other: train on GPUs or on the CPU"
+
+
+def test_a_deterministic_float16_run_from_the_command_line(tmp_path):
+    """--precision float16 --deterministic through train.py: the first line
+    names the devices and settings, config.json records what was resolved,
+    and the float16 export generates."""
+    out = run_train(["--precision", "float16", "--deterministic", "--run-name", "r", "--batch-size", "8",
+                     "--maxlen", "8", "--embed-dim", "16", "--ff-dim", "16", "--gen-tokens", "4",
+                     "--peak-flops", "1e11", "--quiet"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("devices: ") and "precision float16" in first and "deterministic ops" in first
+    assert "1 replica(s)" in first and "XLA off" in first
+    config = json.loads((tmp_path / "logs" / "r" / "config.json").read_text())["train"]
+    assert config["precision"] == config["compute_precision"] == "float16" and config["deterministic"]
+    assert (tmp_path / "logs" / "r" / "export" / "1" / "saved_model.pb").exists()
+    assert "sample: this movie is" in out.stdout or "sample: this movie" in out.stdout
+
+
+def test_resume_checks_the_precision_against_the_devices(monkeypatch):
+    """A run that trained in bfloat16 (auto on an A100, say) resumed on
+    devices where auto means float16 trains on in float16 and says so; an
+    explicit bfloat16 on devices without it is pointed out."""
+    from tfgpt.config import TrainConfig
+    from tfgpt.run import resolve_devices
+
+    strategy = tf.distribute.get_strategy()
+    FakeGPUs(monkeypatch, 1, capability=(7, 0), name="Tesla V100-SXM2-16GB")
+    saved = TrainConfig(precision="auto", compute_precision="bfloat16")
+    cfg, notes = resolve_devices(saved, strategy, resume=True)
+    assert cfg.compute_precision == "float16" and cfg.precision == "auto"
+    assert notes == ["precision: float16 on these devices (--precision auto); the run trained in bfloat16 before"]
+    assert saved.compute_precision == "bfloat16"  # a new config, the saved one untouched
+    cfg, notes = resolve_devices(TrainConfig(precision="bfloat16", compute_precision="bfloat16"), strategy, True)
+    assert cfg.compute_precision == "bfloat16"
+    assert notes == ["warning: --precision bfloat16 is not native on these devices: slower than float32, "
+                     "or emulated"]
+    assert resolve_devices(TrainConfig(precision="auto"), strategy, resume=False)[1] == []

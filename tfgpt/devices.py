@@ -1,0 +1,274 @@
+"""Devices: which ones a process trains on, what they are, which precision suits them.
+
+  --gpus N          N GPUs of this machine (never CPUs). Only those N are made
+                    visible to TensorFlow, with memory growth on, so a run
+                    does not take the memory of GPUs it does not use. Several
+                    workers on one machine take consecutive groups of N by
+                    their local index.
+  --cpu-replicas N  N logical CPU devices: the multi-replica code path on a
+                    machine without GPUs (correct, not faster; the tests use it)
+  neither           one device: the first GPU, else the CPU
+
+Everything here that changes devices must run before TensorFlow initialises
+its runtime (before any op). TensorFlow is imported inside the functions, so
+that the command line stays fast for its own checks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+
+
+class DeviceError(ValueError):
+    """A problem with --gpus, --cpu-replicas or the cluster: reported as one line."""
+
+
+# --- what the machine has -------------------------------------------------------
+
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, instruction-set flags) of this machine's CPU, from
+    /proc/cpuinfo; ("unknown CPU", empty set) where there is none."""
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        lines = []
+
+    def field(key):
+        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
+
+    return field("model name") or "unknown CPU", set((field("flags") or "").split())
+
+
+def nvidia_smi(*args: str) -> list[str] | None:
+    """The output lines of `nvidia-smi ARGS`; None where there is no working
+    nvidia-smi (no NVIDIA driver)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def driver_gpus() -> list[str]:
+    """The GPUs the NVIDIA driver lists (`nvidia-smi -L`), whatever TensorFlow sees."""
+    return [line for line in nvidia_smi("-L") or [] if line.startswith("GPU ")]
+
+
+def cuda_libraries_installed() -> bool:
+    """Whether the CUDA libraries of `tensorflow[and-cuda]` (pip's nvidia-*
+    packages) are installed beside TensorFlow. A system-wide CUDA can serve
+    as well, so this only explains a failure; it never causes one."""
+    try:
+        return importlib.util.find_spec("nvidia.cudnn") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def why_no_gpus(asked: int, found: int) -> str:
+    """The one-line error for --gpus N when TensorFlow sees fewer GPUs: what
+    it sees, the likely reason, and the fix."""
+    import tensorflow as tf
+
+    listed = driver_gpus()
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    sees = f"TensorFlow sees {found} GPU{'' if found == 1 else 's'}"
+    if found:
+        reason = f"use --gpus {found} or fewer"
+        if len(listed) > found:
+            reason += f" (nvidia-smi lists {len(listed)}; CUDA_VISIBLE_DEVICES={hidden!r} hides the others)" \
+                if hidden is not None else f" (nvidia-smi lists {len(listed)})"
+        return f"--gpus {asked} asked for, but {sees}; {reason}"
+    if not tf.test.is_built_with_cuda():
+        return (f"--gpus {asked} asked for, but {sees}: this TensorFlow build has no CUDA support; "
+                "install the GPU build with `make venv GPU=1` (pip install 'tensorflow[and-cuda]')")
+    if not listed:
+        return (f"--gpus {asked} asked for, but {sees} and nvidia-smi lists none (no NVIDIA driver or GPU on this "
+                "machine); to train several replicas on the CPU use --cpu-replicas N")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return (f"--gpus {asked} asked for, but {sees}: CUDA_VISIBLE_DEVICES={hidden!r} hides all "
+                f"{len(listed)} GPUs that nvidia-smi lists; unset it")
+    if not cuda_libraries_installed():
+        return (f"--gpus {asked} asked for, but {sees} while nvidia-smi lists {len(listed)}: TensorFlow's CUDA "
+                "libraries are not installed (the plain tensorflow wheel carries none); run `make venv GPU=1` "
+                "(pip install 'tensorflow[and-cuda]')")
+    return (f"--gpus {asked} asked for, but {sees} while nvidia-smi lists {len(listed)}: TensorFlow could not load "
+            "its CUDA libraries or they do not match the driver; run with TF_CPP_MIN_LOG_LEVEL=0 to see "
+            "TensorFlow's reason, and reinstall with `make venv GPU=1`")
+
+
+# --- choosing devices -------------------------------------------------------------
+
+def use_gpus(count: int, local_index: int = 0) -> list[str]:
+    """Makes GPUs local_index*count .. +count the only ones TensorFlow sees,
+    with memory growth on; returns their logical names (/gpu:0 ...).
+
+    Where the visible GPUs are exactly `count` (a scheduler such as SLURM
+    already gave each process its own), the local index is not applied."""
+    import tensorflow as tf
+
+    found = tf.config.list_physical_devices("GPU")
+    first = 0 if len(found) == count else local_index * count
+    if len(found) < first + count:
+        if first:
+            raise DeviceError(f"--gpus {count} for the process of local index {local_index} needs GPUs "
+                              f"{first}..{first + count - 1}, but TensorFlow sees {len(found)}; give each process "
+                              "on a machine its own GPUs, or fewer --gpus")
+        raise DeviceError(why_no_gpus(count, len(found)))
+    chosen = found[first:first + count]
+    try:
+        tf.config.set_visible_devices(chosen, "GPU")
+        for gpu in chosen:
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError as e:
+        raise DeviceError(f"cannot choose GPUs after TensorFlow has started ({e})") from None
+    return [f"/gpu:{i}" for i in range(count)]
+
+
+def use_logical_cpus(n: int) -> list[str]:
+    """Splits the CPU into n logical devices; returns their names."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    existing = tf.config.get_logical_device_configuration(cpu)
+    if not existing or len(existing) < n:
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        except RuntimeError as e:
+            raise DeviceError(f"cannot split the CPU into {n} devices after TensorFlow has started ({e})") from None
+    return [f"/cpu:{i}" for i in range(n)]
+
+
+def hide_unused_gpus() -> None:
+    """For a run on the CPU (--cpu-replicas) on a machine with GPUs: none is used."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:
+            pass  # the runtime is already up; the strategy names its CPU devices anyway
+
+
+def local_devices(gpus: int | None, cpu_replicas: int | None = None, local_index: int = 0) -> list[str] | None:
+    """The devices of this process for --gpus / --cpu-replicas; None for the
+    default (one device)."""
+    if gpus is not None and cpu_replicas is not None:
+        raise DeviceError("--gpus and --cpu-replicas exclude each other: train on GPUs or on the CPU")
+    if gpus is not None:
+        if gpus < 1:
+            raise DeviceError(f"--gpus must be at least 1, got {gpus}")
+        return use_gpus(gpus, local_index)
+    if cpu_replicas is not None:
+        if cpu_replicas < 1:
+            raise DeviceError(f"--cpu-replicas must be at least 1, got {cpu_replicas}")
+        hide_unused_gpus()
+        return use_logical_cpus(cpu_replicas)
+    return None
+
+
+# --- what the run uses ------------------------------------------------------------
+
+def all_gpus(strategy) -> bool:
+    """True when every replica of this process runs on a GPU."""
+    import tensorflow as tf
+
+    if strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy():
+        return bool(tf.config.get_visible_devices("GPU"))
+    return all("GPU" in d.upper() for d in strategy.extended.worker_devices)
+
+
+def gpu_details() -> list[dict]:
+    """For each GPU TensorFlow uses: name, compute capability (major, minor)
+    and memory in bytes (from nvidia-smi, matched by name; None if unknown)."""
+    import tensorflow as tf
+
+    memory = {}
+    for line in nvidia_smi("--query-gpu=name,memory.total", "--format=csv,noheader,nounits") or []:
+        name, _, mib = line.rpartition(",")
+        if mib.strip().isdigit():
+            memory[name.strip()] = int(mib) << 20
+    out = []
+    for gpu in tf.config.get_visible_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        name = details.get("device_name", gpu.name)
+        out.append(dict(name=name, compute_capability=tuple(details.get("compute_capability") or (0, 0)),
+                        memory=memory.get(name)))
+    return out
+
+
+def describe(strategy) -> str:
+    """What the replicas of this process run on, in a few words, e.g.
+    '2 x NVIDIA H100 80GB HBM3 (compute capability 9.0, 80 GiB)'."""
+    try:
+        local = len(strategy.extended.worker_devices)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        local = 1
+    if all_gpus(strategy):
+        gpus = gpu_details()[:local] or [dict(name="GPU", compute_capability=(0, 0), memory=None)]
+        parts = []
+        for d in gpus:
+            cc = ".".join(map(str, d["compute_capability"]))
+            mem = f", {d['memory'] / 2**30:.0f} GiB" if d["memory"] else ""
+            parts.append(f"{d['name']} (compute capability {cc}{mem})")
+        if len(set(parts)) == 1:
+            return f"{len(parts)} x {parts[0]}"
+        return ", ".join(parts)
+    name, _ = cpu_info()
+    what = f"{name} ({os.cpu_count()} cores)"
+    return f"{local} logical devices on {what}" if local > 1 else what
+
+
+# --- precision ----------------------------------------------------------------------
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def fastest_precision(strategy) -> str:
+    """The compute precision that trains fastest on this strategy's devices.
+
+    GPUs: bfloat16 from compute capability 8.0 (A100, H100), float16 with
+    loss scaling on 7.x (V100, T4: tensor cores without bfloat16), float32
+    below. CPUs: bfloat16 with AMX or AVX512-BF16 in /proc/cpuinfo (native
+    bfloat16 products), else float32 (bfloat16 would be emulated, slower).
+    The measured speeds are in docs/performance.md.
+    """
+    if all_gpus(strategy):
+        majors = [d["compute_capability"][0] for d in gpu_details()] or [0]
+        if min(majors) >= 8:
+            return "bfloat16"
+        return "float16" if min(majors) >= 7 else "float32"
+    return "bfloat16" if cpu_info()[1] & {"amx_bf16", "avx512_bf16"} else "float32"
+
+
+def native(precision: str, strategy) -> bool:
+    """Whether the devices multiply in `precision` natively (float32 always)."""
+    if precision == "float32":
+        return True
+    if all_gpus(strategy):
+        majors = [d["compute_capability"][0] for d in gpu_details()] or [0]
+        return min(majors) >= (8 if precision == "bfloat16" else 7)
+    return precision == "bfloat16" and bool(cpu_info()[1] & {"amx_bf16", "avx512_bf16"})
+
+
+def compute_dtype(precision: str):
+    """The tf.DType of a precision name."""
+    import tensorflow as tf
+
+    return {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}[precision]
+
+
+def resolve_precision(asked: str, strategy) -> str:
+    """The compute precision for --precision `asked` on this strategy's devices."""
+    if asked == "auto":
+        return fastest_precision(strategy)
+    if asked not in PRECISIONS:
+        raise DeviceError(f"--precision must be auto or one of {', '.join(PRECISIONS)}, got {asked!r}")
+    return asked
