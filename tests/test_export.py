@@ -1,10 +1,13 @@
 """The exported SavedModel: its layout, a TensorFlow-only process that serves
-it, saved_model_cli, and the export and generate commands."""
+it and replays its warmup requests, the server's configuration files,
+saved_model_cli, and the export and generate commands."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +20,9 @@ from tfgpt import export as export_cli
 from tfgpt import generate as generate_cli
 from tfgpt.config import GPTConfig, TrainConfig, save_config
 from tfgpt.data import PAD, UNK, read_vocab, write_vocab
+from tfgpt.export import BATCHING, MODEL_NAME, SERVED_BASE_PATH, WARMUP_BATCH, export_model, next_version
 from tfgpt.model import GPT
-from tfgpt.sampler import SIGNATURES, export_model, next_version
+from tfgpt.sampler import SIGNATURES
 
 WORDS = [PAD, UNK] + [f"w{i}" for i in range(2, 40)]
 CONFIG = GPTConfig(vocab_size=len(WORDS), maxlen=8, embed_dim=16, num_heads=2, ff_dim=32,
@@ -49,6 +53,13 @@ def reference_log_prob(model: GPT, text: str) -> float:
                for i in range(1, len(ids)))
 
 
+def greedy_inputs(max_tokens: int, prompt: str = PROMPT) -> dict:
+    """`generate`'s inputs for one greedy row."""
+    return dict(prompt=tf.constant([prompt]), max_tokens=tf.constant([max_tokens]), top_k=tf.constant([5]),
+                top_p=tf.constant([1.0]), temperature=tf.constant([0.0]), repetition_penalty=tf.constant([1.0]),
+                seed=tf.constant([0], tf.int64))
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(model, export base, version dir). The vocabulary file it was exported
@@ -67,7 +78,9 @@ def test_export_writes_integer_versions(exported, tmp_path):
     assert path == base / "1"
     assert (path / "saved_model.pb").is_file() and (path / "variables").is_dir()
     assert read_vocab(path / "assets" / "vocab.txt") == WORDS
-    assert [p.name for p in base.iterdir()] == ["1"]  # nothing half-written left behind
+    assert (path / "assets.extra" / "tf_serving_warmup_requests").is_file()
+    # Nothing half-written left behind; the server's files beside the versions.
+    assert sorted(p.name for p in base.iterdir()) == ["1", "batching_parameters.txt", "models.config"]
 
     (tmp_path / "4").mkdir()
     (tmp_path / "notes").mkdir()
@@ -85,24 +98,24 @@ prompt, texts = sys.argv[2], sys.argv[3:]
 out = {"signatures": sorted(model.signatures.keys())}
 d = model.signatures["serving_default"](prompt=tf.constant([prompt, prompt]))
 out["serving_default"] = [t.decode() for t in d["text"].numpy()]
-g = model.signatures["generate"](prompt=tf.constant([prompt]), max_tokens=tf.constant(12),
-                                 top_k=tf.constant(10), temperature=tf.constant(0.0),
-                                 seed=tf.constant([1, 2], tf.int64))
+def rows(n, max_tokens, top_k, temperature, seed, top_p=1.0, penalty=1.0):
+    return dict(max_tokens=tf.fill([n], max_tokens), top_k=tf.fill([n], top_k), top_p=tf.fill([n], top_p),
+                temperature=tf.fill([n], temperature), repetition_penalty=tf.fill([n], penalty),
+                seed=tf.fill([n], tf.constant(seed, tf.int64)))
+
+g = model.signatures["generate"](prompt=tf.constant([prompt]), **rows(1, 12, 10, 0.0, 1))
 out["generate"] = g["text"].numpy()[0].decode()
 out["lengths"] = g["lengths"].numpy().tolist()
 s = model.signatures["score"](text=tf.constant(texts))
 out["log_prob"] = s["log_prob"].numpy().tolist()
 out["num_tokens"] = s["num_tokens"].numpy().tolist()
 # The functions are also methods of the loaded object.
-a = model.generate(tf.constant([prompt]), tf.constant(5), tf.constant(3), tf.constant(1.0),
-                   tf.constant([7, 7], tf.int64))
-b = model.generate(tf.constant([prompt]), tf.constant(5), tf.constant(3), tf.constant(1.0),
-                   tf.constant([7, 7], tf.int64))
+a = model.generate(tf.constant([prompt]), *rows(1, 5, 3, 1.0, 7, 0.9, 1.2).values())
+b = model.generate(tf.constant([prompt]), *rows(1, 5, 3, 1.0, 7, 0.9, 1.2).values())
 out["same_seed_same_text"] = a["text"].numpy().tolist() == b["text"].numpy().tolist()
 try:
-    model.signatures["generate"](prompt=tf.constant([prompt]), max_tokens=tf.constant(5),
-                                 top_k=tf.constant(3), temperature=tf.constant(float("nan")),
-                                 seed=tf.constant([1, 2], tf.int64))
+    model.signatures["generate"](prompt=tf.constant([prompt, prompt]),
+                                 **{**rows(2, 5, 3, 1.0, 1), "temperature": tf.constant([1.0, float("nan")])})
     out["nan"] = "accepted"
 except tf.errors.InvalidArgumentError as e:
     out["nan"] = e.message
@@ -131,7 +144,7 @@ def test_a_tensorflow_only_process_serves_the_export(exported, tmp_path):
     assert out["num_tokens"] == [1, 13]
     np.testing.assert_allclose(out["log_prob"], [reference_log_prob(model, t) for t in texts], rtol=1e-4)
     assert out["same_seed_same_text"]
-    assert "temperature must be a finite number" in out["nan"]
+    assert "temperature must be a finite number; row 1 has nan" in out["nan"]
 
 
 def test_saved_model_cli_lists_and_runs_the_signatures(exported):
@@ -142,8 +155,8 @@ def test_saved_model_cli_lists_and_runs_the_signatures(exported):
     assert show.returncode == 0, show.stderr[-3000:]
     for name in SIGNATURES:
         assert f"signature_def['{name}']" in show.stdout
-    for field in ("prompt", "max_tokens", "top_k", "temperature", "seed", "text", "completion",
-                  "token_ids", "lengths", "log_prob", "num_tokens", "perplexity"):
+    for field in ("prompt", "max_tokens", "top_k", "top_p", "temperature", "repetition_penalty", "seed", "text",
+                  "completion", "token_ids", "lengths", "log_prob", "num_tokens", "perplexity"):
         assert f"['{field}']" in show.stdout, field
     run = subprocess.run([cli, "run", "--dir", str(path), "--tag_set", "serve",
                           "--signature_def", "serving_default", "--input_exprs", f'prompt=["{PROMPT}"]'],
@@ -151,6 +164,91 @@ def test_saved_model_cli_lists_and_runs_the_signatures(exported):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Result for output key text:" in run.stdout
     assert f"b'{PROMPT} w" in run.stdout
+
+
+# TensorFlow Serving's warmup, as the server does it: every PredictionLog of
+# assets.extra/tf_serving_warmup_requests through its signature, in a process
+# with TensorFlow and the serving protos only.
+REPLAY = r"""
+import json, sys
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+model = tf.saved_model.load(sys.argv[1])
+results = []
+for record in tf.data.TFRecordDataset(sys.argv[1] + "/assets.extra/tf_serving_warmup_requests"):
+    log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+    request = log.predict_log.request
+    inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+    out = model.signatures[request.model_spec.signature_name](**inputs)
+    results.append({
+        "model": request.model_spec.name, "signature": request.model_spec.signature_name,
+        "inputs": {k: v.numpy().tolist() if v.dtype != tf.string else [x.decode() for x in v.numpy()]
+                   for k, v in inputs.items()},
+        "outputs": {k: v.numpy().tolist() if v.dtype != tf.string else [x.decode() for x in v.numpy()]
+                    for k, v in out.items()}})
+results.append(sorted(m for m in sys.modules if m == "tfgpt" or m.startswith("tfgpt.")))
+print("RESULT " + json.dumps(results))
+"""
+
+
+def test_warmup_requests_replay_through_every_signature(exported, tmp_path):
+    model, _, path = exported
+    done = subprocess.run([sys.executable, "-c", REPLAY, str(path)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *records, modules = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert modules == []
+    assert {r["model"] for r in records} == {MODEL_NAME}
+    batches = {(r["signature"], len(next(iter(r["inputs"].values())))) for r in records}
+    for name in SIGNATURES:  # batch 1 and the larger batch, for every signature
+        assert {(name, 1), (name, WARMUP_BATCH)} <= batches, name
+    unk = [WORDS.index("[UNK]")]
+    for r in records:
+        inputs, outputs = r["inputs"], r["outputs"]
+        n = len(next(iter(inputs.values())))
+        assert all(len(v) == n for v in outputs.values()), r["signature"]  # batchable: dim 0 is the batch
+        if r["signature"] == "score":
+            # Every warmup word is unknown to this vocabulary: "[UNK] ..." texts.
+            assert outputs["num_tokens"] == [len(t.split()) - 1 for t in inputs["text"]]
+            assert all(np.isfinite(outputs["log_prob"])) and all(lp < 0 for lp in outputs["log_prob"])
+            continue
+        want = inputs.get("max_tokens", [40] * n)
+        assert outputs["lengths"] == want  # make_model never ends a row early
+        for prompt, text, completion, ids, length in zip(inputs["prompt"], outputs["text"], outputs["completion"],
+                                                         outputs["token_ids"], outputs["lengths"]):
+            assert text == " ".join(["[UNK]"] * len(prompt.split()) + ([completion] if completion else []))
+            assert len(completion.split()) == length and all(i > 0 for i in ids[:length])
+        if r["signature"] == "generate":
+            # Greedy rows (temperature 0, no penalty) are the full model's choice.
+            for i in range(n):
+                if inputs["temperature"][i] <= 0 and inputs["repetition_penalty"][i] == 1.0:
+                    seq = unk * len(inputs["prompt"][i].split())
+                    for _ in range(want[i]):
+                        seq.append(int(np.argmax(model(tf.constant([seq[-CONFIG.maxlen:]]))[0, -1])))
+                    assert outputs["token_ids"][i][:want[i]] == seq[-want[i]:]
+
+
+def test_server_configuration_beside_the_versions(exported):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    _, base, _ = exported
+    config = text_format.Parse((base / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    (model,) = config.model_config_list.config
+    assert model.name == MODEL_NAME and model.base_path == SERVED_BASE_PATH
+    assert model.model_platform == "tensorflow" and model.model_version_policy.latest.num_versions == 1
+    # batching_parameters.txt is a BatchingParameters text proto (whose
+    # definition the serving API package does not ship): "field { value: N }".
+    fields = {}
+    for line in (base / "batching_parameters.txt").read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        name, value = re.fullmatch(r"(\w+) \{ value: (\d+) \}", line).groups()
+        fields[name] = int(value)
+    assert fields == BATCHING
+    assert set(fields) <= {"max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"}
+    assert fields["max_batch_size"] == WARMUP_BATCH  # the warmup covers the largest batch
 
 
 # --- python -m tfgpt.export -------------------------------------------------------
@@ -180,8 +278,7 @@ def test_export_command_restores_the_chosen_checkpoint(tmp_path, capsys):
     assert export_cli.main([str(run), "--step", "30", "--version", "3"]) == 0
     assert "exported SavedModel" in capsys.readouterr().out
     loaded = tf.saved_model.load(str(run / "export" / "3"))
-    out = loaded.generate(tf.constant([PROMPT]), tf.constant(10), tf.constant(5), tf.constant(0.0),
-                          tf.constant([0, 0], tf.int64))
+    out = loaded.generate(**greedy_inputs(10))
     assert out["text"].numpy()[0].decode() == reference_greedy(make_model(seed=5), PROMPT, 10)
 
 
@@ -228,21 +325,54 @@ def test_export_command_errors_are_one_line(tmp_path, capsys, case, message):
 # --- python -m tfgpt.generate ------------------------------------------------------
 
 def test_generate_command(exported, capsys):
-    _, _, path = exported
-    args = [str(path), "--prompt", PROMPT, "--max-tokens", "6", "--top-k", "10", "--temperature", "1.0",
-            "--seed", "7", "--num-samples", "4"]
+    model, _, path = exported
+    args = [str(path), "--prompt", PROMPT, "--max-tokens", "6", "--top-k", "10", "--top-p", "0.9",
+            "--temperature", "1.0", "--repetition-penalty", "1.3", "--seed", "7", "--num-samples", "4"]
     assert generate_cli.main(args) == 0
     first = capsys.readouterr().out.strip().split("\n")
     assert [line[:4] for line in first] == ["[1] ", "[2] ", "[3] ", "[4] "]
     assert all(line[4:].startswith(PROMPT + " ") and len(line[4:].split()) == 3 + 6 for line in first)
+    assert len(set(first)) > 1  # each sample its own seed
     assert generate_cli.main(args) == 0
     assert capsys.readouterr().out.strip().split("\n") == first  # same seed, same text
 
     assert generate_cli.main([str(path), "--prompt", PROMPT, "--max-tokens", "100000"]) == 2
     assert "max_tokens must be between 0 and" in capsys.readouterr().err
+    assert generate_cli.main([str(path), "--prompt", PROMPT, "--repetition-penalty", "0"]) == 2
+    assert "repetition_penalty must be a finite number above 0 (1 = off); row 0 has 0" in capsys.readouterr().err
 
     assert generate_cli.main([str(path), "--prompt", "w3 w4 w5", "--score"]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_generate_command_streams_the_text_of_one_call(exported, capsys):
+    _, _, path = exported
+    common = [str(path), "--prompt", PROMPT, "--max-tokens", "12", "--top-p", "0.9", "--temperature", "1.0",
+              "--repetition-penalty", "1.2", "--seed", "11"]
+    assert generate_cli.main(common) == 0
+    whole = capsys.readouterr().out
+
+    class Chunks:
+        def __init__(self):
+            self.parts = []
+
+        def write(self, text):
+            self.parts.append(text)
+
+        def flush(self):
+            pass
+
+    # The streamed words arrive one write at a time and make the same text.
+    out = Chunks()
+    loaded = tf.saved_model.load(str(path))
+    args = argparse.Namespace(max_tokens=12, top_k=10, top_p=0.9, temperature=1.0, repetition_penalty=1.2)
+    generate_cli.stream(loaded, PROMPT, args, 11, out=out)
+    assert "".join(out.parts) == whole
+    assert out.parts[0] == PROMPT and len(out.parts) == 1 + 12 + 1  # the prompt, 12 words, the newline
+    assert generate_cli.main(common + ["--stream"]) == 0
+    assert capsys.readouterr().out == whole
+    with pytest.raises(SystemExit):
+        generate_cli.main(common + ["--stream", "--num-samples", "2"])
 
 
 def test_export_a_mirrored_model(tmp_path):
@@ -255,6 +385,5 @@ def test_export_a_mirrored_model(tmp_path):
     write_vocab(WORDS, tmp_path / "vocab.txt")
     path = export_model(mirrored, tmp_path / "vocab.txt", tmp_path / "export")
     loaded = tf.saved_model.load(str(path))
-    out = loaded.generate(tf.constant([PROMPT]), tf.constant(10), tf.constant(5), tf.constant(0.0),
-                          tf.constant([0, 0], tf.int64))
+    out = loaded.generate(**greedy_inputs(10))
     assert out["text"].numpy()[0].decode() == reference_greedy(make_model(seed=6), PROMPT, 10)

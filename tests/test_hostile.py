@@ -1,6 +1,6 @@
 """The exported SavedModel under hostile input, in a separate process that
 imports only TensorFlow: it never dies, and every refusal is an
-InvalidArgumentError with a message."""
+InvalidArgumentError whose message names the input and the row."""
 
 import json
 import subprocess
@@ -9,8 +9,8 @@ import textwrap
 
 from tfgpt.config import GPTConfig
 from tfgpt.data import PAD, UNK, write_vocab
+from tfgpt.export import export_model
 from tfgpt.model import GPT
-from tfgpt.sampler import export_model
 
 CLIENT = textwrap.dedent(r'''
     import json, random, sys
@@ -28,10 +28,16 @@ CLIENT = textwrap.dedent(r'''
         except Exception as e:  # anything else is a failure of the test
             return {"case": name, "ok": False, "error": type(e).__name__, "message": str(e)[:300]}
 
-    def args(prompts, max_tokens=5, top_k=3, temperature=1.0):
-        return dict(prompt=tf.constant(prompts), max_tokens=tf.constant(max_tokens, tf.int32),
-                    top_k=tf.constant(top_k, tf.int32), temperature=tf.constant(temperature, tf.float32),
-                    seed=tf.constant([1, 2], tf.int64))
+    def args(prompts, max_tokens=5, top_k=3, temperature=1.0, top_p=0.9, penalty=1.2, seed=1, rows=None):
+        n = len(prompts) if rows is None else rows
+
+        def column(value, dtype):
+            return tf.constant(value if isinstance(value, list) else [value] * n, dtype)
+
+        return dict(prompt=tf.constant(prompts, tf.string), max_tokens=column(max_tokens, tf.int32),
+                    top_k=column(top_k, tf.int32), top_p=column(top_p, tf.float32),
+                    temperature=column(temperature, tf.float32), repetition_penalty=column(penalty, tf.float32),
+                    seed=column(seed, tf.int64))
 
     rng = random.Random(0)
     unicode_text = "".join(chr(rng.randint(0x20, 0x2FFF)) for _ in range(300))
@@ -44,10 +50,22 @@ CLIENT = textwrap.dedent(r'''
         call("256 prompts", gen, **args(["this movie is"] * 256)),
         call("top_k 0", gen, **args(["this movie"], top_k=0)),
         call("top_k 10^9", gen, **args(["this movie"], top_k=10**9)),
-        call("temperature NaN", gen, **args(["this movie"], temperature=float("nan"))),
+        call("top_k per row", gen, **args(["this movie"] * 4, top_k=[-7, 0, 10**9, 2**31 - 1])),
+        call("top_p extremes", gen, **args(["this movie"] * 4, top_p=[-5.0, 0.0, 1e30, 1e-30])),
+        call("penalty extremes", gen, **args(["this movie"] * 3, penalty=[1e-30, 1e30, 3.4e38])),
+        call("temperature extremes", gen, **args(["this movie"] * 3, temperature=[1e-30, 1e30, -1e30])),
+        call("seed extremes", gen, **args(["this movie"] * 3, seed=[-2**63, 2**63 - 1, 0])),
+        call("temperature NaN", gen, **args(["this movie", "is"], temperature=[1.0, float("nan")])),
         call("temperature inf", gen, **args(["this movie"], temperature=float("inf"))),
+        call("top_p NaN", gen, **args(["this movie"], top_p=float("nan"))),
+        call("penalty 0", gen, **args(["this movie"], penalty=0.0)),
+        call("penalty -1", gen, **args(["this movie"], penalty=-1.0)),
+        call("penalty inf", gen, **args(["this movie"], penalty=float("inf"))),
         call("max_tokens -1", gen, **args(["this movie"], max_tokens=-1)),
-        call("max_tokens 10^9", gen, **args(["this movie"], max_tokens=10**9)),
+        call("max_tokens 10^9", gen, **args(["this movie", "is"], max_tokens=[5, 10**9])),
+        call("max_tokens 1024", gen, **args(["this movie"], max_tokens=1024, top_p=1.0, penalty=1.0)),
+        call("rows differ", gen, **args(["this movie", "is"], max_tokens=[5])),
+        call("no rows of settings", gen, **args(["this movie"], rows=0)),
         call("empty prompt", gen, **args([""])),
         call("whitespace only", gen, **args([" \t  "])),
         call("punctuation only", gen, **args(["!!! ..."])),
@@ -76,13 +94,23 @@ def test_export_survives_hostile_input(tmp_path):
         # Served, or refused as an InvalidArgumentError that says what is wrong.
         assert r["ok"] or (r["error"] == "InvalidArgumentError" and len(r["message"]) > 10), r
     for case in ("random unicode", "control characters", "10,000-word prompt", "256 prompts", "top_k 0",
-                 "top_k 10^9", "serving unicode", "score long", "empty batch"):
+                 "top_k 10^9", "top_k per row", "top_p extremes", "penalty extremes", "temperature extremes",
+                 "seed extremes", "max_tokens 1024", "serving unicode", "score long", "empty batch"):
         assert by_case[case]["ok"], by_case[case]
     assert by_case["256 prompts"]["shapes"]["text"] == [256]
+    assert by_case["max_tokens 1024"]["shapes"]["token_ids"][1] <= 1024  # the random model may end early
     assert by_case["empty batch"]["shapes"]["text"] == [0]
     assert by_case["punctuation only"]["ok"]  # punctuation marks are tokens
-    for case in ("temperature NaN", "max_tokens -1", "max_tokens 10^9", "empty prompt", "whitespace only"):
-        assert not by_case[case]["ok"], by_case[case]
-    assert "temperature" in by_case["temperature NaN"]["message"]
-    assert "max_tokens" in by_case["max_tokens 10^9"]["message"]
+    # Refused, naming the input and the row.
+    for case, words in [("temperature NaN", "temperature must be a finite number; row 1 has nan"),
+                        ("temperature inf", "temperature must be a finite number; row 0 has inf"),
+                        ("top_p NaN", "top_p must be a finite number"),
+                        ("penalty 0", "repetition_penalty must be a finite number above 0"),
+                        ("penalty -1", "row 0 has -1"), ("penalty inf", "row 0 has inf"),
+                        ("max_tokens -1", "max_tokens must be between 0 and 1024; row 0 has -1"),
+                        ("max_tokens 10^9", "row 1 has 1000000000"),
+                        ("rows differ", "max_tokens has 1 rows and prompt 2"),
+                        ("no rows of settings", "has 0 rows and prompt 1"),
+                        ("empty prompt", "at least one word"), ("whitespace only", "row 0")]:
+        assert not by_case[case]["ok"] and words in by_case[case]["message"], (case, by_case[case])
     assert report["after"]["ok"]

@@ -1,7 +1,7 @@
-"""The in-graph sampler: cached decoding against the full model, sampling,
-batching, scoring and bad input. Every expectation comes from an independent
-reference: the model run without a cache from Python, each prompt run alone,
-or a model whose logits are set by hand."""
+"""The in-graph sampler: cached decoding against the full model, per-row
+settings, sampling, batching, scoring and bad input. Every expectation comes
+from an independent reference: the model run without a cache from Python,
+each prompt run alone, or a model whose logits are set by hand."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfgpt.bench import _sampler_variants
 from tfgpt.config import GPTConfig
 from tfgpt.data import PAD, UNK, write_vocab
 from tfgpt.model import GPT
-from tfgpt.sampler import MAX_TOKENS, Sampler, top_k_logits
+from tfgpt.sampler import MAX_TOKENS, Sampler
 
 WORDS = [PAD, UNK] + [f"w{i}" for i in range(2, 40)]  # id i <-> word "w{i}" for i >= 2
 CONFIG = GPTConfig(vocab_size=len(WORDS), maxlen=8, embed_dim=16, num_heads=2, ff_dim=32,
                    num_layers=2, dropout=0.0, head_dim=8)
-SEED = tf.constant([3, 4], tf.int64)
+SEED = 3
 
 
 def ids_of(text: str) -> list[int]:
@@ -72,10 +73,21 @@ def reference_log_prob(model: GPT, ids: list[int]) -> float:
     return total
 
 
-def generate(sampler, prompts, max_tokens=20, top_k=10, temperature=0.0, seed=SEED):
-    return sampler.generate(prompt=tf.constant(prompts, tf.string), max_tokens=tf.constant(max_tokens),
-                            top_k=tf.constant(top_k), temperature=tf.constant(temperature, tf.float32),
-                            seed=tf.constant(seed, tf.int64))
+def generate(sampler, prompts, max_tokens=20, top_k=10, temperature=0.0, seed=SEED, top_p=1.0,
+             repetition_penalty=1.0):
+    """sampler.generate with one value per setting for every row, or a list
+    of one per row. A single seed s gives row i the seed s + i."""
+    n = len(prompts)
+
+    def column(value, dtype):
+        return tf.constant(np.broadcast_to(np.asarray(value), [n]), dtype)
+
+    seeds = np.asarray(seed) if np.ndim(seed) else seed + np.arange(n)
+    return sampler.generate(prompt=tf.constant(prompts, tf.string), max_tokens=column(max_tokens, tf.int32),
+                            top_k=column(top_k, tf.int32), top_p=column(top_p, tf.float32),
+                            temperature=column(temperature, tf.float32),
+                            repetition_penalty=column(repetition_penalty, tf.float32),
+                            seed=column(seeds, tf.int64))
 
 
 def rows(out) -> list[list[int]]:
@@ -120,9 +132,10 @@ def test_greedy_equals_full_model_from_prompts_near_maxlen(model, sampler, lengt
     assert rows(out) == [reference_greedy(model, ids_of(prompt), 5)]
 
 
-def test_uncached_sampler_agrees(model, vocab_path):
-    out = generate(Sampler(model, vocab_path, use_cache=False), ["w7 w3"], max_tokens=30)
-    assert rows(out) == [reference_greedy(model, ids_of("w7 w3"), 30)]
+@pytest.mark.parametrize("mode", ["no cache", "cache+xla"])
+def test_the_benchmarks_variants_agree(model, vocab_path, mode):
+    out = generate(_sampler_variants()[mode](model, vocab_path), ["w7 w3", "w5"], max_tokens=30)
+    assert rows(out) == [reference_greedy(model, ids_of(p), 30) for p in ("w7 w3", "w5")]
 
 
 def test_bfloat16_model_generates_like_its_full_model(vocab_path):
@@ -217,28 +230,83 @@ def test_same_seed_same_text_other_seed_other_text(fixed_sampler, sampler):
         b = generate(s, ["w2", "w9 w3"], max_tokens=30, temperature=1.0, seed=[5, 6])
         c = generate(s, ["w2", "w9 w3"], max_tokens=30, temperature=1.0, seed=[5, 7])
         assert a["text"].numpy().tolist() == b["text"].numpy().tolist()
-        assert a["text"].numpy().tolist() != c["text"].numpy().tolist()
+        assert a["text"].numpy()[0] == c["text"].numpy()[0]  # the seed is per row
+        assert a["text"].numpy()[1] != c["text"].numpy()[1]
+    # The same prompt and seed in two rows: the same text.
+    out = generate(fixed_sampler, ["w2", "w2"], max_tokens=30, temperature=1.0, seed=[9, 9])
+    assert out["text"].numpy()[0] == out["text"].numpy()[1]
 
 
-def test_serving_default_draws_a_new_seed_each_call(fixed_sampler):
-    a = fixed_sampler.serving_default(prompt=tf.constant(["w2"]))
+def test_serving_default_draws_a_new_seed_for_each_row(fixed_sampler):
+    a = fixed_sampler.serving_default(prompt=tf.constant(["w2", "w2"]))
     b = fixed_sampler.serving_default(prompt=tf.constant(["w2"]))
-    assert a["lengths"].numpy().tolist() == [40]  # the example's 40 tokens
+    assert a["lengths"].numpy().tolist() == [40, 40]  # the example's 40 tokens
     # The top 10: the five raised logits, then ids 1-5 (ties go to the lower id).
     assert set(np.unique(a["token_ids"].numpy())) <= {1, 2, 3, 4, 5, 7, 11, 19, 23, 31}
-    assert a["text"].numpy()[0] != b["text"].numpy()[0]
+    assert len({a["text"].numpy()[0], a["text"].numpy()[1], b["text"].numpy()[0]}) == 3
 
 
-def test_top_k_logits_matches_tf_top_k():
-    logits = tf.random.stateless_normal([3, 20000], seed=[1, 2])
-    padded_vocab = tf.random.stateless_normal([2, 20011], seed=[3, 4])  # not a multiple of a group size
-    ties = tf.round(tf.random.stateless_normal([4, 20000], seed=[5, 6]) * 2.0)  # ~10 distinct values
-    for x in (logits, padded_vocab, ties):
-        for k in (1, 10, 64, 65, 1000, x.shape[1]):
-            values, indices = top_k_logits(x, tf.constant(k))
-            want = tf.math.top_k(x, k)
-            np.testing.assert_array_equal(values.numpy(), want.values.numpy())
-            np.testing.assert_array_equal(indices.numpy(), want.indices.numpy())
+def nucleus_of(bias, top_k, top_p, temperature) -> tuple[list[int], np.ndarray]:
+    """(ids, probabilities) of the nucleus, from the definition: the top_k
+    largest logits (ties to the lower id), softmax at the temperature, then
+    the shortest prefix whose probability reaches top_p, renormalised."""
+    order = np.lexsort((np.arange(len(bias)), -bias))[:top_k]
+    z = np.exp((bias[order] - bias[order].max()) / temperature)
+    probs = z / z.sum()
+    keep = max(1, int(np.sum(np.cumsum(probs) - probs < top_p)))
+    return order[:keep].tolist(), probs[:keep] / probs[:keep].sum()
+
+
+@pytest.mark.parametrize("top_k, top_p, temperature", [(10, 0.7, 1.0), (40, 0.9, 2.0), (3, 0.5, 0.5)])
+def test_nucleus_samples_stay_inside_it_with_its_frequencies(fixed_sampler, top_k, top_p, temperature):
+    ids, probs = nucleus_of(BIAS, top_k, top_p, temperature)
+    assert 1 < len(ids) < top_k or top_k == 3  # the nucleus cuts the top-k (or holds two of three)
+    out = generate(fixed_sampler, ["w2"] * 64, max_tokens=40, top_k=top_k, top_p=top_p, temperature=temperature)
+    assert set(np.unique(out["token_ids"].numpy())) <= set(ids)
+    # 2,560 draws: the standard error of each frequency is below 0.01.
+    np.testing.assert_allclose(_frequencies(out, ids), probs, atol=0.04)
+
+
+def reference_penalized_greedy(bias, prompt: list[int], steps: int, penalty: float) -> list[int]:
+    """Greedy decoding of fixed logits with the CTRL penalty on every token
+    already in the row (the prompt and what was generated), from NumPy."""
+    seq, out = list(prompt), []
+    for _ in range(steps):
+        logits = bias.astype(np.float64).copy()
+        for token in set(seq):
+            logits[token] = logits[token] / penalty if logits[token] > 0 else logits[token] * penalty
+        token = int(np.argmax(logits))
+        seq.append(token)
+        out.append(token)
+    return out
+
+
+def test_repetition_penalty_as_in_ctrl(fixed_sampler):
+    # Without a penalty greedy repeats the best token; with one, each token
+    # already seen (in the prompt too: w7, the best) is pushed down.
+    for penalty in (1.0, 1.3, 2.5, 10.0, 0.5):
+        out = generate(fixed_sampler, ["w7 w2", "w3"], max_tokens=12, repetition_penalty=penalty)
+        assert rows(out) == [reference_penalized_greedy(BIAS, ids_of(p), 12, penalty) for p in ("w7 w2", "w3")]
+    assert rows(generate(fixed_sampler, ["w3"], max_tokens=3, repetition_penalty=1.0)) == [[7, 7, 7]]
+    assert len(set(rows(generate(fixed_sampler, ["w3"], max_tokens=5, repetition_penalty=10.0))[0])) > 3
+
+
+def test_rows_with_their_own_settings_equal_their_requests_alone(model, sampler):
+    # 64 rows, each with its own prompt, max_tokens, top_k, top_p,
+    # temperature, penalty and seed, in one request: every row gives what
+    # it gives alone (the goal of TensorFlow Serving's batching, which
+    # concatenates requests).
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(f"w{w}" for w in rng.integers(2, 40, rng.integers(1, 12))) for _ in range(64)]
+    settings = dict(max_tokens=rng.integers(0, 21, 64), top_k=rng.choice([1, 3, 10, 40, 10**9], 64),
+                    top_p=rng.choice([1.0, 0.9, 0.5, 0.0], 64), temperature=rng.choice([0.0, 0.7, 1.0, 1.5], 64),
+                    repetition_penalty=rng.choice([1.0, 1.3, 0.8], 64), seed=rng.integers(-2**62, 2**62, 64))
+    batch = generate(sampler, prompts, **settings)
+    assert batch["lengths"].numpy().tolist() == settings["max_tokens"].tolist()  # sharp_model never ends
+    for i, prompt in enumerate(prompts):
+        alone = generate(sampler, [prompt], **{name: [value[i]] for name, value in settings.items()})
+        assert rows(batch)[i] == rows(alone)[0], (prompt, {name: value[i] for name, value in settings.items()})
+        assert batch["text"].numpy()[i] == alone["text"].numpy()[0]
 
 
 # --- score ---------------------------------------------------------------------------
@@ -264,14 +332,31 @@ def _refused(fn, *words):
     return info.value.message
 
 
-def test_bad_input_is_refused_with_a_clear_message(sampler):
-    _refused(lambda: generate(sampler, ["w2", "  <br />  "]), "at least one word", "index")
-    _refused(lambda: generate(sampler, [""]), "at least one word")
-    _refused(lambda: generate(sampler, ["w2"], max_tokens=-1), "max_tokens must be between 0 and")
-    _refused(lambda: generate(sampler, ["w2"], max_tokens=MAX_TOKENS + 1), f"between 0 and {MAX_TOKENS}")
-    _refused(lambda: generate(sampler, ["w2"], temperature=float("nan")), "temperature must be a finite")
-    _refused(lambda: generate(sampler, ["w2"], temperature=float("inf")), "temperature must be a finite")
-    _refused(lambda: sampler.score(text=tf.constant(["w2 w3", "w4"])), "at least two tokens")
+def test_bad_input_is_refused_naming_the_input_and_the_row(sampler):
+    nan, inf = float("nan"), float("inf")
+    _refused(lambda: generate(sampler, ["w2", "  <br />  "]), "at least one word", "row 1")
+    _refused(lambda: generate(sampler, [""]), "at least one word", "row 0")
+    _refused(lambda: generate(sampler, ["w2", "w3"], max_tokens=[3, -1]), "max_tokens must be between 0 and",
+             "row 1 has -1")
+    _refused(lambda: generate(sampler, ["w2"] * 3, max_tokens=[1, MAX_TOKENS + 1, 2]), f"between 0 and {MAX_TOKENS}",
+             f"row 1 has {MAX_TOKENS + 1}")
+    _refused(lambda: generate(sampler, ["w2", "w3"], temperature=[1.0, nan]), "temperature must be a finite",
+             "row 1 has nan")
+    _refused(lambda: generate(sampler, ["w2"], temperature=inf), "temperature must be a finite", "row 0 has inf")
+    _refused(lambda: generate(sampler, ["w2", "w3"], top_p=[nan, 0.5]), "top_p must be a finite", "row 0 has nan")
+    for bad in (0.0, -1.0, nan, inf):
+        _refused(lambda: generate(sampler, ["w2", "w3", "w4"], repetition_penalty=[1.0, 1.0, bad]),
+                 "repetition_penalty must be a finite number above 0", "row 2 has")
+    message = _refused(lambda: sampler.generate(
+        prompt=tf.constant(["w2", "w3"]), max_tokens=tf.constant([4]), top_k=tf.constant([1, 1]),
+        top_p=tf.constant([1.0, 1.0]), temperature=tf.constant([1.0, 1.0]),
+        repetition_penalty=tf.constant([1.0, 1.0]), seed=tf.constant([1, 2], tf.int64)),
+        "max_tokens has 1 rows and prompt 2")
+    assert "one row per prompt" in message
+    _refused(lambda: sampler.score(text=tf.constant(["w2 w3", "w4"])), "at least two tokens", "row 1 has 1")
+    # Each message is one line.
+    line = [x for x in _refused(lambda: generate(sampler, ["w2"], top_p=nan)).splitlines() if "assertion" in x]
+    assert len(line) == 1 and line[0].endswith("row 0 has nan]")
 
 
 def test_awkward_input_is_served(sampler, model):

@@ -1,0 +1,223 @@
+"""The generation benchmark of the exported SavedModel, loaded the way a
+server loads it.
+
+    python -m tfgpt.serving_bench [--run logs/<run>] [--precision both] [--repeats 10]
+                                  [--batching] [--json PATH]
+
+For each precision (bfloat16 and float32 by default) the default model is
+exported (from the latest checkpoint of --run, else with random weights) to
+a temporary base path, and a fresh process that imports TensorFlow and the
+serving protos only, not tfgpt:
+
+  1. loads the SavedModel and replays its warmup records
+     (assets.extra/tf_serving_warmup_requests) through their signatures,
+     as TensorFlow Serving does before it serves a version;
+  2. times the first request after that, at batch 1 and at batch 32, then
+     `repeats` more of each, back to back, and keeps the fastest (other
+     work on a shared machine only ever adds time);
+  3. times the first request whose prompt has another length than the
+     warmup's (a new shape for the prefill);
+  4. sends one request of 64 rows with 64 different settings and compares
+     each row with the same row sent alone;
+  5. with --batching, times batches of 1 to 64 rows (the figures behind
+     `tfgpt.export.BATCHING`).
+
+The requests: PROMPT, 40 new tokens, top-k 10, top-p 0.9, temperature 1,
+repetition penalty 1.2, seeds 0, 1, ... A trained model may end a row
+early (it samples the end of a review): ms per token and tokens/s count the
+tokens generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PROMPT = "this movie is"
+OTHER_PROMPT = "the acting was good but the story was not"  # another length than the warmup's
+SETTINGS = {"max_tokens": 40, "top_k": 10, "top_p": 0.9, "temperature": 1.0, "repetition_penalty": 1.2}
+
+# The child: TensorFlow and the serving protos, nothing of tfgpt.
+CHILD = r'''
+import json, sys, time
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+path, spec = sys.argv[1], json.loads(sys.argv[2])
+settings, repeats = spec["settings"], spec["repeats"]
+report = {}
+start = time.perf_counter()
+model = tf.saved_model.load(path)
+report["load_s"] = time.perf_counter() - start
+start, records = time.perf_counter(), 0
+for record in tf.data.TFRecordDataset(path + "/assets.extra/tf_serving_warmup_requests"):
+    request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
+    inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+    model.signatures[request.model_spec.signature_name](**inputs)
+    records += 1
+report["warmup_s"], report["warmup_records"] = time.perf_counter() - start, records
+generate = model.signatures["generate"]
+
+
+def inputs(prompts, settings, seeds=None):
+    n = len(prompts)
+
+    def column(name, dtype):
+        value = settings[name]
+        return tf.constant(value if isinstance(value, list) else [value] * n, dtype)
+
+    return dict(prompt=tf.constant(prompts), max_tokens=column("max_tokens", tf.int32),
+                top_k=column("top_k", tf.int32), top_p=column("top_p", tf.float32),
+                temperature=column("temperature", tf.float32),
+                repetition_penalty=column("repetition_penalty", tf.float32),
+                seed=tf.constant(list(range(n)) if seeds is None else seeds, tf.int64))
+
+
+def timed(args):
+    start = time.perf_counter()
+    out = generate(**args)
+    made = int(out["lengths"].numpy().sum())
+    return time.perf_counter() - start, made
+
+
+def figures(seconds, made, batch):
+    return {"seconds": seconds, "tokens": made, "ms_per_token": 1000 * seconds / max(made / batch, 1e-9),
+            "tokens_per_s": made / seconds}
+
+
+for batch in spec["batches"]:
+    args = inputs([spec["prompt"]] * batch, settings)
+    first = timed(args)
+    runs = [timed(args) for _ in range(repeats)]
+    per_token = sorted(runs, key=lambda r: r[0] / max(r[1], 1))
+    report[f"batch{batch}"] = {"first": figures(*first, batch), "steady": figures(*per_token[0], batch),
+                               "median": figures(*per_token[len(runs) // 2], batch),
+                               "runs_s": [first[0]] + [r[0] for r in runs]}
+other = timed(inputs([spec["other_prompt"]], settings))
+report["other_prompt_first"] = figures(*other, 1)
+
+# 64 rows, 64 settings, in one request; then each row alone.
+rng = np.random.default_rng(0)
+words = spec["prompt"].split() + spec["other_prompt"].split()
+prompts = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(64)]
+mixed = {"max_tokens": rng.integers(0, 41, 64).tolist(),
+         "top_k": rng.choice([1, 5, 10, 40, 64, 100, 2**31 - 1], 64).tolist(),
+         "top_p": rng.choice([1.0, 0.95, 0.9, 0.5], 64).tolist(),
+         "temperature": rng.choice([0.0, 0.7, 1.0, 1.3], 64).tolist(),
+         "repetition_penalty": rng.choice([1.0, 1.2, 1.5], 64).tolist()}
+seeds = rng.integers(0, 2**62, 64).tolist()
+start = time.perf_counter()
+batch = generate(**inputs(prompts, mixed, seeds))
+report["mixed_s"] = time.perf_counter() - start
+equal = 0
+for i in range(64):
+    alone = generate(**inputs([prompts[i]], {k: [v[i]] for k, v in mixed.items()}, [seeds[i]]))
+    n = int(alone["lengths"].numpy()[0])
+    equal += int(batch["lengths"].numpy()[i] == n and
+                 batch["token_ids"].numpy()[i, :n].tolist() == alone["token_ids"].numpy()[0, :n].tolist() and
+                 batch["text"].numpy()[i] == alone["text"].numpy()[0])
+report["mixed_equal"] = equal
+
+if spec["batching"]:
+    report["batching"] = {}
+    for size in (1, 2, 4, 8, 16, 32, 64):
+        args = inputs([spec["prompt"]] * size, settings)
+        timed(args)
+        runs = [timed(args) for _ in range(max(2, repeats // 2))]
+        report["batching"][size] = figures(*min(runs, key=lambda r: r[0] / max(r[1], 1)), size)
+report["tfgpt_modules"] = sorted(m for m in sys.modules if m == "tfgpt" or m.startswith("tfgpt."))
+print("RESULT " + json.dumps(report))
+'''
+
+
+def export_for_bench(precision: str, base: Path, run: str | None, log=print) -> tuple[Path, str]:
+    """(version directory, what was exported): the run's latest checkpoint,
+    or the default model with random weights."""
+    from tfgpt.export import export_model, export_run
+
+    if run:
+        return export_run(run, precision=precision, export_base=base, log=lambda *a: None), f"{run}, latest checkpoint"
+    from tfgpt.bench import _default_model
+
+    base.parent.mkdir(parents=True, exist_ok=True)
+    vocab = base.parent / f"vocab-{precision}.txt"
+    return export_model(_default_model(precision, vocab), vocab, base), "random weights"
+
+
+def measure(path: Path, repeats: int, batching: bool) -> dict:
+    """Runs CHILD on an export and returns its report."""
+    spec = {"settings": SETTINGS, "repeats": repeats, "batches": [1, 32], "prompt": PROMPT,
+            "other_prompt": OTHER_PROMPT, "batching": batching}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([sys.executable, "-c", CHILD, str(path), json.dumps(spec)], capture_output=True,
+                          text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"the serving benchmark's process failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.split("RESULT ", 1)[1])
+
+
+def serving_bench(precisions=("bfloat16", "float32"), run: str | None = None, repeats: int = 10,
+                  batching: bool = False, log=print) -> list[dict]:
+    """Exports and measures each precision; prints the table. Returns one
+    report per precision (`measure`'s, plus precision and source)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tfgpt-serving-bench-") as tmp:
+        for precision in precisions:
+            path, source = export_for_bench(precision, Path(tmp) / precision / "export", run)
+            report = measure(path, repeats, batching)
+            rows.append(dict(report, precision=precision, source=source))
+    s = SETTINGS
+    log(f"generation: the exported SavedModel ({rows[0]['source']}) loaded by TensorFlow alone after its "
+        f"{rows[0]['warmup_records']} warmup records; prompt {PROMPT!r}, {s['max_tokens']} tokens, top-k {s['top_k']}, "
+        f"top-p {s['top_p']}, temperature {s['temperature']}, repetition penalty {s['repetition_penalty']}; "
+        f"steady = best of {repeats}; load average {os.getloadavg()[0]:.2f}")
+    log("")
+    log("| export | load + warmup | batch 1: first request | batch 1: steady, best (median) "
+        "| batch 32: first request | batch 32: steady, best (median) | first / best (batch 1, 32) "
+        "| first, another prompt length | 64 rows, 64 settings |")
+    log("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        one, big = r["batch1"], r["batch32"]
+        log(f"| {r['precision']} | {r['load_s']:.1f} + {r['warmup_s']:.1f} s "
+            f"| {one['first']['ms_per_token']:.3f} ms/token "
+            f"| {one['steady']['ms_per_token']:.3f} ({one['median']['ms_per_token']:.3f}) ms/token "
+            f"| {big['first']['tokens_per_s']:,.0f} tokens/s "
+            f"| {big['steady']['tokens_per_s']:,.0f} ({big['median']['tokens_per_s']:,.0f}) tokens/s "
+            f"| {one['first']['ms_per_token'] / one['steady']['ms_per_token']:.2f}, "
+            f"{big['steady']['tokens_per_s'] / big['first']['tokens_per_s']:.2f} "
+            f"| {r['other_prompt_first']['ms_per_token']:.3f} ms/token "
+            f"| {r['mixed_equal']}/64 rows equal alone |")
+    if batching:
+        for r in rows:
+            log("")
+            log(f"batching, {r['precision']}: rows per request -> tokens/s (ms per request)")
+            log("  " + ", ".join(f"{size}: {f['tokens_per_s']:,.0f} ({1000 * f['seconds']:.0f} ms)"
+                                 for size, f in r["batching"].items()))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tfgpt.serving_bench",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--run", help="a training run directory: export its latest checkpoint (default: the "
+                        "default model with random weights)")
+    parser.add_argument("--precision", choices=("bfloat16", "float32", "both"), default="both")
+    parser.add_argument("--repeats", type=int, default=10, help="timed requests per batch size (default 10)")
+    parser.add_argument("--batching", action="store_true", help="also time batches of 1 to 64 rows")
+    parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON to PATH")
+    args = parser.parse_args(argv)
+    precisions = ("bfloat16", "float32") if args.precision == "both" else (args.precision,)
+    rows = serving_bench(precisions, args.run, args.repeats, args.batching)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
