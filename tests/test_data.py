@@ -114,6 +114,43 @@ def test_plain_folder_of_txt_files_recursive_and_single_file(tmp_path):
     assert len(single) == 1 and single[0].text.startswith("first")
 
 
+def test_gzip_text_files_alone_in_folders_and_in_archives(tmp_path):
+    import gzip
+    import tarfile
+
+    text = "first line\nsecond caf\u00e9 line\n"
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text.encode()))
+    docs = data.read_corpus(tmp_path / "a.txt.gz")
+    assert [(d.name, d.text) for d in docs] == [("a.txt.gz", text)]  # decompressed, not decoded as bytes
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "b.txt").write_text("plain\n")
+    (folder / "a.txt.gz").write_bytes(gzip.compress(b"packed\n"))
+    assert [(d.name, d.text) for d in data.read_corpus(folder)] == [("a.txt.gz", "packed\n"), ("b.txt", "plain\n")]
+    with tarfile.open(tmp_path / "t.tar", "w") as tar:
+        tar.add(folder, arcname="f")
+    assert [d.text for d in data.read_corpus(tmp_path / "t.tar")] == ["packed\n", "plain\n"]
+    whole = gzip.compress(" ".join(str(i) for i in range(5000)).encode())
+    (tmp_path / "broken.txt.gz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(data.DataError, match="not a readable gzip file"):
+        data.read_corpus(tmp_path / "broken.txt.gz")
+
+
+def test_several_paths_and_globs(tmp_path):
+    import os
+
+    for name in ("b.txt", "a.txt", "c.log"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "z.txt").write_text("z")
+    docs = data.read_corpus(f"{tmp_path / 'd'}{os.pathsep}{tmp_path / '*.txt'}")
+    assert [d.text for d in docs] == ["z", "a.txt", "b.txt"]  # in the order given, a glob's matches sorted
+    with pytest.raises(data.DataError, match="matches no file"):
+        data.read_corpus(str(tmp_path / "*.csv"))
+    with pytest.raises(data.DataError, match="no such file"):
+        data.read_corpus(f"{tmp_path / 'a.txt'}{os.pathsep}{tmp_path / 'missing.txt'}")
+
+
 def test_bad_paths_and_non_utf8(tmp_path):
     with pytest.raises(data.DataError, match="no such file"):
         data.read_corpus(tmp_path / "missing")

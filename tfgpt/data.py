@@ -4,6 +4,13 @@ The corpus is a list of documents (a review, a file); every line of a
 document is one example, as in the Keras example's `TextLineDataset`.
 Standardization and tokenization run in the TensorFlow graph (`Tokenizer`),
 so training and the exported sampler share exactly the same code.
+
+Training reads its windows from a token store on disk (tfgpt/store.py, built
+by tfgpt/store_build.py); the in-memory functions here (`read_corpus`,
+`train_val_split`, `build_vocab`, `tokenize_lines`, `make_windows`) define
+the same corpus, vocabulary and windows for small inputs, the evaluation
+and the tests. The tf.data pipeline takes the windows from either: a NumPy
+array or a `WindowSource` (`len`, `width`, `gather`).
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ import hashlib
 import os
 import string
 import sys
-import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -100,6 +106,11 @@ def download(url: str, target: Path, sha256: str, log=print) -> None:
     part.replace(target)
 
 
+def is_text_name(name: str) -> bool:
+    """Whether a file or archive member is read as text: .txt or .txt.gz."""
+    return name.endswith(".txt") or name.endswith(".txt.gz")
+
+
 def _imdb_dirs(unsup: bool):
     return IMDB_SPLITS + (("train/unsup",) if unsup else ())
 
@@ -108,7 +119,7 @@ def _imdb_member(name: str, unsup: bool) -> bool | None:
     """For a path inside an archive or folder: True if it is an IMDB review we
     read, False if it is IMDB but skipped, None if it is not in the layout."""
     parts = name.replace("\\", "/").split("/")
-    if len(parts) < 3 or not parts[-1].endswith(".txt"):
+    if len(parts) < 3 or not is_text_name(parts[-1]):
         return None
     split = "/".join(parts[-3:-1])
     if split in IMDB_SPLITS or split == "train/unsup":
@@ -117,63 +128,50 @@ def _imdb_member(name: str, unsup: bool) -> bool | None:
 
 
 def read_corpus(path: str | Path, imdb_unsup: bool = False, log=print) -> list[Document]:
-    """Reads every form `--data` accepts into documents, sorted by name.
+    """Reads every form `--data` accepts into documents, in memory.
 
     An archive or folder with the IMDB layout gives its {train,test}/{pos,neg}
     reviews (and train/unsup with imdb_unsup); any other gives all its .txt
-    files, searched recursively; a plain file is one document.
+    and .txt.gz files, searched recursively; a plain or gzip-compressed file
+    is one document. Each path's documents are sorted by name; several paths
+    (`tfgpt.sources.expand`) follow one another.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"--data {path}: no such file or directory")
-    if path.is_dir():
-        raw = _read_dir(path, imdb_unsup)
-    elif tarfile.is_tarfile(path):
-        raw = _read_tar(path, imdb_unsup)
-    else:
-        raw = [(path.name, path.read_bytes())]
-    if not raw:
-        raise DataError(f"--data {path}: no .txt files found")
+    from tfgpt import sources
+
     docs, bad = [], 0
-    for name, data in sorted(raw):
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = data.decode("utf-8", errors="replace")
-            bad += 1
-        docs.append(Document(name, text))
+    for p in sources.expand(str(path)):
+        kind = sources.kind_of(p)
+        if kind == "folder":
+            raw = [(name, _read_file(f)) for name, f, _ in sources.folder_files(p, imdb_unsup)]
+        elif kind == "tar":
+            raw = [(n, d) for n, d, _ in sources.keep_members(list(sources.tar_members(p, imdb_unsup)))]
+        else:
+            raw = [(p.name, _read_file(p))]
+        if not raw:
+            raise DataError(f"--data {p}: no .txt files found")
+        for name, data in sorted(raw):
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                text = data.decode("utf-8", errors="replace")
+                bad += 1
+            docs.append(Document(name, text))
     if bad:
         log(f"warning: {bad} file(s) were not valid UTF-8; undecodable bytes became U+FFFD")
     return docs
 
 
-def _read_dir(root: Path, unsup: bool):
-    files = sorted(p for p in root.rglob("*.txt") if p.is_file())
-    rel = [(p, p.relative_to(root).as_posix()) for p in files]
-    if any(_imdb_member(r, unsup) is not None for _, r in rel):
-        rel = [(p, r) for p, r in rel if _imdb_member(r, unsup)]
-    return [(r, p.read_bytes()) for p, r in rel]
+def _read_file(path: Path) -> bytes:
+    """A file's bytes, decompressed when it is gzip-compressed."""
+    import gzip
 
-
-def _read_tar(path: Path, unsup: bool):
-    out, imdb = [], False
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".txt"):
-                    continue
-                kind = _imdb_member(member.name, unsup)
-                if kind is not None:
-                    if not imdb:  # first IMDB file: from now on keep only IMDB reviews
-                        imdb, out = True, [(n, d) for n, d in out if _imdb_member(n, unsup)]
-                    if not kind:
-                        continue
-                elif imdb:
-                    continue
-                out.append((member.name, tar.extractfile(member).read()))
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"--data {path}: cannot read the archive ({e})") from None
-    return out
+    data = Path(path).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise DataError(f"--data {path}: not a readable gzip file ({e})") from None
+    return data
 
 
 def split_lines(docs: list[Document]) -> list[str]:
@@ -349,55 +347,90 @@ def batches_per_epoch(num_windows: int, global_batch: int) -> int:
     return num_windows // global_batch
 
 
-def train_dataset(windows: np.ndarray, global_batch: int, seed: int, epoch: int, packing: str,
-                  input_context: tf.distribute.InputContext | None = None, skip: int = 0) -> tf.data.Dataset:
-    """One epoch of per-replica batches for this input pipeline.
+class ArrayWindows:
+    """Windows held in memory (int32 [N, maxlen + 1]) as a window source."""
 
-    The order is a function of (seed, epoch) alone, so a resumed run sees the
-    same batches; `skip` drops the global batches already consumed. With an
-    input context, each global batch is cut into num_replicas_in_sync equal
-    slices and this pipeline (worker) yields its replicas' slices in order.
-    """
-    # The shuffle buffer holds window indices, not windows: the same order (it
-    # depends on the seed and the buffer size alone) for 12 MB less resident
-    # memory with 50,000 windows (one small allocation per buffered element).
-    table = tf.convert_to_tensor(windows)
-    ds = tf.data.Dataset.range(len(windows))
-    ds = ds.shuffle(len(windows), seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
-    ds = ds.batch(global_batch, drop_remainder=True).skip(skip)
-    ds = ds.map(lambda rows: tf.gather(table, rows))
-    return _to_replicas(ds, global_batch, packing, input_context)
+    def __init__(self, windows: np.ndarray):
+        self.windows = np.asarray(windows, np.int32)
+        self.width = self.windows.shape[1]
+        self._table = tf.convert_to_tensor(self.windows)  # created eagerly, captured by the pipelines
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def gather(self, rows):
+        """int64 [k] window indices -> int32 [k, width], in the graph."""
+        return tf.gather(self._table, rows)
 
 
-def eval_dataset(windows: np.ndarray, global_batch: int, packing: str,
-                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-    """Every window once, in order; the last batch is filled with empty
-    (all-padding, zero-weight) windows so that every batch has the same shape."""
-    pad = (-len(windows)) % global_batch
-    if pad:
-        windows = np.concatenate([windows, np.zeros([pad, windows.shape[1]], np.int32)])
-    ds = tf.data.Dataset.from_tensor_slices(windows).batch(global_batch, drop_remainder=True)
-    if packing == "pack" and pad:
-        # Packed windows have no padding of their own; mark the filler windows
-        # by weight 0 through a separate flag.
-        n_real = len(windows) - pad
-        flags = tf.data.Dataset.from_tensor_slices(np.arange(len(windows)) < n_real).batch(global_batch)
-        ds = tf.data.Dataset.zip((ds, flags))
-    return _to_replicas(ds, global_batch, packing, input_context)
+def window_source(windows):
+    """A NumPy array of windows, or already a source (`len`, `width`, `gather`)."""
+    return ArrayWindows(windows) if isinstance(windows, np.ndarray) else windows
 
 
-def _to_replicas(ds, global_batch, packing, ctx):
+def _slice(global_batch: int, ctx: tf.distribute.InputContext | None) -> tuple[int, int, int]:
+    """(first row, rows, replicas) of this input pipeline's part of a global batch.
+
+    A global batch is cut into num_replicas_in_sync equal slices; pipeline p
+    (a worker) takes the slices of its replicas, p * local ... (p + 1) * local - 1."""
     replicas = ctx.num_replicas_in_sync if ctx else 1
     pipelines = ctx.num_input_pipelines if ctx else 1
     pipeline = ctx.input_pipeline_id if ctx else 0
     if global_batch % replicas:
         raise DataError(f"--batch-size {global_batch} is not divisible by the {replicas} replicas")
     local, per_replica = replicas // pipelines, global_batch // replicas
+    return pipeline * local * per_replica, local * per_replica, local
 
-    def cut(*batch):
-        # [G, ...] -> [local, per_replica, ...]: this pipeline's replicas' slices.
-        return tuple(tf.reshape(b, [replicas, per_replica] + b.shape[1:].as_list())
-                     [pipeline * local:(pipeline + 1) * local] for b in batch)
+
+def train_dataset(windows, global_batch: int, seed: int, epoch: int, packing: str,
+                  input_context: tf.distribute.InputContext | None = None, skip: int = 0) -> tf.data.Dataset:
+    """One epoch of per-replica batches for this input pipeline.
+
+    Global batch b holds the windows at positions b * global_batch ... of the
+    epoch's order, a permutation keyed by (seed, epoch) alone (tfgpt/order.py),
+    so a resumed run sees the same batches; `skip` starts at global batch
+    `skip`. With an input context, each global batch is cut into
+    num_replicas_in_sync equal slices and this pipeline (worker) reads and
+    yields only its replicas' slices, in order.
+    """
+    from tfgpt.order import EpochOrder
+
+    source = window_source(windows)
+    first, rows, local = _slice(global_batch, input_context)
+    order = EpochOrder(len(source), seed, epoch)
+    ds = tf.data.Dataset.range(skip, len(source) // global_batch)
+    ds = ds.map(lambda b: order(b * global_batch + first + tf.range(rows, dtype=tf.int64)))
+    ds = ds.map(lambda idx: (source.gather(idx),))
+    return _to_replicas(ds, local, rows // local, source.width, packing)
+
+
+def eval_dataset(windows, global_batch: int, packing: str,
+                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+    """Every window once, in order; the last batch is filled with empty
+    (all-padding, zero-weight) windows so that every batch has the same shape."""
+    source = window_source(windows)
+    first, rows, local = _slice(global_batch, input_context)
+    n = len(source)
+
+    def read(b):
+        idx = b * global_batch + first + tf.range(rows, dtype=tf.int64)
+        real = idx < n
+        # Filler rows read the last window and are zeroed; their weight is 0
+        # through `real` (packed windows have no padding of their own).
+        window = source.gather(tf.minimum(idx, n - 1)) * tf.cast(real, tf.int32)[:, None]
+        return window, real
+
+    ds = tf.data.Dataset.range(-(-n // global_batch)).map(read)
+    return _to_replicas(ds, local, rows // local, source.width, packing)
+
+
+def _to_replicas(ds, local: int, per_replica: int, width: int, packing: str):
+    """[local * per_replica, width] batches -> per-replica (inputs, targets, weights)."""
+
+    def cut(window, real=None):
+        # [rows, ...] -> [local, per_replica, ...]: this pipeline's replicas' slices.
+        window = tf.reshape(window, [local, per_replica, width])
+        return (window,) if real is None else (window, tf.reshape(real, [local, per_replica]))
 
     def features(window, real=None):
         x, y, w = split_window(window, packing)

@@ -1,0 +1,263 @@
+"""Finding, reusing and rebuilding token stores: the cache key, changed input,
+damaged stores, a full disk, an interrupted build, `python -m tfgpt.prepare`,
+and training on a store."""
+
+import builtins
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_review
+from tfgpt import data, prepare, store_build
+from tfgpt.progress import Progress
+
+
+def write_lines(path: Path, n: int, seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    path.write_text("\n".join(make_review(rng) for _ in range(n)) + "\n")
+    return path
+
+
+def ensure(spec, tmp_path, messages=None, **kw):
+    kw.setdefault("store_dir", tmp_path / "stores")
+    kw.setdefault("vocab_size", 40)
+    kw.setdefault("val_fraction", 0.1)
+    return prepare.ensure_store(str(spec), log=(messages.append if messages is not None else lambda *a, **k: None),
+                                **kw)
+
+
+def stores(tmp_path) -> list[Path]:
+    """Every entry of the cache folder but the lock files."""
+    return sorted(p for p in (tmp_path / "stores").iterdir() if not p.name.endswith(".lock"))
+
+
+def all_windows(store, split="train", packing="pack"):
+    w = store.windows(split, 8, packing)
+    return w.read(np.arange(len(w)))
+
+
+def test_second_call_reuses_the_store(tmp_path):
+    path = write_lines(tmp_path / "r.txt", 100)
+    first = ensure(path, tmp_path)
+    assert first.action == "built"
+    second = ensure(path, tmp_path)
+    assert second.action == "reused" and second.store.root == first.store.root
+    # Other settings are another store; the key covers each of them.
+    for change in (dict(vocab_size=30), dict(val_fraction=0.2), dict(seed=1), dict(imdb_unsup=True)):
+        assert ensure(path, tmp_path, **change).store.root != first.store.root, change
+
+
+def test_changed_input_gives_a_new_store_and_drops_the_stale_one(tmp_path):
+    path = write_lines(tmp_path / "r.txt", 100)
+    old = ensure(path, tmp_path).store
+    before = all_windows(old)
+    with open(path, "a") as f:
+        f.write("a brand new line with new words\n")
+    messages = []
+    new = ensure(path, tmp_path, messages)
+    assert new.action == "built" and new.store.root != old.root
+    assert "brand" in new.store.vocab()
+    assert len(all_windows(new.store)) > len(before)
+    assert stores(tmp_path) == [new.store.root]  # the stale store is gone
+    assert any("older version" in m for m in messages)
+    # Same size, other content, other modification time: a new store too.
+    text = path.read_text().replace("brand", "BRAND")
+    path.write_text(text)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert ensure(path, tmp_path).store.root != new.store.root
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "same_size", "manifest"])
+def test_damaged_store_is_rebuilt_with_a_warning(tmp_path, damage):
+    path = write_lines(tmp_path / "r.txt", 100)
+    store = ensure(path, tmp_path, shard_tokens=200).store
+    expected = all_windows(store)
+    shard = store.root / store.split("train")["shards"][1]
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-6])
+    elif damage == "delete":
+        (store.root / "train.starts").unlink()
+    elif damage == "same_size":
+        raw = bytearray(shard.read_bytes())
+        raw[10] ^= 0xFF
+        shard.write_bytes(bytes(raw))  # a new modification time: the checksum is checked
+    else:
+        (store.root / "manifest.json").write_text("{not json")
+    messages = []
+    again = ensure(path, tmp_path, messages, shard_tokens=200)
+    assert again.action == "rebuilt"
+    assert any(m.startswith("warning:") and "damaged" in m for m in messages), messages
+    np.testing.assert_array_equal(all_windows(again.store), expected)
+
+
+def test_full_disk_is_one_error_and_leaves_no_store(tmp_path, monkeypatch):
+    """The second shard's file is /dev/full: its writes fail with ENOSPC,
+    from the kernel."""
+    path = write_lines(tmp_path / "r.txt", 200)
+    real_open = builtins.open
+
+    def fake_open(file, mode="r", *args, **kw):
+        if "w" in mode and str(file).endswith("train-00001.u32"):
+            return real_open("/dev/full", mode, *args, **kw)
+        return real_open(file, mode, *args, **kw)
+
+    monkeypatch.setattr(store_build, "open", fake_open, raising=False)
+    with pytest.raises(data.DataError) as e:
+        ensure(path, tmp_path, shard_tokens=300)
+    message = str(e.value)
+    assert "no space left" in message and "nothing was kept" in message and "\n" not in message
+    assert stores(tmp_path) == []  # neither a store nor a temporary folder
+    assert not list((tmp_path / "stores").glob(".*tmp*"))
+    monkeypatch.undo()
+    assert ensure(path, tmp_path, shard_tokens=300).action == "built"
+
+
+def test_prepare_command_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
+    path = write_lines(tmp_path / "r.txt", 50)
+    real_open = builtins.open
+
+    def fake_open(file, mode="r", *args, **kw):
+        if "w" in mode and str(file).endswith(".u32"):
+            return real_open("/dev/full", mode, *args, **kw)
+        return real_open(file, mode, *args, **kw)
+
+    monkeypatch.setattr(store_build, "open", fake_open, raising=False)
+    out = tmp_path / "store"
+    assert prepare.main(["--data", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prepare: error: no space left"), err
+    assert not out.exists() and not list(tmp_path.glob(".store*tmp*"))
+
+
+def test_interrupted_build_leaves_nothing_and_the_next_one_builds(tmp_path, monkeypatch):
+    path = write_lines(tmp_path / "r.txt", 200)
+    calls = []
+    real = store_build.split_streams
+
+    def interrupt(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(store_build, "split_streams", interrupt)
+    monkeypatch.setattr(store_build, "CHUNK_BYTES", 500)
+    with pytest.raises(KeyboardInterrupt):
+        ensure(path, tmp_path)
+    assert stores(tmp_path) == []
+    # A build killed without any clean-up leaves its temporary folder: the next
+    # build of the same store removes it.
+    monkeypatch.undo()
+    leftover = tmp_path / "stores" / f".{prepare.key_of(_params(path))}.tmp-999999"
+    leftover.mkdir()
+    (leftover / "train-00000.u32").write_bytes(b"half")
+    assert ensure(path, tmp_path).action == "built"
+    assert not leftover.exists()
+
+
+def _params(path):
+    from tfgpt import sources
+
+    paths = sources.expand(str(path))
+    return prepare.store_params(paths, sources.input_files(paths, False), imdb_unsup=False, vocab_size=40,
+                                val_fraction=0.1, seed=0)
+
+
+def test_resumed_run_keeps_its_vocabulary(tmp_path):
+    """A run's vocab.txt that the (changed) corpus no longer gives: the store
+    holds that vocabulary's ids, as today's Tokenizer would give them."""
+    path = write_lines(tmp_path / "r.txt", 120)
+    own = ensure(path, tmp_path).store
+    assert ensure(path, tmp_path, vocab=own.vocab()).store.root == own.root  # the same vocabulary: the same store
+    given = ["", "[UNK]", "the", "movie", "is", ".", "bad", "good"] + [f"x{i}" for i in range(32)]
+    store = ensure(path, tmp_path, vocab=given).store
+    assert store.root != own.root and store.vocab() == given
+    assert ensure(path, tmp_path, vocab=given).action == "reused"
+    assert ensure(path, tmp_path).action == "reused"  # both stores are kept
+    data.write_vocab(given, tmp_path / "given.txt")
+    tok = data.Tokenizer(tmp_path / "given.txt")
+    train, _ = data.train_val_split(data.read_corpus(path), 0.1, 0)
+    ids, lengths = data.tokenize_lines(tok, train)
+    np.testing.assert_array_equal(all_windows(store, packing="truncate"),
+                                  data.make_windows(ids, lengths, 8, "truncate"))
+
+
+def test_named_store_is_used_as_it_is_and_rebuilt_when_its_input_changes(tmp_path):
+    path = write_lines(tmp_path / "r.txt", 100)
+    out = tmp_path / "mystore"
+    assert prepare.main(["--data", str(path), "--out", str(out), "--vocab-size", "40"]) == 0
+    messages = []
+    named = ensure(out, tmp_path, messages)
+    assert named.action == "reused" and named.store.root == out and not (tmp_path / "stores").exists()
+    with open(path, "a") as f:
+        f.write("another line entirely\n")
+    again = ensure(out, tmp_path, messages)
+    assert again.action == "rebuilt" and "entirely" in again.store.vocab()
+    assert any("changed" in m and "rebuilding" in m for m in messages), messages
+    # Without its input it is used as it is.
+    path.unlink()
+    assert ensure(out, tmp_path).action == "reused"
+
+
+def test_prepare_command(tmp_path, capsys):
+    path = write_lines(tmp_path / "r.txt", 100)
+    out = tmp_path / "s"
+    assert prepare.main(["--data", str(path), "--out", str(out), "--workers", "2"]) == 0
+    text = capsys.readouterr().out
+    assert f"built {out}" in text and "vocabulary" in text and "uint16" in text
+    assert prepare.main(["--data", str(path), "--out", str(out)]) == 0
+    assert f"reused {out}" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    cases = [(["--data", str(tmp_path / "nope.txt")], "no such file"),
+             (["--data", str(tmp_path / "*.nothing")], "matches no file"),
+             (["--data", str(path), "--out", str(tmp_path / "other")], "not a token store"),
+             (["--data", str(path), "--val-fraction", "1.5"], "--val-fraction"),
+             (["--data", str(path), "--vocab-size", "2"], "--vocab-size")]
+    (tmp_path / "empty").mkdir()
+    cases.append((["--data", str(tmp_path / "empty")], "no .txt files"))
+    import gzip
+
+    whole = gzip.compress(path.read_bytes())
+    (tmp_path / "broken.txt.gz").write_bytes(whole[:len(whole) // 2])
+    cases.append((["--data", str(tmp_path / "broken.txt.gz")], "cannot read"))
+    for argv, needle in cases:
+        assert prepare.main(argv + ["--store-dir", str(tmp_path / "stores")]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (argv, err)
+    one = write_lines(tmp_path / "one_line.txt", 1)
+    assert prepare.main(["--data", str(one), "--val-fraction", "0.9", "--store-dir", str(tmp_path / "st")]) == 2
+    assert "leaves no training data" in capsys.readouterr().err
+
+
+def test_train_builds_then_reuses_and_trains_on_a_named_store(tmp_path, capsys, monkeypatch):
+    from tfgpt.cli import main
+
+    monkeypatch.setenv("TFGPT_CACHE", str(tmp_path / "cache"))
+    path = write_lines(tmp_path / "r.txt", 200)
+    tiny = ["--maxlen", "12", "--embed-dim", "16", "--ff-dim", "16", "--vocab-size", "60", "--batch-size", "16",
+            "--max-steps", "2", "--gen-tokens", "3", "--no-export", "--logdir", str(tmp_path / "logs")]
+    assert main(["--data", str(path), "--run-name", "a"] + tiny) == 0
+    out = capsys.readouterr().out
+    assert "token store: built" in out and str(tmp_path / "cache" / "stores") in out
+    assert main(["--data", str(path), "--run-name", "b"] + tiny) == 0
+    assert "token store: reusing" in capsys.readouterr().out
+    store_root = next(p for p in (tmp_path / "cache" / "stores").iterdir() if not p.name.startswith("."))
+    assert (tmp_path / "logs" / "a" / "vocab.txt").read_text() == (store_root / "vocab.txt").read_text()
+    assert main(["--data", str(store_root), "--run-name", "c"] + tiny) == 0
+    assert "token store: reusing" in capsys.readouterr().out
+    # A missing path is one line, exit status 2, as before.
+    assert main(["--data", str(tmp_path / "missing.txt"), "--run-name", "d"] + tiny) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_progress_line():
+    lines = []
+    p = Progress("tokenizing", 100_000_000, log=lines.append, live=False, every=0.0)
+    p.start -= 10.0
+    p.add(40_000_000)
+    assert lines == ["tokenizing: 40 of 100 MB (40%), 4.0 MB/s, ETA 0:15"]

@@ -1,0 +1,280 @@
+"""The data benchmark: corpora of given sizes, prepared into token stores and
+trained on for a few steps, each job in a fresh process.
+
+    python -m tfgpt.bench_data --data-scale 0.5,5            # generated text, 0.5 and 5 GB
+    python -m tfgpt.bench_data --data-scale 0.5 --data FILE  # FILE's text repeated to 0.5 GB
+
+For each size it prints: the preparation's speed (MB of text per second,
+for the whole process and for the build alone), its CPU seconds per GB (a
+figure that depends less on what else the machine runs) and peak resident
+memory;
+the seconds a first training run (which finds the store built) and a second
+one take from process start to their first step, and of that the data work
+(finding and checking the store, opening the windows); and the training
+run's peak resident memory. Corpora and stores go to a scratch folder
+(--workdir, default under /tmp) that is deleted at the end (--keep keeps it).
+
+Generated text imitates reviews: one per line, about 230 words in 19
+sentences drawn from a pool of 400,000 sentences of Zipf-distributed made-up
+words (a 200,000-word vocabulary of lengths 1 to 12), with punctuation,
+capitals, contractions and the odd "<br /><br />".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GB = 1e9
+
+
+def _vocabulary(rng, size: int):
+    import numpy as np
+
+    letters = np.frombuffer(b"etaoinshrdlcumwfgypbvkjxqz", np.uint8)
+    weights = np.array([12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8, 2.4, 2.4, 2.2, 2.0,
+                        2.0, 1.9, 1.5, 1.0, 0.8, 0.2, 0.2, 0.1, 0.1])
+    lengths = np.clip(rng.poisson(4.2, size) + 1, 1, 12)
+    out = []
+    for n in lengths.tolist():
+        out.append(bytes(rng.choice(letters, n, p=weights / weights.sum()).tolist()))
+    return out
+
+
+def _sentences(rng, words: list[bytes], count: int) -> list[bytes]:
+    """count sentences of Zipf-distributed words (about 12 each), capitalised,
+    with commas, contractions and closing punctuation."""
+    import numpy as np
+
+    n = len(words)
+    table = np.array(words + [w[:1].upper() + w[1:] for w in words] + [w + b"'s" for w in words], dtype=object)
+    punct = np.array([b"", b",", b".", b"!", b"?", b" -", b" (a)", b"..."], dtype=object)
+    total = count * 12
+    ranks = np.minimum(rng.zipf(1.15, total), n) - 1
+    ends = np.zeros(total, bool)
+    ends[np.sort(rng.choice(np.arange(1, total), count - 1, replace=False))] = True
+    ends[-1] = True
+    starts = np.roll(ends, 1)
+    form = np.where(starts, n, np.where(rng.random(total) < 0.04, 2 * n, 0))
+    marks = np.where(ends, rng.choice([2, 2, 2, 3, 4, 7], total), np.where(rng.random(total) < 0.06, 1, 0))
+    tokens = (table[ranks + form] + punct[marks]).tolist()
+    cuts = np.flatnonzero(ends) + 1
+    return [b" ".join(tokens[a:b]) for a, b in zip(np.concatenate([[0], cuts[:-1]]), cuts)]
+
+
+def generate(path: Path, size_bytes: int, seed: int = 0, log=print) -> int:
+    """Writes about size_bytes of generated reviews to path; returns the bytes
+    written. Lines are about 19 sentences drawn from a pool of 400,000."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pool = np.array(_sentences(rng, _vocabulary(rng, 200_000), 400_000), dtype=object)
+    block = 200_000  # sentences per write
+    written, t0 = 0, time.monotonic()
+    with open(path, "wb") as f:
+        while written < size_bytes:
+            chosen = pool[rng.integers(0, len(pool), block)]
+            seps = np.full(block, b" ", dtype=object)
+            seps[rng.random(block) < 0.02] = b"<br /><br />"
+            seps[rng.random(block) < 1 / 19] = b"\n"
+            seps[-1] = b"\n"
+            text = b"".join((chosen + seps).tolist())
+            f.write(text)
+            written += len(text)
+            if time.monotonic() - t0 > 30:
+                log(f"  generated {written / GB:.2f} of {size_bytes / GB:.2f} GB")
+                t0 = time.monotonic()
+    return written
+
+
+def replicate(source: str, path: Path, size_bytes: int) -> int:
+    """Writes source's text (any --data form, its documents' lines) again and
+    again to path until it holds about size_bytes."""
+    from tfgpt import sources
+
+    docs = sources.list_documents(sources.expand(source), False, spool_dir=path.parent)
+    written = 0
+    with open(path, "wb") as f:
+        while written < size_bytes:
+            for doc in docs:
+                for piece, _ in sources.pieces(doc):
+                    f.write(piece + b"\n")
+                    written += len(piece) + 1
+                if written >= size_bytes:
+                    break
+    for spool in path.parent.glob("spool-*"):
+        spool.unlink()
+    return written
+
+
+def _vmhwm_mb() -> float:
+    from tfgpt.memory import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def child_prepare(corpus: str, store_dir: str) -> dict:
+    """In a fresh process: prepare the corpus into store_dir."""
+    from tfgpt.prepare import ensure_store
+
+    t0 = time.perf_counter()
+    prepared = ensure_store(corpus, store_dir=store_dir, log=lambda *a, **k: None)
+    manifest = prepared.store.manifest
+    return dict(seconds=time.perf_counter() - t0, text_bytes=manifest["text_bytes"],
+                tokens=manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"],
+                action=prepared.action, peak_rss_mb=_vmhwm_mb())
+
+
+def child_train(corpus: str, store_dir: str, logdir: str, run: str, steps: int) -> dict:
+    """In a fresh process: train.py on the corpus for a few steps, timing the
+    data work and the time to the first step."""
+    from tfgpt import cli, run as run_mod, trainer
+
+    marks = {}
+    prepare_data = run_mod.prepare_data
+
+    def timed_prepare(*args, **kwargs):
+        t = time.perf_counter()
+        out = prepare_data(*args, **kwargs)
+        train = out[0]
+        # the first global batch, read through the pipeline as training reads it
+        import tfgpt.data as data
+        next(iter(data.train_dataset(train, 128, 0, 0, "truncate")))
+        marks["data_s"] = time.perf_counter() - t
+        return out
+
+    fit = trainer.Trainer.fit
+
+    def timed_fit(self, train_windows, val_windows, hooks=None):
+        class Hooks:
+            def on_step(self, info):
+                marks.setdefault("first_step_s", time.perf_counter() - START)
+                hooks.on_step(info)
+
+            def on_epoch(self, info):
+                hooks.on_epoch(info)
+
+        return fit(self, train_windows, None, Hooks())
+
+    run_mod.prepare_data, trainer.Trainer.fit = timed_prepare, timed_fit
+    status = cli.main(["--data", corpus, "--store-dir", store_dir, "--logdir", logdir, "--run-name", run,
+                       "--max-steps", str(steps), "--no-export", "--quiet", "--epochs", "1"])
+    return dict(status=status, peak_rss_mb=_vmhwm_mb(), **marks)
+
+
+START = time.perf_counter()
+
+
+def _child(kind: str, *args) -> dict:
+    import resource
+
+    cmd = [sys.executable, "-m", "tfgpt.bench_data", "--child", json.dumps([kind, *args])]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} child failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    result = json.loads(lines[-1])
+    result["wall_s"], result["cpu_s"] = wall, cpu
+    return result
+
+
+def run_scale(scale_gb: float, work: Path, data: str | None, steps: int, log=print) -> dict:
+    folder = work / f"{scale_gb:g}GB"
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    t0 = time.perf_counter()
+    size = replicate(data, corpus, int(scale_gb * GB)) if data else generate(corpus, int(scale_gb * GB), log=log)
+    log(f"{scale_gb:g} GB: corpus of {size / GB:.2f} GB written in {time.perf_counter() - t0:.0f}s")
+    stores = folder / "stores"
+    prep = _child("prepare", str(corpus), str(stores))
+    log(f"  prepared in {prep['wall_s']:.1f}s ({size / 1e6 / prep['wall_s']:.1f} MB/s; the build alone "
+        f"{prep['seconds']:.1f}s), {prep['cpu_s']:.0f} CPU s, peak {prep['peak_rss_mb']:.0f} MB")
+    runs = []
+    for i in range(2):
+        runs.append(_child("train", str(corpus), str(stores), str(folder / "logs"), f"run{i}", steps))
+        r = runs[-1]
+        log(f"  training run {i + 1}: first step after {r['first_step_s']:.1f}s, data work {r['data_s']:.2f}s, "
+            f"peak {r['peak_rss_mb']:.0f} MB")
+    return dict(scale_gb=scale_gb, text_gb=size / GB, prepare_s=prep["wall_s"], prepare_inner_s=prep["seconds"],
+                prepare_mb_s=size / 1e6 / prep["wall_s"], build_mb_s=size / 1e6 / prep["seconds"],
+                prepare_cpu_s_per_gb=prep["cpu_s"] / (size / GB), prepare_peak_mb=prep["peak_rss_mb"],
+                tokens=prep["tokens"], first_step_s=[r["first_step_s"] for r in runs],
+                data_s=[r["data_s"] for r in runs], train_peak_mb=max(r["peak_rss_mb"] for r in runs))
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| corpus | tokens | prepare (process) | MB/s (process / build) | CPU s per GB | prepare peak RSS | "
+            "first step, run 1 / run 2 | data work, run 1 / run 2 | training peak RSS |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['text_gb']:.2f} GB | {r['tokens'] / 1e6:,.0f}M | {r['prepare_s']:.0f} s | "
+                     f"{r['prepare_mb_s']:.1f} / {r['build_mb_s']:.1f} | {r['prepare_cpu_s_per_gb']:.0f} | "
+                     f"{r['prepare_peak_mb']:,.0f} MB | "
+                     f"{r['first_step_s'][0]:.1f} s / {r['first_step_s'][1]:.1f} s | "
+                     f"{r['data_s'][0]:.2f} s / {r['data_s'][1]:.2f} s | {r['train_peak_mb']:,.0f} MB |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tfgpt.bench_data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-scale", default="0.5,5", help="corpus sizes in GB, comma-separated (default: 0.5,5)")
+    p.add_argument("--data", help="real text to repeat up to each size (any train.py --data form; "
+                   "default: generated reviews)")
+    p.add_argument("--steps", type=int, default=3, help="training steps per run (default: 3)")
+    p.add_argument("--workdir", help="scratch folder (default: a new folder under /tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the corpora and stores")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        kind, *rest = json.loads(args.child)
+        result = child_prepare(*rest) if kind == "prepare" else child_train(*rest)
+        print(json.dumps(result))
+        return 0
+    try:
+        scales = [float(s) for s in args.data_scale.split(",") if s.strip()]
+    except ValueError:
+        print(f"bench_data: error: --data-scale takes sizes in GB such as 0.5,5, got {args.data_scale!r}",
+              file=sys.stderr)
+        return 2
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tfgpt-bench-data-"))
+    need = max(scales) * GB * 2.2
+    free = shutil.disk_usage(work).free
+    if free < need:
+        print(f"bench_data: error: {work} has {free / GB:.1f} GB free; the {max(scales):g} GB corpus needs about "
+              f"{need / GB:.1f} GB (the text, the store and its temporary shards)", file=sys.stderr)
+        return 2
+    rows = []
+    try:
+        for scale in scales:
+            rows.append(run_scale(scale, work, args.data, args.steps))
+            if not args.keep:
+                shutil.rmtree(work / f"{scale:g}GB", ignore_errors=True)
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print()
+    print(table(rows))
+    print(f"\nload average at the end: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} ({os.cpu_count()} cores)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(rows=rows, load=load), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
