@@ -4,24 +4,70 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: venv train test bench clean
+# GPU = auto | 0 | 1: whether .venv gets TensorFlow's CUDA libraries.
+# The plain tensorflow wheel carries none, so on an NVIDIA machine TensorFlow
+# would silently train on the CPU; `tensorflow[and-cuda]` (the `gpu` extra)
+# brings them, several GB that a CPU-only machine has no use for.
+# auto: the first install takes the gpu extra when `nvidia-smi -L` succeeds
+# and lists at least one line starting with "GPU " (a working NVIDIA driver
+# with a GPU); after that the installed choice, recorded in the stamp's name,
+# is kept, so that `make test` never undoes an explicit `make venv GPU=0`.
+# 0 / 1 choose explicitly; a different choice than the installed one reinstalls.
+GPU ?= auto
+INSTALLED := $(patsubst $(VENV)/.installed-gpu%,%,$(firstword $(wildcard $(VENV)/.installed-gpu[01])))
+ifeq ($(GPU),auto)
+ifneq ($(INSTALLED),)
+GPU_CHOICE := $(INSTALLED)
+else
+# `timeout` where there is one: a wedged driver can make nvidia-smi hang.
+GPU_CHOICE := $(shell t=$$(command -v timeout >/dev/null 2>&1 && echo "timeout 60"); \
+	out=$$($$t nvidia-smi -L 2>/dev/null) && printf '%s\n' "$$out" | grep -q '^GPU ' && echo 1 || echo 0)
+endif
+else ifeq ($(GPU),0)
+GPU_CHOICE := 0
+else ifeq ($(GPU),1)
+GPU_CHOICE := 1
+else
+$(error GPU must be auto, 0 or 1, got '$(GPU)')
+endif
+comma := ,
+EXTRAS := $(if $(filter 1,$(GPU_CHOICE)),test$(comma)gpu,test)
+STAMP := $(VENV)/.installed-gpu$(GPU_CHOICE)
 
-venv: $(VENV)/.installed
+.PHONY: venv train test test-gpu gpu-check bench clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	@# The tensorflow wheel depends on keras and imports it at start-up when it
 	@# is installed; tfgpt uses none of it, so the environment goes without.
 	$(PY) -m pip uninstall --quiet --yes keras
+	@# pip leaves packages no longer asked for in place: going from GPU=1 to 0
+	@# keeps the CUDA libraries (and TensorFlow keeps using the GPU).
+	@if [ $(GPU_CHOICE) = 0 ] && [ -e $(VENV)/.installed-gpu1 ]; then \
+		echo "note: the CUDA libraries of GPU=1 stay installed; for a CPU-only .venv run: make clean venv GPU=0"; fi
+	rm -f $(VENV)/.installed $(VENV)/.installed-gpu0 $(VENV)/.installed-gpu1
 	touch $@
 
 train: venv
 	$(PY) train.py $(ARGS)
 
+# The CPU suite (GPU tests deselected; tests/conftest.py hides any GPU), with
+# the ten slowest tests listed.
 test: venv
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -m "not gpu" --durations=10 $(ARGS)
+
+# The GPU tests alone, with the GPUs visible (needs a GPU and GPU=1).
+test-gpu: venv
+	TFGPT_TEST_GPU=1 $(PY) -m pytest -q -m gpu tests/test_gpu.py $(ARGS)
+
+# A few minutes on a GPU machine: the device, training and sampler speed per
+# precision and XLA setting, then the GPU tests.
+gpu-check: venv
+	$(PY) -m tfgpt.gpu_check $(ARGS)
 
 bench: venv
 	$(PY) -m tfgpt.bench $(ARGS)

@@ -1,11 +1,24 @@
 """Test set-up: two logical CPU devices, configured before TensorFlow starts,
-so that the multi-replica code paths run on any machine."""
+so that the multi-replica code paths run on any machine.
+
+GPUs are hidden (CUDA_VISIBLE_DEVICES=-1, inherited by subprocesses) unless
+TFGPT_TEST_GPU=1 (`make test-gpu`): the CPU suite's exact-equality tests
+assume CPU kernels, and GPU kernels differ, e.g. segment sums add with atomics
+in no fixed order. The GPU tests (tests/test_gpu.py, marker `gpu`) run with
+TFGPT_TEST_GPU=1; the CPU split is harmless there and kept."""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("TFGPT_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
 
 import tensorflow as tf  # noqa: E402
+
+# With the GPUs visible: memory as needed rather than all of it at start-up,
+# so that a test's subprocess can still have some of the same GPU.
+for _gpu in tf.config.list_physical_devices("GPU"):
+    tf.config.experimental.set_memory_growth(_gpu, True)
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)

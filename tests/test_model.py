@@ -193,10 +193,18 @@ def test_padding_targets_do_not_matter():
     assert abs(l3 - l1) > 1e-4
 
 
-def test_loss_sum_gradients_match_plain_xent():
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_sum_gradients_match_plain_xent(tied):
     """Gradients of loss_sum w.r.t. every variable equal those of a plain
-    sparse-softmax cross-entropy on the full logits."""
-    m = _tiny(seed=7)
+    sparse-softmax cross-entropy on the full logits; with tied embeddings the
+    token table gets both its input and its output share, and the logits are
+    hidden @ table^T + b."""
+    m = _tiny(seed=7, tie_embeddings=tied)
+    if tied:
+        assert count_params(m) == count_params(_tiny()) - TINY.embed_dim * TINY.vocab_size
+        ids = tf.constant(_loss_batch(seed=2)[0])
+        want_logits = tf.matmul(m.hidden(ids), m.token_emb.table, transpose_b=True) + m.head.b
+        np.testing.assert_allclose(m(ids).numpy(), want_logits.numpy(), rtol=1e-5, atol=1e-6)
     ids, targets, weights = _loss_batch(seed=2)
     _, got = _loss_and_grads(m, ids, targets, weights, chunk=2)
     with tf.GradientTape() as tape:
@@ -361,3 +369,39 @@ def test_loss_without_gradient_equals_loss_with_it():
         a = chunked_xent_sum(h, w, b, targets, weights, chunk=chunk)
         c = chunked_xent_sum(h, w, b, targets, weights, chunk=chunk, with_grad=False)
         np.testing.assert_allclose(float(a), float(c), rtol=1e-6)
+
+
+def np_smoothed_xent(h, w, b, targets, weights, e):
+    """Label-smoothed cross-entropy sum and its gradients, in float64: the
+    target distribution (1 - e) one_hot + e / V, by the chain rule written out."""
+    logits = h @ w + b
+    lp = np_log_softmax(logits)
+    q = (1.0 - e) * np.eye(w.shape[1])[targets] + e / w.shape[1]
+    loss = float(np.sum(weights * -(q * lp).sum(axis=1)))
+    g = (np.exp(lp) - q) * weights[:, None]
+    return loss, (g @ w.T, h.T @ g, g.sum(axis=0))
+
+
+@pytest.mark.parametrize("chunk, dtype, branch_free", [(3, tf.float32, False), (12, tf.float32, True),
+                                                       (4, tf.bfloat16, False)])
+def test_chunked_xent_label_smoothing(chunk, dtype, branch_free):
+    """Label smoothing 0.1: the value and the three gradients against NumPy;
+    with_grad=False gives the same value; smoothing 0 is the plain loss."""
+    h, w, b, targets, weights = _xent_inputs(n=12, d=5, v=7, seed=6)
+    th, tw, tb = tf.constant(h), tf.constant(w), tf.constant(b)
+    args = (tf.constant(targets), tf.constant(weights))
+    with tf.GradientTape() as tape:
+        tape.watch([th, tw, tb])
+        loss = chunked_xent_sum(th, tw, tb, *args, chunk=chunk, compute_dtype=dtype, branch_free=branch_free,
+                                smoothing=0.1)
+    got = tape.gradient(loss, [th, tw, tb])
+    h64, w64, b64 = (x.astype(np.float64) for x in (h, w, b))
+    want, grads = np_smoothed_xent(h64, w64, b64, targets, weights.astype(np.float64), 0.1)
+    assert abs(want - np_xent_sum(h64 @ w64 + b64, targets, weights)) > 0.05  # smoothing changes the loss
+    rtol, atol = (1e-5, 1e-5) if dtype == tf.float32 else (2e-2, 3e-2)
+    np.testing.assert_allclose(float(loss), want, rtol=rtol)
+    for g, ref in zip(got, grads):
+        np.testing.assert_allclose(g.numpy(), ref, rtol=0, atol=atol * np.abs(ref).max())
+    evaluated = chunked_xent_sum(th, tw, tb, *args, chunk=chunk, compute_dtype=dtype, with_grad=False,
+                                 smoothing=0.1)
+    np.testing.assert_allclose(float(evaluated), float(loss), rtol=1e-6)

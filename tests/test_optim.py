@@ -160,6 +160,65 @@ def test_adam_where_false_changes_nothing_without_a_conditional(jit):
     assert int(opt.step.numpy()) == 2
 
 
+def test_adamw_decays_matrices_not_vectors():
+    """Decoupled weight decay: each step first w -= lr * wd * w for matrices
+    (rank >= 2), then the plain Adam step; vectors (biases, norms) undecayed."""
+    params, grads = _problem(seed=6, steps=4)
+    lr, wd = 1e-2, 0.1
+    variables = [tf.Variable(p) for p in _f32(params)]
+    opt = Adam(variables, lr=lr, weight_decay=wd)
+    step = tf.function(lambda g: opt.apply(g, variables))
+    numpy_opt = NumpyAdam(params, lr=lr)
+    want = [p.astype(np.float64) for p in params]
+    for g in grads:
+        step([tf.constant(x) for x in _f32(g)])
+        decayed = [p * (1 - np.float32(lr) * np.float32(wd)) if p.ndim >= 2 else p for p in want]
+        want = numpy_opt.step(decayed, [x.astype(np.float32).astype(np.float64) for x in g])
+    for var, w in zip(variables, want):
+        np.testing.assert_allclose(var.numpy(), w, rtol=1e-5, atol=1e-6)
+    plain = _run_numpy(_f32(params), grads, lr=lr)[0]
+    assert np.abs(variables[0].numpy() - plain[0]).max() > 1e-4  # the matrix was decayed
+    np.testing.assert_allclose(variables[1].numpy(), plain[1], rtol=1e-5, atol=1e-6)  # the vector was not
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_per_occurrence_rows_follow_their_formula(graph):
+    """A table updated with per-occurrence second moments: m is the EMA of the
+    summed gradient, v the EMA of the summed squares of the per-occurrence
+    gradients, the step lr_t m / (sqrt(v) + eps) (NumPy, float64); the other
+    variable gets plain Adam; where=False changes nothing."""
+    rng = np.random.default_rng(7)
+    table, other = rng.normal(size=(5, 3)), rng.normal(size=(4,))
+    variables = [tf.Variable(table.astype(np.float32)), tf.Variable(other.astype(np.float32))]
+    opt = Adam(variables, lr=1e-2)
+    step = lambda g, sq, ok: opt.apply(g, variables, tf.constant(0.5), where=ok, rows={0: sq})
+    step = tf.function(step) if graph else step
+    m, v, want, numpy_other = np.zeros_like(table), np.zeros_like(table), table.copy(), NumpyAdam([other], lr=1e-2)
+    want_other = other.copy()
+    b1, b2, eps, lr = (float(np.float32(x)) for x in (0.9, 0.999, 1e-7, 1e-2))
+    for t in range(1, 4):
+        ids = rng.integers(0, 4, size=9)  # row 4 never occurs; rows repeat
+        per_occurrence = rng.normal(size=(9, 3)) * 0.5  # already times the scale below
+        g = np.zeros_like(table)
+        sq = np.zeros_like(table)
+        np.add.at(g, ids, per_occurrence)
+        np.add.at(sq, ids, per_occurrence ** 2)
+        g_other = rng.normal(size=(4,))
+        step([tf.constant((g / 0.5).astype(np.float32)), tf.constant(g_other.astype(np.float32))],
+             tf.constant((sq / 0.25).astype(np.float32)), tf.constant(True))
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * sq
+        want = want - lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
+        want_other = numpy_other.step([want_other], [g_other.astype(np.float32).astype(np.float64) * 0.5])[0]
+        np.testing.assert_allclose(variables[0].numpy(), want, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(variables[1].numpy(), want_other, rtol=1e-4, atol=1e-6)
+    # The per-occurrence squares differ from the squared sums: dense Adam would have moved otherwise.
+    assert np.abs(sq - g ** 2).max() > 1e-2
+    before = [x.numpy() for x in variables + opt.m + opt.v]
+    step([tf.fill([5, 3], np.inf), tf.zeros([4])], tf.fill([5, 3], np.nan), tf.constant(False))
+    assert all(np.array_equal(a, x.numpy()) for a, x in zip(before, variables + opt.m + opt.v))
+
+
 def test_clip_scale_clips_the_mean_when_above():
     """Above the threshold the scale is clip / norm over the divisor, with norm
     that of the divided gradients; the scaled gradients then have norm clip."""

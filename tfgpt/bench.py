@@ -9,17 +9,20 @@ in that process at that precision, MFU, peak RSS, and the ratio to the Keras
 example's tokens/s on the reference machine. The pipeline benchmark times the
 vocabulary build and the tf.data pipeline alone.
 
-The sampler benchmark times `Sampler.generate` on the default model (random
-weights and a generated vocabulary are enough for timing) and prints, for
-each way of decoding, the milliseconds per generated token at batch 1 and the
-tokens per second at batch 32:
+The sampler benchmark times `Sampler.generate` in this process on the
+default model (random weights and a generated vocabulary are enough for
+timing) and prints, for each way of decoding, the milliseconds per generated
+token at batch 1 and the tokens per second at batch 32:
 
-  cache       the key/value cache (what is exported)
+  cache       the key/value cache (the exported `Sampler`)
   cache+xla   the same with the one-token decode step compiled by XLA
-  no cache    the whole model over each row's growing, then sliding, sequence
+              (`XlaSampler`, here only)
+  no cache    the whole model over each row's growing, then sliding,
+              sequence (`UncachedSampler`, here only)
 
 Each setting is timed `repeats` times after a warm-up call and the fastest
-run is kept: other work on the machine only ever adds time.
+run is kept: other work on the machine only ever adds time. The exported
+SavedModel as a server loads it is timed by `tfgpt.serving_bench`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def cpu_summary() -> str:
     """This machine's CPU: model name, cores and the instructions that decide
     its bfloat16 speed (the bfloat16 matmul peak measured 1,411 GFLOP/s on a
     2-core CPU with AMX, about 400 on one with AVX512-BF16 alone)."""
-    from tfgpt.distribute import cpu_info
+    from tfgpt.devices import cpu_info
 
     name, flags = cpu_info()
     found = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
@@ -67,35 +70,80 @@ def _default_model(precision: str, vocab_path: Path):
     return model
 
 
-def _generate_args(batch: int, tokens: int) -> dict:
+def _generate_args(batch: int, tokens: int, top_k: int = 10, top_p: float = 1.0, temperature: float = 1.0,
+                   repetition_penalty: float = 1.0) -> dict:
+    """`generate`'s inputs: `batch` copies of PROMPT with the same settings
+    and seeds 0, 1, ..."""
     import tensorflow as tf
 
-    return dict(prompt=tf.constant([PROMPT] * batch), max_tokens=tf.constant(tokens),
-                top_k=tf.constant(10), temperature=tf.constant(1.0), seed=tf.constant([1, 2], tf.int64))
+    def column(value, dtype):
+        return tf.fill([batch], tf.constant(value, dtype))
+
+    return dict(prompt=tf.constant([PROMPT] * batch), max_tokens=column(tokens, tf.int32),
+                top_k=column(top_k, tf.int32), top_p=column(top_p, tf.float32),
+                temperature=column(temperature, tf.float32),
+                repetition_penalty=column(repetition_penalty, tf.float32),
+                seed=tf.range(batch, dtype=tf.int64))
+
+
+def _sampler_variants():
+    """mode -> the Sampler class of that way of decoding (classes made here,
+    so that importing this module does not import TensorFlow)."""
+    import tensorflow as tf
+
+    from tfgpt import decode
+    from tfgpt.sampler import Sampler
+
+    class XlaSampler(Sampler):
+        """The decode step compiled by XLA (its cache writes as scatters:
+        XLA has no in-place update). Measured slower on a 2-core CPU, and
+        TensorFlow Serving's CPU build runs XLA only when started with
+        --xla_cpu_compilation_enabled, so the export does not use it."""
+
+        def __init__(self, model, vocab_path, name="sampler"):
+            super().__init__(model, vocab_path, name=name)
+            self._compiled = tf.function(
+                lambda token, pos, caches, setup: decode.decode_hidden(
+                    self.model, token, pos, caches, setup, in_place=False),
+                jit_compile=True)
+
+        def _decode(self, token, pos, caches, setup):
+            return self._compiled(token, pos, caches, setup)
+
+    class UncachedSampler(Sampler):
+        """No key/value cache: the whole model over each row's last min(n, L)
+        tokens at every step, the way the Keras example generates."""
+
+        cache_loop = False
+
+        def _start(self, context, context_len, history, slots):
+            return decode.window_hidden(self.model, history, context_len), [], None
+
+        def _general_step(self, token, n, live, hidden, caches, history, setup):
+            return tf.cond(tf.reduce_any(live),
+                           lambda: (decode.window_hidden(self.model, history, n), caches),
+                           lambda: (hidden, caches))
+
+    return {"cache": Sampler, "cache+xla": XlaSampler, "no cache": UncachedSampler}
 
 
 def sampler_bench(batches=(1, 32), tokens=(40, 200), modes=("cache", "cache+xla", "no cache"),
                   repeats: int = 10, precision: str = "float32", log=print) -> list[dict]:
     """Times generation from "this movie is" for every mode, batch size and
-    number of new tokens. 40 tokens stay within maxlen (80); 200 tokens slide.
+    number of new tokens, with top-k 10 and temperature 1 (no top-p, no
+    penalty). 40 tokens stay within maxlen (80); 200 tokens slide.
 
     Each setting runs a warm-up call and then `repeats` timed calls in a row,
     and the fastest is kept. Returns one dict per setting: mode, precision,
     batch, tokens, seconds, ms_per_token (per row: seconds / tokens * 1000)
     and tokens_per_s (all rows: batch * tokens / seconds).
     """
-    from tfgpt.sampler import Sampler
-
+    variants = _sampler_variants()
     with tempfile.TemporaryDirectory(prefix="tfgpt-bench-") as tmp:
         vocab_path = Path(tmp) / "vocab.txt"
         model = _default_model(precision, vocab_path)
         # The vocabulary is read here, when each sampler builds its tables.
-        samplers = {
-            "cache": lambda: Sampler(model, vocab_path),
-            "cache+xla": lambda: Sampler(model, vocab_path, jit_compile=True),
-            "no cache": lambda: Sampler(model, vocab_path, use_cache=False),
-        }
-        samplers = {mode: samplers[mode]() for mode in modes}
+        samplers = {mode: variants[mode](model, vocab_path) for mode in modes}
     c = model.config
     log(f"sampler: default model (vocab {c.vocab_size}, maxlen {c.maxlen}, width {c.embed_dim}, "
         f"{c.num_layers} block), random weights, {precision}; prompt {PROMPT!r}, top-k 10; "
@@ -193,24 +241,26 @@ def pipeline_bench(windows_path: Path, batch_size: int = 128, batches: int = 200
 
 
 def train_variant(precision: str, xla: bool, replicas: int, steps: int, windows_path: Path,
-                  warmup: int = 2) -> dict:
+                  warmup: int = 2, batch_size: int = 128, gpus: int | None = None) -> dict:
     """Times `steps` training steps of the default model after `warmup` ones,
-    in this process (which must not have run any TensorFlow op yet)."""
+    in this process (which must not have run any TensorFlow op yet), at the
+    global batch `batch_size`. gpus None: `replicas` logical CPU devices (one
+    device, the first GPU else the CPU, for 1); gpus N: N GPUs."""
     import numpy as np
 
     from tfgpt.distribute import make_strategy
     from tfgpt.memory import peak_rss_mb
 
-    strategy = make_strategy(replicas if replicas > 1 else None, warn=lambda *a: None)
-    import tensorflow as tf
-
+    strategy = make_strategy(gpus=gpus, cpu_replicas=replicas if replicas > 1 and not gpus else None,
+                             warn=lambda *a: None)
     from tfgpt.config import GPTConfig, TrainConfig
+    from tfgpt.devices import compute_dtype
     from tfgpt.flops import flops_per_token, measure_matmul_peak
     from tfgpt.trainer import Trainer
 
     windows = np.load(windows_path)
     model_cfg = GPTConfig()
-    cfg = TrainConfig(batch_size=128, epochs=1, max_steps=warmup + steps, xla="on" if xla else "off",
+    cfg = TrainConfig(batch_size=batch_size, epochs=1, max_steps=warmup + steps, xla="on" if xla else "off",
                       precision=precision)
     with tempfile.TemporaryDirectory(prefix="tfgpt-bench-") as tmp:
         trainer = Trainer(model_cfg, cfg, strategy, tmp)
@@ -223,15 +273,24 @@ def train_variant(precision: str, xla: bool, replicas: int, steps: int, windows_
             def on_epoch(self, info):
                 pass
 
+        # The warm-up steps in a fit of their own: the trainer runs several
+        # steps per compiled call (on GPUs) and reports each call's mean step
+        # time, so a call holding the first step would carry its tracing and
+        # compilation into the timed steps.
+        cfg.max_steps = warmup
+        t0 = time.perf_counter()
+        trainer.fit(windows, None, Hooks())
+        warmup_s = time.perf_counter() - t0
+        cfg.max_steps = warmup + steps
         trainer.fit(windows, None, Hooks())
     step_s = float(np.median(times[warmup:]))
     tokens = cfg.batch_size * model_cfg.maxlen
     flops = flops_per_token(model_cfg) * tokens / step_s
-    peak = measure_matmul_peak(tf.bfloat16 if precision == "bfloat16" else tf.float32)
-    return dict(precision=precision, xla=xla, replicas=replicas, steps=steps, ms_per_step=1000 * step_s,
-                tokens_per_s=tokens / step_s, gflops=flops / 1e9, peak_gflops=peak / 1e9, mfu=flops / peak,
-                peak_rss_mb=peak_rss_mb(),
-                first_step_s=times[0])
+    peak = measure_matmul_peak(compute_dtype(precision))
+    return dict(precision=precision, xla=xla, replicas=replicas, gpus=gpus, batch_size=batch_size, steps=steps,
+                ms_per_step=1000 * step_s, tokens_per_s=tokens / step_s, gflops=flops / 1e9,
+                peak_gflops=peak / 1e9, mfu=flops / peak, peak_rss_mb=peak_rss_mb(), first_step_s=times[0],
+                warmup_s=warmup_s)
 
 
 def train_bench(variants, steps: int, windows_path: Path, log=print) -> list[dict]:
@@ -241,7 +300,7 @@ def train_bench(variants, steps: int, windows_path: Path, log=print) -> list[dic
         f"{'peak':>6} {'MFU':>6} {'RSS MB':>7} {'vs example':>10}")
     for precision, xla, replicas in variants:
         spec = json.dumps(dict(precision=precision, xla=xla, replicas=replicas, steps=steps,
-                               windows=str(windows_path)))
+                               windows=str(windows_path), batch_size=128, gpus=None))
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         proc = subprocess.run([sys.executable, "-m", "tfgpt.bench", "--variant", spec],
                               capture_output=True, text=True, env=env)
@@ -261,6 +320,29 @@ def train_bench(variants, steps: int, windows_path: Path, log=print) -> list[dic
 VARIANTS = [(p, x, r) for p in ("float32", "bfloat16") for x in (False, True) for r in (1, 2)]
 
 
+def heldout_bench(data: str, runs: list[str], json_path: str | None) -> int:
+    """The held-out protocol (tfgpt.evaluate.heldout_protocol), once per FLAGS string."""
+    import shlex
+
+    from tfgpt.data import DataError
+    from tfgpt.evaluate import EvaluateError, heldout_protocol
+
+    print(f"machine: {cpu_summary()}\nheld-out protocol: {data}", flush=True)
+    rows = []
+    for flags in runs:
+        try:
+            row = heldout_protocol(data, shlex.split(flags or ""))
+        except (DataError, EvaluateError) as e:
+            print(f"bench: error: {e}", file=sys.stderr)
+            return 2
+        rows.append(row)
+        print(f"  loss {row['loss']:.4f}  perplexity {row['perplexity']:7.1f}  ({row['tokens']:,} tokens, "
+              f"trained in {row['train_seconds']:.0f} s)  flags: {flags or '(defaults)'}", flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"heldout": rows}, indent=2) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tfgpt.bench", description="Training, input-pipeline and sampler benchmarks of the "
@@ -269,6 +351,13 @@ def main(argv=None) -> int:
                         "XLA on and off, 1 and 2 replicas, each in its own process")
     parser.add_argument("--pipeline", action="store_true", help="time the vocabulary build and the tf.data pipeline")
     parser.add_argument("--sampler", action="store_true", help="time the in-graph sampler")
+    parser.add_argument("--data-scale", metavar="GB,GB", help="the data benchmark (tfgpt.bench_data): generate "
+                        "corpora of these sizes, prepare their token stores, train a few steps on each; "
+                        "not part of the default set")
+    parser.add_argument("--heldout", action="append", nargs="?", const="", metavar="FLAGS",
+                        help="the held-out protocol on IMDB (--data: the archive or folder): train 196 steps on "
+                        "train/ with train.py FLAGS (as --heldout='FLAGS'; repeat for several runs), print the "
+                        "loss per token of 2,560 test/ reviews; not part of the default set")
     parser.add_argument("--data", help="real text for --train/--pipeline (any --data form of train.py); "
                         "default: a generated corpus of IMDB's size")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per variant "
@@ -283,9 +372,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.variant:
         spec = json.loads(args.variant)
-        row = train_variant(spec["precision"], spec["xla"], spec["replicas"], spec["steps"], Path(spec["windows"]))
+        row = train_variant(spec["precision"], spec["xla"], spec["replicas"], spec["steps"], Path(spec["windows"]),
+                            warmup=spec.get("warmup", 2), batch_size=spec.get("batch_size", 128),
+                            gpus=spec.get("gpus"))
         print(json.dumps(row))
         return 0
+    if args.data_scale:
+        from tfgpt import bench_data
+
+        return bench_data.main(["--data-scale", args.data_scale] + (["--data", args.data] if args.data else [])
+                               + (["--json", args.json] if args.json else []))
+    if args.heldout:
+        return heldout_bench(args.data or "imdb", args.heldout, args.json)
     run_all = not (args.train or args.pipeline or args.sampler)
     report = {"machine": dict(cpu=cpu_summary(), cpus=os.cpu_count(), load_average=os.getloadavg()[0]),
               "keras_example": KERAS_EXAMPLE}

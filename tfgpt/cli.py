@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from tfgpt.cluster import MODES, is_chief_task
 from tfgpt.devices import PRECISIONS
 
 # Fields that may differ from the saved config.json when resuming a run.
-RESUMABLE = {"epochs", "max_steps", "lr", "lr_schedule", "warmup_steps", "clip_norm", "log_every",
+RESUMABLE = {"epochs", "max_steps", "lr", "lr_schedule", "warmup_steps", "clip_norm", "weight_decay", "log_every",
              "checkpoint_every", "keep_checkpoints", "quiet", "prompt", "gen_tokens", "top_k",
              "temperature", "export", "xla", "gpus", "cpu_replicas", "cluster", "cluster_port",
              "collective_timeout", "data", "loss_chunk", "steps_per_call", "deterministic", "peak_flops",
@@ -39,12 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
                "watch it: tensorboard --logdir logs")
     d = p.add_argument_group("data")
     d.add_argument("--data", help="'imdb' (./aclImdb, else the cached or downloaded official archive), an IMDB "
-                   "archive or folder, a folder of .txt files (recursive), or one text file; "
-                   f"every line is one example (default: {t.data})")
+                   "archive or folder, a folder of .txt and .txt.gz files (recursive), a text or .txt.gz file, "
+                   f"several of these separated by '{os.pathsep}', a quoted glob, or a token store "
+                   "(python -m tfgpt.prepare); every line is one example. The corpus is tokenized once into a "
+                   "token store, kept in --store-dir and reused while its files are unchanged "
+                   f"(default: {t.data})")
+    d.add_argument("--store-dir", help="where token stores are kept (default: $TFGPT_CACHE/stores, else "
+                   "~/.cache/tfgpt/stores)")
     d.add_argument("--imdb-unsup", action="store_true", help="also read IMDB's train/unsup reviews")
     d.add_argument("--packing", choices=["truncate", "pack"], help="truncate: each line gives one window of its "
                    "first maxlen+1 tokens, as the example; pack: lines joined (id 0 after each) and cut into "
                    f"windows, so no text is lost (default: {t.packing})")
+    d.add_argument("--padding-targets", choices=["count", "ignore"], help="truncate mode: train on the padding "
+                   "after a short line's end as targets (count: the model learns where lines end, as the Keras "
+                   "example does) or leave it out of the loss (ignore); validation counts real tokens only "
+                   f"(default: {t.padding_targets})")
     d.add_argument("--val-fraction", type=float, help=f"fraction of files held out for validation; 0 for none "
                    f"(default: {t.val_fraction})")
     d.add_argument("--vocab-size", type=int, help=f"vocabulary entries, including padding and [UNK] (default: {m.vocab_size})")
@@ -55,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-dim", type=int, help="key/query/value size of each head (default: embed-dim, as the example)")
     g.add_argument("--ff-dim", type=int, help=f"feed-forward width (default: {m.ff_dim})")
     g.add_argument("--num-layers", type=int, help=f"Transformer blocks (default: {m.num_layers})")
+    g.add_argument("--tie-embeddings", action="store_true", help="the output layer shares the token embedding's "
+                   "table (5.1M fewer parameters at the default size; not the example's model)")
     g.add_argument("--dropout", type=float, help=f"dropout rate in [0, 1) (default: {m.dropout})")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, help=f"global batch, split over all replicas (default: {t.batch_size})")
@@ -64,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr-schedule", choices=["constant", "cosine"], help=f"(default: {t.lr_schedule})")
     o.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default: {t.warmup_steps})")
     o.add_argument("--clip-norm", type=float, help="clip gradients to this global norm (default: off)")
+    o.add_argument("--label-smoothing", type=float, help="train on (1 - e) one-hot + e / V targets "
+                   f"(default: {t.label_smoothing}); the loss reported is then the smoothed one")
+    o.add_argument("--embedding-update", choices=["dense", "per-token"], help="Adam for the token embedding: "
+                   "dense, or per-token: every occurrence of a token in the batch is one update of its row's Adam "
+                   "moments, as Keras' Adam treats an embedding's sparse gradient; frequent tokens' rows then move "
+                   f"faster (default: {t.embedding_update})")
+    o.add_argument("--weight-decay", type=float, help="decoupled weight decay (AdamW) of matrices and embeddings "
+                   f"(default: {t.weight_decay})")
     o.add_argument("--seed", type=int, help=f"seeds the weights, the data order, the split and dropout (default: {t.seed})")
     h = p.add_argument_group("devices and speed")
     h.add_argument("--gpus", type=int, help="data-parallel over N GPUs of this machine (an error if fewer are "
@@ -144,6 +164,10 @@ def validate(model: GPTConfig, train: TrainConfig) -> None:
         (train.warmup_steps >= 0, "--warmup-steps must be 0 or positive"),
         (train.loss_chunk >= 0, "--loss-chunk must be 0 or positive"),
         (train.clip_norm is None or train.clip_norm > 0, "--clip-norm must be positive"),
+        (train.weight_decay >= 0, f"--weight-decay must be 0 or positive, got {train.weight_decay}"),
+        (0.0 <= train.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {train.label_smoothing}"),
+        (not (model.tie_embeddings and train.embedding_update == "per-token"),
+         "--embedding-update per-token needs a token table of its own; it excludes --tie-embeddings"),
         (train.gpus is None or train.gpus >= 1, f"--gpus must be at least 1, got {train.gpus}"),
         (train.cpu_replicas is None or train.cpu_replicas >= 1,
          f"--cpu-replicas must be at least 1, got {train.cpu_replicas}"),
@@ -199,10 +223,11 @@ def resolve_run(args: dict) -> tuple[GPTConfig, TrainConfig, Path, bool]:
 
 def main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
-    # TensorFlow's C++ log: on CPUs only its errors (its start-up chatter is
-    # noise); with --gpus its warnings too, which say why a GPU library did
-    # not load. TF_CPP_MIN_LOG_LEVEL set by the user wins.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if args.get("gpus") else "2")
+    # TensorFlow's C++ log: on CPU-only machines only its errors (its start-up
+    # chatter is noise); with --gpus or an NVIDIA driver its warnings too,
+    # which say why a GPU library did not load. A value set by the user wins.
+    gpu_machine = args.get("gpus") or shutil.which("nvidia-smi")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if gpu_machine else "2")
     try:
         model_cfg, train_cfg, run_dir, resume = resolve_run(args)
     except UsageError as e:

@@ -27,6 +27,9 @@ class GPTConfig:
     # Each head's key/query/value size. None means embed_dim, as in the
     # example's `MultiHeadAttention(num_heads, key_dim=embed_dim)`.
     head_dim: int | None = None
+    # The output layer uses the token embedding's table (transposed) as its
+    # weights instead of a matrix of its own.
+    tie_embeddings: bool = False
 
     @property
     def key_dim(self) -> int:
@@ -40,7 +43,12 @@ class TrainConfig:
     data: str = "imdb"
     imdb_unsup: bool = False
     packing: str = "truncate"  # truncate | pack
+    # truncate mode: whether the padding after a short line's end is a target
+    # of the training loss (count, as the Keras example does) or not (ignore).
+    padding_targets: str = "count"
     val_fraction: float = 0.02
+    # Where token stores are kept (tfgpt/prepare.py); None: $TFGPT_CACHE/stores or ~/.cache/tfgpt/stores.
+    store_dir: str | None = None
     seed: int = 0
     batch_size: int = 128  # global, over all replicas
     epochs: int = 25
@@ -50,6 +58,12 @@ class TrainConfig:
     beta2: float = 0.999
     eps: float = 1e-7
     clip_norm: float | None = None
+    weight_decay: float = 0.0  # decoupled (AdamW), on matrices and embeddings
+    label_smoothing: float = 0.0
+    # Adam for the token embedding: dense (textbook Adam on the summed
+    # gradient) or per-token (each occurrence of a token one moment update,
+    # as Keras' Adam treats the sparse gradient of a lookup); see optim.Adam.
+    embedding_update: str = "per-token"
     lr_schedule: str = "constant"  # constant | cosine
     warmup_steps: int = 0
     xla: str = "auto"  # auto | on | off

@@ -104,6 +104,20 @@ def why_no_gpus(asked: int, found: int) -> str:
             "TensorFlow's reason, and reinstall with `make venv GPU=1`")
 
 
+def unused_gpus_warning() -> str | None:
+    """For a run without --gpus: a warning when the driver lists GPUs that
+    TensorFlow cannot use, so that the run does not fall back to the CPU
+    unnoticed; None otherwise."""
+    import tensorflow as tf
+
+    listed = driver_gpus()
+    if not listed or tf.config.list_physical_devices("GPU"):
+        return None
+    reason = why_no_gpus(1, 0).split(": ", 1)[-1]
+    return (f"warning: nvidia-smi lists {len(listed)} GPU{'s' if len(listed) > 1 else ''} but TensorFlow sees none, "
+            f"so this run trains on the CPU ({reason})")
+
+
 # --- choosing devices -------------------------------------------------------------
 
 def use_gpus(count: int, local_index: int = 0) -> list[str]:

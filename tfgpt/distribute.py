@@ -14,7 +14,7 @@ devices, and MultiWorkerMirroredStrategy must be created first.
 from __future__ import annotations
 
 from tfgpt import cluster as clusters
-from tfgpt.devices import DeviceError, local_devices
+from tfgpt.devices import DeviceError, local_devices, unused_gpus_warning
 
 
 def make_strategy(gpus: int | None = None, cpu_replicas: int | None = None, cluster: str = "auto",
@@ -30,6 +30,9 @@ def make_strategy(gpus: int | None = None, cpu_replicas: int | None = None, clus
         return clusters.multi_worker_strategy(found, gpus, collective_timeout, warn)
     devices = local_devices(gpus, cpu_replicas)
     if devices is None:
+        message = unused_gpus_warning()
+        if message:
+            warn(message)
         return tf.distribute.get_strategy()
     if devices[0].startswith("/cpu"):
         # Logical CPU devices: reduce through one device rather than with

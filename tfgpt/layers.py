@@ -59,6 +59,27 @@ class Dense(tf.Module):
         return tf.reshape(y, tf.concat([lead, [self.w.shape[1]]], 0))
 
 
+class TiedOutput(tf.Module):
+    """The output layer of tied embeddings: logits = x @ table^T + b, with the
+    token embedding's table as its weights (no matrix of its own).
+    x: [..., D] -> [..., V]. `w` is the [D, V] view of the table, as Dense has."""
+
+    def __init__(self, embedding, compute_dtype=tf.float32, name=None):
+        super().__init__(name=name)
+        self.embedding, self.compute_dtype = embedding, compute_dtype
+        self.b = tf.Variable(tf.zeros([embedding.table.shape[0]]), name="b")
+
+    @property
+    def w(self):
+        return tf.transpose(self.embedding.table)  # [D, V]
+
+    @tf.Module.with_name_scope
+    def __call__(self, x):
+        lead = tf.shape(x)[:-1]
+        y = matmul(tf.reshape(x, [-1, x.shape[-1]]), self.w, self.compute_dtype) + self.b  # [N, V]
+        return tf.reshape(y, tf.concat([lead, [self.b.shape[0]]], 0))
+
+
 class Embedding(tf.Module):
     """Lookup table. ids: int [...] -> [..., dim]."""
 
@@ -210,7 +231,7 @@ class Block(tf.Module):
 
     def finish(self, x, attn_out, seed=None, training=False):
         """Residuals, dropout, feed-forward and norms around an attention output
-        (x and attn_out [..., D]); the sampler's cached step uses it too."""
+        (x and attn_out [..., D])."""
         a = self.ln1(x + dropout(attn_out, self.rate, None if seed is None else fold_seed(seed, 1), training))
         f = self.ffn(a)
         return self.ln2(a + dropout(f, self.rate, None if seed is None else fold_seed(seed, 2), training))

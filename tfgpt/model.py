@@ -3,7 +3,8 @@ dense output layer over the vocabulary.
 
 Besides the plain forward pass, the model offers what training needs:
 `hidden` and `loss_sum`, which never builds the whole [B*T, V] logits tensor
-at once. Generation with a key/value cache lives in `tfgpt/sampler.py`.
+at once. Generation with a key/value cache lives in `tfgpt/decode.py` and
+`tfgpt/sampler.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfgpt.config import GPTConfig
-from tfgpt.layers import Block, Dense, Embedding, fold_seed
+from tfgpt.layers import Block, Dense, Embedding, TiedOutput, fold_seed
 
 
 class GPT(tf.Module):
@@ -29,7 +30,11 @@ class GPT(tf.Module):
                       seed=base + 100 * (i + 1), compute_dtype=self.compute_dtype, name=f"block{i}")
                 for i in range(c.num_layers)
             ]
-            self.head = Dense(c.embed_dim, c.vocab_size, seed=base + 3, compute_dtype=self.compute_dtype, name="head")
+            if c.tie_embeddings:
+                self.head = TiedOutput(self.token_emb, compute_dtype=self.compute_dtype, name="head")
+            else:
+                self.head = Dense(c.embed_dim, c.vocab_size, seed=base + 3, compute_dtype=self.compute_dtype,
+                                  name="head")
 
     def embed(self, ids, positions):
         """ids int [B, T], positions int [T] or [B, T] -> [B, T, D]."""
@@ -51,7 +56,7 @@ class GPT(tf.Module):
         return self.head(self.hidden(ids, seed, training))
 
     def loss_sum(self, ids, targets, weights, seed=None, training=False, chunk=0, with_grad=True,
-                 branch_free=False):
+                 branch_free=False, smoothing=0.0):
         """Sum over positions of weights * cross-entropy(logits, targets).
 
         ids, targets int32 [B, T]; weights float32 [B, T] (0 for padding).
@@ -64,7 +69,8 @@ class GPT(tf.Module):
         return chunked_xent_sum(
             tf.reshape(h, [-1, d]), self.head.w, self.head.b,
             tf.reshape(targets, [-1]), tf.reshape(weights, [-1]),
-            chunk=chunk, compute_dtype=self.compute_dtype, with_grad=with_grad, branch_free=branch_free)
+            chunk=chunk, compute_dtype=self.compute_dtype, with_grad=with_grad, branch_free=branch_free,
+            smoothing=smoothing)
 
 
 # Bytes of float32 logits one loss chunk may take, by device type: on a CPU a
@@ -88,7 +94,7 @@ _TINY = 2.0 ** -126  # the smallest normal float32
 
 
 def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float32, with_grad=True,
-                     branch_free=False):
+                     branch_free=False, smoothing=0.0):
     """sum_i weights[i] * CE(h[i] @ w + b, targets[i]), `chunk` rows at a time.
 
     h [N, D], w [D, V], b [V], targets int32 [N], weights float32 [N] -> scalar.
@@ -114,6 +120,10 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
     gradient is a gather or a segment sum over the N targets, done once.
     With `with_grad=False` (evaluation) only the loss is computed.
     `chunk` must divide N (static); 0 picks one (`auto_chunk`).
+
+    Label smoothing (`smoothing` = e > 0) trains on the target distribution
+    (1 - e) one_hot(t) + e / V: loss_i = (1 - e)(-log p[i, t_i]) +
+    e (lse_i - mean_j logits[i, j]) and dlogits = w_i (p - (1 - e) one_hot(t) - e / V).
     """
     # Plain tensors: a custom gradient must not capture the variables themselves.
     w, b = tf.convert_to_tensor(w), tf.convert_to_tensor(b)
@@ -146,6 +156,9 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
             loss = tf.where(exact_rows, -tf.math.log(tf.maximum(p_t, _TINY)), from_lse())  # [C]
         else:
             loss = tf.cond(tf.reduce_all(exact_rows), lambda: -tf.math.log(tf.maximum(p_t, _TINY)), from_lse)
+        if smoothing:
+            lse = tf.reduce_max(logits, -1) - tf.math.log(tf.reduce_max(p, -1))  # [C]
+            loss = (1.0 - smoothing) * loss + smoothing * (lse - tf.reduce_mean(logits, -1))
         return p, tf.reduce_sum(w_rows * loss)
 
     b_cd = tf.cast(b, cd)
@@ -192,9 +205,15 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
         with tf.control_dependencies([dw]):
             w_t = tf.gather(w, targets, axis=1)  # [D, N]
             hw_t = tf.math.unsorted_segment_sum(hw, targets, v)  # [V, D]
-        dh = tf.concat(dh, 0) - weights[:, None] * tf.transpose(w_t)  # [N, D]
-        dw = tf.transpose(dw - hw_t) if transposed else dw - tf.transpose(hw_t)  # [D, V]
-        db -= tf.math.unsorted_segment_sum(weights, targets, v)
+        hot = 1.0 - smoothing  # the one-hot share of the target distribution
+        dh = tf.concat(dh, 0) - hot * weights[:, None] * tf.transpose(w_t)  # [N, D]
+        dw = tf.transpose(dw - hot * hw_t) if transposed else dw - hot * tf.transpose(hw_t)  # [D, V]
+        db -= hot * tf.math.unsorted_segment_sum(weights, targets, v)
+        if smoothing:  # the uniform share, e / V for every column
+            u = smoothing / v
+            dh -= u * weights[:, None] * tf.reduce_sum(w, axis=1)[None, :]
+            dw -= u * tf.reduce_sum(hw, axis=0)[:, None]
+            db -= u * tf.reduce_sum(weights)
 
         def grad(upstream):
             return upstream * dh, upstream * dw, upstream * db

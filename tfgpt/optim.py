@@ -21,11 +21,27 @@ class Adam(tf.Module):
 
     which is TensorFlow's and Keras' formulation (eps is added to sqrt(v)
     before the bias correction is applied to lr).
+
+    Per-occurrence second moments (`apply(..., rows={i: squares})`):
+    variable i (an embedding table) is updated as Keras' Adam updates the
+    sparse gradient of a lookup. A row looked up k times in the batch, with
+    per-occurrence gradients g_1..g_k, gets
+
+        m = b1 m + (1 - b1) sum g;  v = b2 v + (1 - b2) sum g^2
+
+    (sum g is its ordinary gradient; sum g^2 replaces (sum g)^2). For a
+    frequent token whose occurrences pull the same way, v is up to k times
+    smaller than dense Adam's, so its row takes steps up to sqrt(k) larger.
     """
 
-    def __init__(self, variables, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-7, name="adam"):
+    def __init__(self, variables, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-7, weight_decay=0.0, name="adam"):
         super().__init__(name=name)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        # Decoupled weight decay (AdamW): w -= lr * weight_decay * w before the
+        # Adam step, for matrices and embeddings (rank >= 2), not for biases
+        # and layer-norm scales.
+        self.weight_decay = weight_decay
+        self.decays = [weight_decay > 0 and v.shape.rank >= 2 for v in variables]
         self.lr = lr  # a float, or a callable step -> learning rate tensor
         with self.name_scope:
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -36,7 +52,7 @@ class Adam(tf.Module):
         """The learning rate used for update number `step` (1-based)."""
         return tf.cast(self.lr(step) if callable(self.lr) else self.lr, tf.float32)
 
-    def apply(self, grads, variables, scale=None, where=None):
+    def apply(self, grads, variables, scale=None, where=None, rows=None):
         """One update with each gradient multiplied by `scale` (a scalar, or
         None for 1). Returns the learning rate it used.
 
@@ -50,6 +66,10 @@ class Adam(tf.Module):
         Each variable's m, v and weights are updated by TensorFlow's fused
         ResourceApplyAdam kernel, whose formula is the one above: one pass
         over the variable instead of about ten elementwise ops.
+
+        `rows`: {variable index: squares [V, D]}, the sum of the squared
+        per-occurrence gradients of each row of that variable, for the update
+        above (its entry of `grads` is the ordinary, summed gradient).
         """
         t = self.step + 1
         tf_ = tf.cast(t, tf.float32)
@@ -59,7 +79,14 @@ class Adam(tf.Module):
         if where is not None:
             beta1, beta2 = tf.where(where, beta1, 1.0), tf.where(where, beta2, 1.0)
             step_lr = tf.where(where, lr, 0.0)
-        for g, var, m, v in zip(grads, variables, self.m, self.v):
+        rows = rows or {}
+        for i, (g, var, m, v, decay) in enumerate(zip(grads, variables, self.m, self.v, self.decays)):
+            if decay:
+                var.assign_sub(step_lr * self.weight_decay * var, use_locking=True)
+            if i in rows:
+                lr_t = step_lr * tf.sqrt(1.0 - b2_power) / (1.0 - b1_power)
+                self._apply_rows(g, rows[i], var, m, v, scale, where, lr_t)
+                continue
             g = g if scale is None else g * scale
             if where is not None:
                 g = tf.where(where, g, tf.zeros_like(g))
@@ -72,6 +99,18 @@ class Adam(tf.Module):
                 lr=step_lr, beta1=beta1, beta2=beta2, epsilon=self.eps, grad=g, use_locking=True)
         self.step.assign(t if where is None else tf.where(where, t, self.step))
         return lr
+
+    def _apply_rows(self, g, squares, var, m, v, scale, where, lr_t):
+        """The per-occurrence update of one table (see the class docstring)."""
+        if scale is not None:
+            g, squares = g * scale, squares * tf.square(scale)
+        m_new = self.beta1 * m + (1.0 - self.beta1) * g
+        v_new = self.beta2 * v + (1.0 - self.beta2) * squares
+        if where is not None:
+            m_new, v_new = tf.where(where, m_new, m), tf.where(where, v_new, v)
+        m.assign(m_new)
+        v.assign(v_new)
+        var.assign_sub(lr_t * m_new / (tf.sqrt(v_new) + self.eps))
 
 
 def _slot(var, kind):

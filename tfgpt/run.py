@@ -17,39 +17,53 @@ from tfgpt.runlock import RunLock, RunLocked
 
 
 def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse_vocab: bool, log=print):
-    """Reads, splits and tokenizes the corpus. Returns (train_windows, val_windows).
+    """Finds or builds the corpus's token store (tfgpt/prepare.py) and opens
+    its windows. Returns (train_windows, val_windows): window sources that
+    read from the store (val_windows None without validation lines).
 
-    The vocabulary is built from the training lines and written to vocab_path,
-    or read from it when reuse_vocab (a resumed run)."""
+    The vocabulary is the store's, copied to vocab_path; a resumed run
+    (reuse_vocab) keeps its vocab_path, and its store holds that
+    vocabulary's ids."""
     from tfgpt import data
+    from tfgpt.prepare import ensure_store
 
     t0 = time.perf_counter()
-    source = data.resolve_imdb(log=log) if cfg.data == "imdb" else Path(cfg.data)
-    docs = data.read_corpus(source, imdb_unsup=cfg.imdb_unsup, log=log)
-    train_lines, val_lines = data.train_val_split(docs, cfg.val_fraction, cfg.seed)
-    log(f"data: {source}: {len(docs):,} files, {len(train_lines):,} training and {len(val_lines):,} "
-        f"validation lines ({time.perf_counter() - t0:.1f}s)")
-    if reuse_vocab and vocab_path.exists():
-        vocab = data.read_vocab(vocab_path)
-    else:
-        t0 = time.perf_counter()
-        vocab, counts = data.build_vocab(train_lines, model_cfg.vocab_size)
-        data.write_vocab(vocab, vocab_path, counts)
-        log(f"vocabulary: {len(vocab):,} entries ({time.perf_counter() - t0:.1f}s)")
+    source = data.resolve_imdb(log=log) if cfg.data == "imdb" else cfg.data
+    given = data.read_vocab(vocab_path) if reuse_vocab and vocab_path.exists() else None
+    prepared = ensure_store(source, imdb_unsup=cfg.imdb_unsup, vocab_size=model_cfg.vocab_size,
+                            val_fraction=cfg.val_fraction, seed=cfg.seed, vocab=given, store_dir=cfg.store_dir,
+                            log=log)
+    store, manifest = prepared.store, prepared.store.manifest
+    train_info, val_info = store.split("train"), store.split("val")
+    log(f"data: {source}: {manifest['documents']:,} files, {train_info['lines']:,} training and "
+        f"{val_info['lines']:,} validation lines ({time.perf_counter() - t0:.1f}s)")
+    verb = {"reused": "reusing", "built": "built", "rebuilt": "rebuilt"}[prepared.action]
+    log(f"token store: {verb} {store.root} ({manifest['text_bytes'] / 1e6:,.1f} MB of text"
+        + (f", {manifest['text_bytes'] / 1e6 / max(prepared.seconds, 1e-9):.1f} MB/s)" if verb != "reusing" else ")"))
+    if manifest["bad_utf8"]:
+        log(f"warning: {manifest['bad_utf8']} file(s) were not valid UTF-8; undecodable bytes became U+FFFD")
+    params = manifest["params"]
+    if (params["vocab_size"], params["val_fraction"], params["seed"]) != (
+            model_cfg.vocab_size, cfg.val_fraction, cfg.seed) and given is None:
+        log(f"note: the store was built with vocabulary size {params['vocab_size']}, validation fraction "
+            f"{params['val_fraction']} and seed {params['seed']}")
+    vocab = store.vocab()
+    if given is None:
+        from tfgpt.config import write_text_atomic
+
+        write_text_atomic(vocab_path, store.vocab_path.read_text(encoding="utf-8"))
+        log(f"vocabulary: {len(vocab):,} entries")
     if len(vocab) < model_cfg.vocab_size:
         # A small corpus: the output layer only needs the words that exist.
         log(f"note: the corpus has only {len(vocab)} distinct entries; vocab_size is {len(vocab)}")
         model_cfg.vocab_size = len(vocab)
-    tokenizer = data.Tokenizer(vocab_path)
-    t0 = time.perf_counter()
-    ids, lengths = data.tokenize_lines(tokenizer, train_lines)
-    train_windows = data.make_windows(ids, lengths, model_cfg.maxlen, cfg.packing)
-    val_windows = None
-    if val_lines:
-        vids, vlengths = data.tokenize_lines(tokenizer, val_lines)
-        val_windows = data.make_windows(vids, vlengths, model_cfg.maxlen, cfg.packing)
-    log(f"tokens: {len(ids):,} in training lines -> {len(train_windows):,} windows of {model_cfg.maxlen + 1} "
-        f"({cfg.packing}, {time.perf_counter() - t0:.1f}s)")
+    elif len(vocab) > model_cfg.vocab_size:
+        log(f"note: the store's vocabulary has {len(vocab)} entries; vocab_size is {len(vocab)}")
+        model_cfg.vocab_size = len(vocab)
+    train_windows = store.windows("train", model_cfg.maxlen, cfg.packing)
+    val_windows = store.windows("val", model_cfg.maxlen, cfg.packing) if val_info["lines"] else None
+    log(f"tokens: {train_windows.tokens:,} in training lines -> {len(train_windows):,} windows of "
+        f"{model_cfg.maxlen + 1} ({cfg.packing})")
     return train_windows, val_windows
 
 
@@ -194,7 +208,7 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief, log) -> int:
         reporter.close()
         trainer.close()
     if chief and cfg.export:
-        from tfgpt.sampler import export_model
+        from tfgpt.export import export_model
 
         with op_determinism(False):  # serving_default draws a fresh seed per request
             path = export_model(trainer.model, vocab_path, run_dir / "export")
@@ -229,10 +243,14 @@ def make_sample_fn(trainer, cfg: TrainConfig, vocab_path: Path):
     sampler = Sampler(trainer.model, str(vocab_path))
 
     def sample(step: int):
+        # One row: every input of `generate` has the batch dimension. The
+        # seed folds the step into the run's seed, so that each epoch's
+        # sample differs and a rerun gives the same ones.
         out = sampler.generate(
-            prompt=tf.constant([cfg.prompt]), max_tokens=tf.constant(cfg.gen_tokens, tf.int32),
-            top_k=tf.constant(cfg.top_k, tf.int32), temperature=tf.constant(cfg.temperature, tf.float32),
-            seed=tf.constant([cfg.seed, step], tf.int64))
+            prompt=tf.constant([cfg.prompt]), max_tokens=tf.constant([cfg.gen_tokens], tf.int32),
+            top_k=tf.constant([cfg.top_k], tf.int32), top_p=tf.constant([1.0]),
+            temperature=tf.constant([cfg.temperature], tf.float32), repetition_penalty=tf.constant([1.0]),
+            seed=tf.constant([cfg.seed * 1_000_003 + step], tf.int64))
         text = out["text"].numpy()[0].decode("utf-8", errors="replace")
         settings = f"{cfg.gen_tokens} tokens, top-k {cfg.top_k}, temperature {cfg.temperature}, step {step}"
         return prompt, text, settings

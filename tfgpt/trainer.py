@@ -114,8 +114,8 @@ class Trainer:
         with strategy.scope():
             self.model = GPT(model_cfg, seed=cfg.seed, compute_dtype=compute_dtype(self.precision))
             schedule = make_schedule(cfg.lr_schedule, cfg.lr, cfg.warmup_steps, total_steps)
-            self.optimizer = Adam(self.model.trainable_variables, lr=schedule,
-                                  beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
+            self.optimizer = Adam(self.model.trainable_variables, lr=schedule, beta1=cfg.beta1,
+                                  beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
             self.state = TrainState()
             self.loss_scale = LossScale()  # used in float16 only; checkpointed always
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, state=self.state,
@@ -138,15 +138,26 @@ class Trainer:
         # float16: the loss scale multiplies the mean over a replica's rows,
         # not the sum, so that the summed weight gradients stay in range.
         rows = float(cfg.batch_size // self.replicas * self.model_cfg.maxlen)
+        # --embedding-update per-token: the token table's per-occurrence
+        # gradient statistics go to Adam beside its summed gradient.
+        per_token = cfg.embedding_update == "per-token"
+        table = [v.ref() for v in variables].index(model.token_emb.table.ref()) if per_token else None
+        vocab = self.model_cfg.vocab_size
 
         def grads_fn(x, y, w, seed, scale):
             with tf.GradientTape() as tape:
-                loss_sum = model.loss_sum(x, y, w, seed=seed, training=True, chunk=chunk, branch_free=branch_free)
+                loss_sum = model.loss_sum(x, y, w, seed=seed, training=True, chunk=chunk, branch_free=branch_free,
+                                          smoothing=cfg.label_smoothing)
                 target = loss_sum * (scale / rows) if scaled else loss_sum
-            grads = [tf.convert_to_tensor(g) for g in tape.gradient(target, variables)]
-            return loss_sum, tf.reduce_sum(w), grads
+            raw = tape.gradient(target, variables)
+            grads = [tf.convert_to_tensor(g) for g in raw]
+            stats = []
+            if per_token:  # the lookup's gradient: one [D] row per occurrence
+                occurrences = raw[table]
+                stats = [tf.math.unsorted_segment_sum(tf.square(occurrences.values), occurrences.indices, vocab)]
+            return loss_sum, tf.reduce_sum(w), grads, stats
 
-        def apply_fn(grads, count, loss, scale):
+        def apply_fn(grads, count, loss, scale, stats):
             # grads are sums over the global batch (times scale / rows in
             # float16): the update divides them by the number of real target
             # tokens (and that factor) and clips their global norm.
@@ -155,10 +166,11 @@ class Trainer:
             # A step with a non-finite loss or gradient leaves every variable
             # (and the optimizer's step) untouched.
             finite = tf.math.is_finite(norm) & tf.math.is_finite(loss)
+            by_row = {table: stats[0]} if per_token else None
             if branch_free:
-                lr = optimizer.apply(grads, variables, factor, where=finite)
+                lr = optimizer.apply(grads, variables, factor, where=finite, rows=by_row)
             else:
-                lr = tf.cond(finite, lambda: optimizer.apply(grads, variables, factor),
+                lr = tf.cond(finite, lambda: optimizer.apply(grads, variables, factor, rows=by_row),
                              lambda: optimizer.learning_rate(optimizer.step + 1))
             if scaled:
                 loss_scale.update(finite)
@@ -174,19 +186,23 @@ class Trainer:
         sum_ = tf.distribute.ReduceOp.SUM
 
         shape = [cfg.batch_size // self.replicas, self.model_cfg.maxlen]  # one replica's slice
+        count_padding = cfg.padding_targets == "count" and cfg.packing == "truncate"
 
         def replica_train(x, y, w, seed):
             # A multi-worker iterator read inside a loop leaves the batch size
             # unknown; the loss needs it static (every batch is full).
             x, y, w = (tf.ensure_shape(t, shape) for t in (x, y, w))
+            if count_padding:  # every position is a target: the mean over all of them
+                w = tf.ones_like(w)
             ctx = tf.distribute.get_replica_context()
             replica_seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
             scale = tf.identity(loss_scale.scale) if scaled else tf.ones([])
-            loss_sum, count, grads = grads_fn(x, y, w, replica_seed, scale)
+            loss_sum, count, grads, stats = grads_fn(x, y, w, replica_seed, scale)
             loss_sum, count = ctx.all_reduce(sum_, [loss_sum, count])
             grads = ctx.all_reduce(sum_, grads)
+            stats = ctx.all_reduce(sum_, stats) if stats else stats
             loss = loss_sum / tf.maximum(count, 1.0)
-            norm, lr, finite = apply_fn(grads, count, loss, scale)
+            norm, lr, finite = apply_fn(grads, count, loss, scale, stats)
             return loss, norm, lr, count, finite
 
         def replica_eval(x, y, w):
@@ -253,11 +269,12 @@ class Trainer:
     def evaluate(self, windows: np.ndarray) -> float:
         """Mean cross-entropy over the real targets of `windows`."""
         dist = self.distribute(lambda ctx: data.eval_dataset(windows, self.cfg.batch_size, self.cfg.packing, ctx))
-        total, count = 0.0, 0.0
-        for batch in dist:
+        sums, counts = [], []
+        for batch in dist:  # the host reads the sums once, at the end
             s, n = self.eval_step(batch)
-            total += float(s)
-            count += float(n)
+            sums.append(s)
+            counts.append(n)
+        total, count = (float(tf.add_n(x)) if x else 0.0 for x in (sums, counts))
         return total / max(count, 1.0)
 
     # --- checkpoints -----------------------------------------------------------
