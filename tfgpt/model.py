@@ -138,7 +138,7 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
     def block(h_rows, w_cd, b_cd, rows):
         """-> (softmax [C, V], weighted loss sum) of one block of rows."""
         # The bias is added inside the product, before its result is rounded
-        # to the compute type (in bfloat16 a separate float32 pass cost 1 ms a block).
+        # to the compute type: no separate float32 pass over the block.
         logits = tf.cast(tf.nn.bias_add(tf.matmul(tf.cast(h_rows, cd), w_cd), b_cd), tf.float32)  # [C, V]
         p = tf.nn.softmax(logits)  # [C, V] float32
         t = targets[rows]
@@ -176,9 +176,9 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
         w_cd = tf.cast(w, cd)  # [D, V], cast once for all blocks
         hw = h * weights[:, None]  # [N, D]: rows scaled by their weight
         # In bfloat16 the weight gradient is summed as its transpose, from
-        # p^T @ hw ([V, D]): on a 2-core AVX512-BF16 CPU oneDNN's bfloat16
-        # hw^T @ p took 20% longer, and the training step went from about
-        # 1,490 to 1,350 ms. In float32 the two orders measured the same.
+        # p^T @ hw ([V, D]): oneDNN's bfloat16 hw^T @ p is slower on CPUs
+        # (measured: the README's "Speed and memory" section).
+        # In float32 the two orders measured the same.
         transposed = cd == tf.bfloat16
         total, dh, db = tf.zeros([]), [], tf.zeros_like(b)
         dw = tf.zeros([v, w.shape[0]]) if transposed else tf.zeros_like(w)
@@ -201,7 +201,7 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
         # The one-hot terms, for all N rows at once, after the last block: they
         # depend on no block, and computed early they (an [N, D] and a [V, D]
         # tensor, each with its transpose) stayed alive through the whole loop,
-        # at the training step's peak memory (30 MB in float32, 50 MB in bfloat16).
+        # where the training step's memory peaks.
         with tf.control_dependencies([dw]):
             w_t = tf.gather(w, targets, axis=1)  # [D, N]
             hw_t = tf.math.unsorted_segment_sum(hw, targets, v)  # [V, D]

@@ -51,7 +51,7 @@ from tfgpt.progress import Progress
 from tfgpt.store import FORMAT, MANIFEST, VERSION, file_sha256
 
 CHUNK_BYTES = 1 << 20
-SHARD_TOKENS = 1 << 27  # 256 MB of uint16 ids per shard
+SHARD_TOKENS = 1 << 27  # ids per shard file (2^27: 256 MiB as uint16)
 
 
 def cores() -> int:

@@ -125,7 +125,7 @@ class Trainer:
         self._stepped = False  # whether train_step has run in this process
         self._build_steps()
         # TensorFlow is loaded and running: unmap the pages of its libraries
-        # that only start-up touched (~270 MB of peak RSS; tfgpt/memory.py).
+        # that only start-up touched (tfgpt/memory.py).
         memory.release_library_pages()
 
     # --- steps ---------------------------------------------------------------
@@ -351,7 +351,7 @@ class Trainer:
                 dt = (time.perf_counter() - t0) / len(out[0])
                 if not self._stepped:
                     # The first call traced and optimised the graph: code no
-                    # later step runs (another ~30 MB of peak RSS).
+                    # later step runs.
                     self._stepped = True
                     memory.release_library_pages()
                 for loss, norm, lr, count, finite, scale in zip(*out):
