@@ -10,6 +10,11 @@ TFGPT_TEST_GPU=1; the CPU split is harmless there and kept."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Token stores and downloads of the tests go to a folder of this session, not
+# to the user's ~/.cache/tfgpt.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("TFGPT_CACHE", tempfile.mkdtemp(prefix="tfgpt-test-cache-"))
 if os.environ.get("TFGPT_TEST_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
 

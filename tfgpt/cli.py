@@ -19,7 +19,7 @@ RESUMABLE = {"epochs", "max_steps", "lr", "lr_schedule", "warmup_steps", "clip_n
              "checkpoint_every", "keep_checkpoints", "quiet", "prompt", "gen_tokens", "top_k",
              "temperature", "export", "xla", "gpus", "cpu_replicas", "cluster", "cluster_port",
              "collective_timeout", "data", "loss_chunk", "steps_per_call", "deterministic", "peak_flops",
-             "profile_steps", "precision"}
+             "profile_steps", "precision", "store_dir"}
 
 
 class UsageError(ValueError):

@@ -32,7 +32,8 @@ def cpu_info() -> tuple[str, set[str]]:
     """(model name, instruction-set flags) of this machine's CPU, from
     /proc/cpuinfo; ("unknown CPU", empty set) where there is none."""
     try:
-        lines = open("/proc/cpuinfo").read().splitlines()
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
     except OSError:
         lines = []
 
