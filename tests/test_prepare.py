@@ -94,18 +94,24 @@ def test_damaged_store_is_rebuilt_with_a_warning(tmp_path, damage):
     np.testing.assert_array_equal(all_windows(again.store), expected)
 
 
-def test_full_disk_is_one_error_and_leaves_no_store(tmp_path, monkeypatch):
-    """The second shard's file is /dev/full: its writes fail with ENOSPC,
-    from the kernel."""
-    path = write_lines(tmp_path / "r.txt", 200)
+def full_disk_for(monkeypatch, suffix: str):
+    """Store files whose name ends with suffix are written to /dev/full: the
+    kernel fails their writes with ENOSPC."""
     real_open = builtins.open
 
     def fake_open(file, mode="r", *args, **kw):
-        if "w" in mode and str(file).endswith("train-00001.u32"):
+        if "w" in mode and str(file).endswith(suffix):
             return real_open("/dev/full", mode, *args, **kw)
         return real_open(file, mode, *args, **kw)
 
     monkeypatch.setattr(store_build, "open", fake_open, raising=False)
+
+
+def test_full_disk_is_one_error_and_leaves_no_store(tmp_path, monkeypatch):
+    """The second shard's file is /dev/full: its writes fail with ENOSPC,
+    from the kernel."""
+    path = write_lines(tmp_path / "r.txt", 200)
+    full_disk_for(monkeypatch, "train-00001.u32")
     with pytest.raises(data.DataError) as e:
         ensure(path, tmp_path, shard_tokens=300)
     message = str(e.value)
@@ -118,14 +124,7 @@ def test_full_disk_is_one_error_and_leaves_no_store(tmp_path, monkeypatch):
 
 def test_prepare_command_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
     path = write_lines(tmp_path / "r.txt", 50)
-    real_open = builtins.open
-
-    def fake_open(file, mode="r", *args, **kw):
-        if "w" in mode and str(file).endswith(".u32"):
-            return real_open("/dev/full", mode, *args, **kw)
-        return real_open(file, mode, *args, **kw)
-
-    monkeypatch.setattr(store_build, "open", fake_open, raising=False)
+    full_disk_for(monkeypatch, ".u32")
     out = tmp_path / "store"
     assert prepare.main(["--data", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
