@@ -31,10 +31,10 @@ else
 $(error GPU must be auto, 0 or 1, got '$(GPU)')
 endif
 comma := ,
-EXTRAS := $(if $(filter 1,$(GPU_CHOICE)),test$(comma)gpu,test)
+EXTRAS := $(if $(filter 1,$(GPU_CHOICE)),test$(comma)lint$(comma)gpu,test$(comma)lint)
 STAMP := $(VENV)/.installed-gpu$(GPU_CHOICE)
 
-.PHONY: venv train test test-gpu gpu-check bench clean
+.PHONY: venv train test lint format test-gpu gpu-check bench clean
 
 venv: $(STAMP)
 
@@ -59,6 +59,16 @@ train: venv
 # the ten slowest tests listed.
 test: venv
 	$(PY) -m pytest -q -m "not gpu" --durations=10 $(ARGS)
+
+# ruff's checks and its formatting check (settings in pyproject.toml); CI runs
+# this before the tests. `make format` rewrites the files instead.
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # The GPU tests alone, with the GPUs visible (needs a GPU and GPU=1).
 test-gpu: venv

@@ -76,7 +76,7 @@ def system_path() -> list[Path]:
 def test_a_gpu_listed_by_nvidia_smi_installs_the_gpu_extra(tmp_path):
     fake = fake_nvidia_smi(tmp_path / "bin", H100)
     lines = make_dry_run(tmp_path, [fake] + system_path())
-    assert installed_extras(lines) == ["test", "gpu"]
+    assert installed_extras(lines) == ["test", "lint", "gpu"]
     # The rest of the install is unchanged, and the stamp records the choice.
     venv_python = f"{tmp_path / 'venv'}/bin/python"
     assert f"{venv_python} -m pip install --quiet --upgrade pip" in lines
@@ -86,7 +86,7 @@ def test_a_gpu_listed_by_nvidia_smi_installs_the_gpu_extra(tmp_path):
 
 def test_no_nvidia_smi_installs_the_cpu_extras_only(tmp_path):
     lines = make_dry_run(tmp_path, [bare_tools(tmp_path / "bin")])
-    assert installed_extras(lines) == ["test"]
+    assert installed_extras(lines) == ["test", "lint"]
     assert lines[-1] == f"touch {tmp_path / 'venv'}/.installed-gpu0"
 
 
@@ -97,17 +97,17 @@ def test_no_nvidia_smi_installs_the_cpu_extras_only(tmp_path):
 ])
 def test_a_failing_or_empty_nvidia_smi_installs_no_gpu_extra(tmp_path, output, status):
     fake = fake_nvidia_smi(tmp_path / "bin", output, status)
-    assert installed_extras(make_dry_run(tmp_path, [fake] + system_path())) == ["test"]
+    assert installed_extras(make_dry_run(tmp_path, [fake] + system_path())) == ["test", "lint"]
 
 
 def test_gpu_0_overrides_a_listed_gpu(tmp_path):
     fake = fake_nvidia_smi(tmp_path / "bin", H100)
-    assert installed_extras(make_dry_run(tmp_path, [fake] + system_path(), "GPU=0")) == ["test"]
+    assert installed_extras(make_dry_run(tmp_path, [fake] + system_path(), "GPU=0")) == ["test", "lint"]
 
 
 def test_gpu_1_installs_the_gpu_extra_without_nvidia_smi(tmp_path):
     lines = make_dry_run(tmp_path, [bare_tools(tmp_path / "bin")], "GPU=1")
-    assert installed_extras(lines) == ["test", "gpu"]
+    assert installed_extras(lines) == ["test", "lint", "gpu"]
 
 
 def test_the_stamp_keeps_the_installed_choice_and_a_new_one_reinstalls(tmp_path):
@@ -123,7 +123,7 @@ def test_the_stamp_keeps_the_installed_choice_and_a_new_one_reinstalls(tmp_path)
     assert installed_extras(make_dry_run(tmp_path, [fake] + system_path())) is None
     assert installed_extras(make_dry_run(tmp_path, [fake] + system_path(), "GPU=0")) is None
     lines = make_dry_run(tmp_path, [fake] + system_path(), "GPU=1")
-    assert installed_extras(lines) == ["test", "gpu"]
+    assert installed_extras(lines) == ["test", "lint", "gpu"]
     assert f"rm -f {venv}/.installed {venv}/.installed-gpu0 {venv}/.installed-gpu1" in lines
 
 
@@ -154,10 +154,31 @@ def test_setup_cfg_has_the_extras_and_the_marker_the_makefile_uses():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     extras = cfg["options.extras_require"]
-    assert set(extras) >= {"test", "gpu", "profile"}
+    assert set(extras) >= {"test", "lint", "gpu", "profile"}
     gpu = [line for line in extras["gpu"].splitlines() if line.strip()]
     assert gpu == ["tensorflow[and-cuda]>=2.16,<2.22"]
     # The same TensorFlow range as the CPU install.
     assert "tensorflow>=2.16,<2.22" in cfg["options"]["install_requires"].split()
     markers = cfg["tool:pytest"]["markers"]
     assert re.search(r"^\s*gpu:", markers, re.M)
+
+
+def test_the_version_has_one_source_and_the_commands_are_installed():
+    import importlib.metadata
+
+    import tfgpt
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert cfg["metadata"]["version"] == "attr: tfgpt.__version__"
+    # .venv holds the package installed from this checkout (make's stamp depends on setup.cfg).
+    assert importlib.metadata.version("tfgpt") == tfgpt.__version__
+    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")
+               if e.name.startswith("tfgpt-")}
+    assert scripts == {"tfgpt-train": "tfgpt.cli:main", "tfgpt-prepare": "tfgpt.prepare:main",
+                       "tfgpt-export": "tfgpt.export:main", "tfgpt-generate": "tfgpt.generate:main",
+                       "tfgpt-evaluate": "tfgpt.evaluate:main"}
+    for name in scripts:
+        done = subprocess.run([str(Path(os.sys.executable).parent / name), "--help"], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0 and "usage:" in done.stdout, (name, done.stderr[-500:])
