@@ -28,6 +28,7 @@ SavedModel as a server loads it is timed by `tfgpt.serving_bench`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -57,10 +58,11 @@ def _default_model(precision: str, vocab_path: Path):
 
     from tfgpt.config import GPTConfig
     from tfgpt.data import PAD, UNK, write_vocab
+    from tfgpt.devices import compute_dtype
     from tfgpt.model import GPT
 
     config = GPTConfig()
-    model = GPT(config, seed=0, compute_dtype=tf.bfloat16 if precision == "bfloat16" else tf.float32)
+    model = GPT(config, seed=0, compute_dtype=compute_dtype(precision))
     # Random weights would now and then sample the padding id, which ends a
     # row early; a very negative bias keeps every row going to max_tokens so
     # that each run generates the same number of tokens.
@@ -277,11 +279,11 @@ def train_variant(precision: str, xla: bool, replicas: int, steps: int, windows_
         # steps per compiled call (on GPUs) and reports each call's mean step
         # time, so a call holding the first step would carry its tracing and
         # compilation into the timed steps.
-        cfg.max_steps = warmup
+        trainer.cfg = dataclasses.replace(cfg, max_steps=warmup)
         t0 = time.perf_counter()
         trainer.fit(windows, None, Hooks())
         warmup_s = time.perf_counter() - t0
-        cfg.max_steps = warmup + steps
+        trainer.cfg = dataclasses.replace(cfg, max_steps=warmup + steps)
         trainer.fit(windows, None, Hooks())
     step_s = float(np.median(times[warmup:]))
     tokens = cfg.batch_size * model_cfg.maxlen

@@ -213,7 +213,7 @@ def resolve_run(args: dict) -> tuple[GPTConfig, TrainConfig, Path, bool]:
         train = dataclasses.replace(saved_train, **overrides)
         model = saved_model
     else:
-        train.run_name = train.run_name or time.strftime("%Y%m%d-%H%M%S")
+        train = dataclasses.replace(train, run_name=train.run_name or time.strftime("%Y%m%d-%H%M%S"))
         run_dir = Path(train.logdir) / train.run_name
         if (run_dir / "config.json").exists() and is_chief_task(train.cluster):  # other workers write nothing there
             raise UsageError(f"{run_dir} already exists; pass --resume to continue it or choose another --run-name")

@@ -10,27 +10,34 @@ cluster, and which one this is, comes from (`--cluster`):
   auto        TF_CONFIG when it is set, else SLURM when this process is one
               of several tasks of a job step, else no cluster (the default)
 
-The chief (the "chief" task, else worker 0) writes the run directory; every
-other worker writes only to private scratch folders. On GPUs each worker
+The chief (the "chief" task, else worker 0; `chief_task`) writes the run
+directory; every other worker writes only to its scratch folder
+(tfgpt/checkpoint.py). On GPUs each worker
 trains on --gpus N GPUs of its machine (default 1), chosen by its local index
 among the workers of that machine; on CPUs a worker is one replica.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import json
+import logging
 import os
 import re
-import shutil
-import tempfile
-from pathlib import Path
 
 from tfgpt.devices import DeviceError
 
+log = logging.getLogger(__name__)
+
 WORKER_JOBS = ("chief", "worker")
 MODES = ("auto", "tf_config", "slurm")
+
+
+def chief_task(jobs, task_type: str, task_index: int) -> bool:
+    """Whether task (task_type, task_index) of a cluster with these jobs
+    ({name: members}) is its chief: the "chief" task, else worker 0. Every
+    other test of "is this the chief?" comes down to this one."""
+    return task_type == "chief" or ("chief" not in jobs and task_type == "worker" and task_index == 0)
 
 
 class ClusterError(RuntimeError):
@@ -58,7 +65,7 @@ class Cluster:
 
     @property
     def chief(self) -> bool:
-        return self.task_type == "chief" or ("chief" not in self.jobs and self.task_index == 0)
+        return chief_task(self.jobs, self.task_type, self.task_index)
 
     @property
     def size(self) -> int:
@@ -178,7 +185,9 @@ def is_chief_task(mode: str = "auto") -> bool:
     TensorFlow); True for a single process (or a broken environment, which
     make_strategy reports)."""
     if mode == "slurm" or (mode == "auto" and not os.environ.get("TF_CONFIG", "").strip()):
-        return os.environ.get("SLURM_PROCID", "0").strip() in ("0", "")
+        # A SLURM job step's tasks are workers numbered by SLURM_PROCID (no chief task).
+        rank = os.environ.get("SLURM_PROCID", "0").strip()
+        return rank == "" or chief_task({"worker": []}, "worker", int(rank) if rank.isdigit() else -1)
     try:
         cluster = detect(mode)
     except DeviceError:
@@ -186,10 +195,11 @@ def is_chief_task(mode: str = "auto") -> bool:
     return cluster is None or cluster.chief
 
 
-def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float, warn=print):
+def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float, warn=None):
     """MultiWorkerMirroredStrategy for `cluster`; this process trains on
     --gpus N of its machine's GPUs (default 1; chosen by its local index),
-    or on its CPU where the machine has no GPU."""
+    or on its CPU where the machine has no GPU. warn: where a warning goes
+    (default: this module's logger)."""
     import tensorflow as tf
 
     from tfgpt.devices import use_gpus
@@ -199,7 +209,7 @@ def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float, wa
         impl = tf.distribute.experimental.CommunicationImplementation.NCCL
     else:
         impl = tf.distribute.experimental.CommunicationImplementation.RING
-    _bound_cluster_startup(cluster, timeout, warn)
+    _bound_cluster_startup(cluster, timeout, warn or log.warning)
     options = tf.distribute.experimental.CommunicationOptions(implementation=impl, timeout_seconds=timeout)
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec(cluster.jobs), task_type=cluster.task_type, task_id=cluster.task_index,
@@ -285,26 +295,8 @@ def is_multi_worker(strategy) -> bool:
 
 
 def is_chief(strategy) -> bool:
+    """Whether this process is the chief of the strategy's cluster; True without a cluster."""
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    if task_type == "chief":
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "worker" and task_id == 0 and not has_chief
+    jobs = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return not jobs or chief_task(jobs, resolver.task_type, resolver.task_id)
 
-
-# --- the other workers' files -------------------------------------------------
-
-def worker_scratch(run_dir: str | Path, resume: bool) -> Path:
-    """For a worker other than the chief: a private temporary folder (removed
-    at exit) for the files it needs but must not write into the run directory,
-    e.g. its copy of the vocabulary. On --resume it starts with the chief's
-    vocabulary when the run directory is visible (a shared filesystem)."""
-    scratch = Path(tempfile.mkdtemp(prefix="tfgpt-worker-"))
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    vocab = Path(run_dir) / "vocab.txt"
-    if resume and vocab.exists():
-        shutil.copyfile(vocab, scratch / "vocab.txt")
-    return scratch

@@ -13,14 +13,21 @@ devices, and MultiWorkerMirroredStrategy must be created first.
 
 from __future__ import annotations
 
+import logging
+
 from tfgpt import cluster as clusters
 from tfgpt.devices import DeviceError, local_devices, unused_gpus_warning
 
+log = logging.getLogger(__name__)
+
 
 def make_strategy(gpus: int | None = None, cpu_replicas: int | None = None, cluster: str = "auto",
-                  collective_timeout: float = 300.0, warn=print, cluster_port: int = 8888):
-    """Builds the strategy for this process (see the module docstring)."""
+                  collective_timeout: float = 300.0, warn=None, cluster_port: int = 8888):
+    """Builds the strategy for this process (see the module docstring).
+    warn: where a warning goes (default: this module's logger)."""
     import tensorflow as tf
+
+    warn = warn or log.warning
 
     found = clusters.detect(cluster, port_base=cluster_port)
     if found is not None:

@@ -114,3 +114,33 @@ def measure_matmul_peak(dtype=tf.float32, device: str | None = None, sizes=None,
             best = max(best, chain * 2.0 * n ** 3 / (time.perf_counter() - t0))
         rounds += 1
     return best
+
+
+def peak_devices(strategy) -> tuple[str, int]:
+    """(device to measure, how many such devices train together).
+
+    One per replica on GPUs; logical CPU devices of one machine share its
+    cores, so a CPU counts once per worker."""
+    replicas = strategy.num_replicas_in_sync
+    try:
+        local = list(strategy.extended.worker_devices)
+    except (RuntimeError, AttributeError, NotImplementedError):  # the default strategy
+        local = []
+    device = local[0] if local else default_device()
+    if "GPU" in device.upper():
+        return device, replicas
+    return device, max(1, replicas // max(1, len(local)))
+
+
+_PEAKS: dict = {}
+
+
+def measured_peak(precision: str, device: str) -> float:
+    """measure_matmul_peak for the training precision on device, once per
+    process (later runs in the same process reuse it)."""
+    from tfgpt.devices import compute_dtype
+
+    key = (precision, device)
+    if key not in _PEAKS:
+        _PEAKS[key] = measure_matmul_peak(compute_dtype(precision), device)
+    return _PEAKS[key]

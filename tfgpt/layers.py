@@ -14,6 +14,8 @@ import math
 
 import tensorflow as tf
 
+from tfgpt import attention
+
 
 def _uniform_init(shape, fan_in, fan_out, seed):
     """Glorot-uniform, as Keras' Dense and EinsumDense use."""
@@ -111,17 +113,16 @@ class LayerNorm(tf.Module):
         return (x - mean) * tf.math.rsqrt(var + self.eps) * self.gamma + self.beta
 
 
-def causal_mask(t):
-    """[T, T] float mask, 1 where position i may attend to position j (j <= i):
-    the lower triangle of a matrix of ones."""
-    return tf.linalg.band_part(tf.ones([t, t]), -1, 0)
-
-
 class MultiHeadAttention(tf.Module):
     """Causal multi-head self-attention with separate per-head projections.
 
     Variables (as Keras' MultiHeadAttention lays them out):
       q, k, v: w [D, H, K], b [H, K];  out: w [H, K, D], b [D].
+
+    The attention itself is `tfgpt.attention.attend`; this module adds the
+    projections around it. Training calls it on a whole sequence, the
+    prefill through `qkv` and `attend`, and the decode step with one query
+    per row against its cache.
     """
 
     def __init__(self, dim, num_heads, key_dim, seed=0, compute_dtype=tf.float32, name=None):
@@ -129,14 +130,18 @@ class MultiHeadAttention(tf.Module):
         self.dim, self.num_heads, self.key_dim = dim, num_heads, key_dim
         self.compute_dtype = compute_dtype
         hk = num_heads * key_dim
+
+        def projection(fan_in, fan_out, salt, shape):
+            return tf.reshape(_uniform_init([fan_in, fan_out], fan_in, fan_out, seed + salt), shape)
+
         with self.name_scope:
-            self.wq = tf.Variable(tf.reshape(_uniform_init([dim, hk], dim, hk, seed), [dim, num_heads, key_dim]), name="wq")
-            self.wk = tf.Variable(tf.reshape(_uniform_init([dim, hk], dim, hk, seed + 1), [dim, num_heads, key_dim]), name="wk")
-            self.wv = tf.Variable(tf.reshape(_uniform_init([dim, hk], dim, hk, seed + 2), [dim, num_heads, key_dim]), name="wv")
+            self.wq = tf.Variable(projection(dim, hk, 0, [dim, num_heads, key_dim]), name="wq")
+            self.wk = tf.Variable(projection(dim, hk, 1, [dim, num_heads, key_dim]), name="wk")
+            self.wv = tf.Variable(projection(dim, hk, 2, [dim, num_heads, key_dim]), name="wv")
             self.bq = tf.Variable(tf.zeros([num_heads, key_dim]), name="bq")
             self.bk = tf.Variable(tf.zeros([num_heads, key_dim]), name="bk")
             self.bv = tf.Variable(tf.zeros([num_heads, key_dim]), name="bv")
-            self.wo = tf.Variable(tf.reshape(_uniform_init([hk, dim], hk, dim, seed + 3), [num_heads, key_dim, dim]), name="wo")
+            self.wo = tf.Variable(projection(hk, dim, 3, [num_heads, key_dim, dim]), name="wo")
             self.bo = tf.Variable(tf.zeros([dim]), name="bo")
 
     def _project(self, x, w, b):
@@ -145,58 +150,29 @@ class MultiHeadAttention(tf.Module):
         hk = self.num_heads * self.key_dim
         # The bias is added to the [B*T, H*K] product, where float32 fuses it
         # into the product and its gradient is one column sum.
-        y = matmul(tf.reshape(x, [-1, self.dim]), tf.reshape(w, [self.dim, hk]), self.compute_dtype) + tf.reshape(b, [hk])
-        y = tf.reshape(y, [bsz, t, self.num_heads, self.key_dim])  # [B, T, H, K]
+        y = matmul(tf.reshape(x, [-1, self.dim]), tf.reshape(w, [self.dim, hk]), self.compute_dtype)
+        y = tf.reshape(y + tf.reshape(b, [hk]), [bsz, t, self.num_heads, self.key_dim])  # [B, T, H, K]
         return tf.transpose(y, [0, 2, 1, 3])  # [B, H, T, K]
 
     def qkv(self, x):
         """x [B, T, D] -> q, k, v, each [B, H, T, K]."""
-        return self._project(x, self.wq, self.bq), self._project(x, self.wk, self.bk), self._project(x, self.wv, self.bv)
-
-    def _context(self, q, k, v, mask):
-        """Softmax attention. q [..., Tq, K], k/v [..., Tk, K], mask broadcastable
-        to [..., Tq, Tk] (1 = may attend) -> context [..., Tq, K] in the compute
-        dtype; scores and softmax in float32."""
-        cd = self.compute_dtype
-        scores = tf.matmul(tf.cast(q, cd), tf.cast(k, cd), transpose_b=True)  # [..., Tq, Tk]
-        scores = tf.cast(scores, tf.float32) * (1.0 / math.sqrt(self.key_dim)) + (1.0 - mask) * -1e9
-        probs = tf.nn.softmax(scores, axis=-1)  # float32
-        return tf.matmul(tf.cast(probs, cd), tf.cast(v, cd))  # [..., Tq, K]
+        return (self._project(x, self.wq, self.bq), self._project(x, self.wk, self.bk),
+                self._project(x, self.wv, self.bv))
 
     def attend(self, q, k, v, mask):
         """q [B, H, Tq, K], k/v [B, H, Tk, K], mask broadcastable to [B, H, Tq, Tk]
         (1 = may attend) -> [B, Tq, D]."""
-        cd = self.compute_dtype
-        ctx = self._context(q, k, v, mask)  # [B, H, Tq, K]
-        ctx = tf.transpose(tf.cast(ctx, tf.float32), [0, 2, 1, 3])  # [B, Tq, H, K]
+        ctx = attention.attend(q, k, v, mask, self.compute_dtype)  # [B, H, Tq, K] float32
+        ctx = tf.transpose(ctx, [0, 2, 1, 3])  # [B, Tq, H, K]
         bsz, tq = tf.shape(ctx)[0], tf.shape(ctx)[1]
         hk = self.num_heads * self.key_dim
-        out = matmul(tf.reshape(ctx, [-1, hk]), tf.reshape(self.wo, [hk, self.dim]), cd) + self.bo
+        out = matmul(tf.reshape(ctx, [-1, hk]), tf.reshape(self.wo, [hk, self.dim]), self.compute_dtype) + self.bo
         return tf.reshape(out, [bsz, tq, self.dim])  # [B, Tq, D]
 
     @tf.Module.with_name_scope
     def __call__(self, x):
-        """Full causal self-attention, one head at a time. x [B, T, D] -> [B, T, D].
-
-        The same function as `attend(*qkv(x), causal_mask(T))`, arranged for
-        training: each head's q, k and v come out of their own products as
-        [B*T, K], which is already the [B, T, K] layout the batched products
-        take, so no [B, T, H, K] tensor is transposed, forward or backward.
-        With the default model on a 2-core CPU, attention's forward and
-        backward pass took 205 instead of 220 ms (float32) and 123 instead of
-        135 ms (bfloat16).
-        """
-        cd, kd = self.compute_dtype, self.key_dim
-        bsz, t = tf.shape(x)[0], tf.shape(x)[1]
-        x2 = tf.reshape(x, [-1, self.dim])  # [B*T, D]
-        mask = causal_mask(t)  # [T, T]
-        out = tf.convert_to_tensor(self.bo)  # [D], broadcast over the rows
-        for h in range(self.num_heads):
-            q, k, v = (tf.reshape(matmul(x2, w[:, h], cd) + b[h], [bsz, t, kd])  # [B, T, K]
-                       for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
-            ctx = self._context(q, k, v, mask)  # [B, T, K]
-            out += matmul(tf.reshape(ctx, [-1, kd]), self.wo[h], cd)  # [B*T, D]
-        return tf.reshape(out, [bsz, t, self.dim])
+        """Full causal self-attention. x [B, T, D] -> [B, T, D]."""
+        return self.attend(*self.qkv(x), attention.causal_mask(tf.shape(x)[1]))
 
 
 class FeedForward(tf.Module):
@@ -224,7 +200,8 @@ class Block(tf.Module):
         super().__init__(name=name)
         self.rate = rate
         with self.name_scope:
-            self.attn = MultiHeadAttention(dim, num_heads, key_dim, seed=seed, compute_dtype=compute_dtype, name="attn")
+            self.attn = MultiHeadAttention(dim, num_heads, key_dim, seed=seed, compute_dtype=compute_dtype,
+                                           name="attn")
             self.ln1 = LayerNorm(dim, name="ln1")
             self.ffn = FeedForward(dim, ff_dim, seed=seed + 10, compute_dtype=compute_dtype, name="ffn")
             self.ln2 = LayerNorm(dim, name="ln2")
@@ -248,6 +225,6 @@ class Block(tf.Module):
         the prompt's keys/values in the first T slots, zeros after.
         """
         q, k, v = self.attn.qkv(x)
-        y = self.finish(x, self.attn.attend(q, k, v, causal_mask(tf.shape(x)[1])), None, False)
+        y = self.finish(x, self.attn.attend(q, k, v, attention.causal_mask(tf.shape(x)[1])), None, False)
         pad = [[0, 0], [0, 0], [0, cache_len - tf.shape(x)[1]], [0, 0]]
         return y, tf.pad(k, pad), tf.pad(v, pad)

@@ -7,22 +7,25 @@ logs of long runs show progress without a line per update.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
 
+from tfgpt.console import duration
 
-def duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+def _prints(log) -> bool:
+    """Whether `log` shows its messages: `print`, or the `info` of a logger
+    that lets INFO messages through (tfgpt/console.py)."""
+    logger = getattr(log, "__self__", None)
+    return log is print or isinstance(logger, logging.Logger) and logger.isEnabledFor(logging.INFO)
 
 
 class Progress:
     def __init__(self, label: str, total: int, log=print, live: bool | None = None, every: float = 30.0):
         self.label, self.total, self.log, self.every = label, max(1, int(total)), log, every
-        self.live = sys.stderr.isatty() and log is print if live is None else live
+        self.live = sys.stderr.isatty() and _prints(log) if live is None else live
         self.done, self.start = 0, time.monotonic()
         self._shown, self._lock = self.start, threading.Lock()
         self._drawn = False

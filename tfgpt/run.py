@@ -1,25 +1,39 @@
-"""A whole training run: devices, data, trainer, reporting, export."""
+"""A whole training run: devices, data, trainer, reporting, export.
+
+`train` runs the steps in order: the strategy (before any other TensorFlow
+op), the devices' precision, the run lock, then `_train`: the data and the
+resolved configs (saved as config.json), the trainer and its checkpoints,
+the reporter, the fit under signal handlers, and the export.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from tfgpt.cluster import ClusterError, cluster_failure, is_chief, worker_scratch
+from tfgpt.checkpoint import worker_scratch
+from tfgpt.cluster import ClusterError, cluster_failure, is_chief
 from tfgpt.config import GPTConfig, TrainConfig, save_config
+from tfgpt.console import setup_logging
 from tfgpt.devices import DeviceError
 from tfgpt.distribute import make_strategy
 from tfgpt.memory import release_library_pages
 from tfgpt.runlock import RunLock, RunLocked
 
+log = logging.getLogger(__name__)
 
-def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse_vocab: bool, log=print):
+
+def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse_vocab: bool):
     """Finds or builds the corpus's token store (tfgpt/prepare.py) and opens
-    its windows. Returns (train_windows, val_windows): window sources that
-    read from the store (val_windows None without validation lines).
+    its windows. Returns (train_windows, val_windows, model_cfg): window
+    sources that read from the store (val_windows None without validation
+    lines), and model_cfg with the vocabulary size of the store (a new
+    config; the one given is left as it is).
 
     The vocabulary is the store's, copied to vocab_path; a resumed run
     (reuse_vocab) keeps its vocab_path, and its store holds that
@@ -28,43 +42,43 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
     from tfgpt.prepare import ensure_store
 
     t0 = time.perf_counter()
-    source = data.resolve_imdb(log=log) if cfg.data == "imdb" else cfg.data
+    source = data.resolve_imdb(log=log.info) if cfg.data == "imdb" else cfg.data
     given = data.read_vocab(vocab_path) if reuse_vocab and vocab_path.exists() else None
     prepared = ensure_store(source, imdb_unsup=cfg.imdb_unsup, vocab_size=model_cfg.vocab_size,
                             val_fraction=cfg.val_fraction, seed=cfg.seed, vocab=given, store_dir=cfg.store_dir,
-                            log=log)
+                            log=log.info)
     store, manifest = prepared.store, prepared.store.manifest
     train_info, val_info = store.split("train"), store.split("val")
-    log(f"data: {source}: {manifest['documents']:,} files, {train_info['lines']:,} training and "
-        f"{val_info['lines']:,} validation lines ({time.perf_counter() - t0:.1f}s)")
+    log.info(f"data: {source}: {manifest['documents']:,} files, {train_info['lines']:,} training and "
+             f"{val_info['lines']:,} validation lines ({time.perf_counter() - t0:.1f}s)")
     verb = {"reused": "reusing", "built": "built", "rebuilt": "rebuilt"}[prepared.action]
-    log(f"token store: {verb} {store.root} ({manifest['text_bytes'] / 1e6:,.1f} MB of text"
-        + (f", {manifest['text_bytes'] / 1e6 / max(prepared.seconds, 1e-9):.1f} MB/s)" if verb != "reusing" else ")"))
+    rate = f", {manifest['text_bytes'] / 1e6 / max(prepared.seconds, 1e-9):.1f} MB/s" if verb != "reusing" else ""
+    log.info(f"token store: {verb} {store.root} ({manifest['text_bytes'] / 1e6:,.1f} MB of text{rate})")
     if manifest["bad_utf8"]:
-        log(f"warning: {manifest['bad_utf8']} file(s) were not valid UTF-8; undecodable bytes became U+FFFD")
+        log.warning(f"warning: {manifest['bad_utf8']} file(s) were not valid UTF-8; undecodable bytes became U+FFFD")
     params = manifest["params"]
     if (params["vocab_size"], params["val_fraction"], params["seed"]) != (
             model_cfg.vocab_size, cfg.val_fraction, cfg.seed) and given is None:
-        log(f"note: the store was built with vocabulary size {params['vocab_size']}, validation fraction "
+        log.info(f"note: the store was built with vocabulary size {params['vocab_size']}, validation fraction "
             f"{params['val_fraction']} and seed {params['seed']}")
     vocab = store.vocab()
     if given is None:
         from tfgpt.config import write_text_atomic
 
         write_text_atomic(vocab_path, store.vocab_path.read_text(encoding="utf-8"))
-        log(f"vocabulary: {len(vocab):,} entries")
+        log.info(f"vocabulary: {len(vocab):,} entries")
     if len(vocab) < model_cfg.vocab_size:
         # A small corpus: the output layer only needs the words that exist.
-        log(f"note: the corpus has only {len(vocab)} distinct entries; vocab_size is {len(vocab)}")
-        model_cfg.vocab_size = len(vocab)
+        log.info(f"note: the corpus has only {len(vocab)} distinct entries; vocab_size is {len(vocab)}")
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(vocab))
     elif len(vocab) > model_cfg.vocab_size:
-        log(f"note: the store's vocabulary has {len(vocab)} entries; vocab_size is {len(vocab)}")
-        model_cfg.vocab_size = len(vocab)
+        log.info(f"note: the store's vocabulary has {len(vocab)} entries; vocab_size is {len(vocab)}")
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(vocab))
     train_windows = store.windows("train", model_cfg.maxlen, cfg.packing)
     val_windows = store.windows("val", model_cfg.maxlen, cfg.packing) if val_info["lines"] else None
-    log(f"tokens: {train_windows.tokens:,} in training lines -> {len(train_windows):,} windows of "
+    log.info(f"tokens: {train_windows.tokens:,} in training lines -> {len(train_windows):,} windows of "
         f"{model_cfg.maxlen + 1} ({cfg.packing})")
-    return train_windows, val_windows
+    return train_windows, val_windows, model_cfg
 
 
 def _fail(message, status: int) -> int:
@@ -75,6 +89,7 @@ def _fail(message, status: int) -> int:
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -> int:
     """Runs training; returns the process exit status."""
+    setup_logging(chief=True)  # until the cluster is known, every worker prints
     try:
         strategy = make_strategy(cfg.gpus, cfg.cpu_replicas, cfg.cluster, cfg.collective_timeout,
                                  cluster_port=cfg.cluster_port)  # before any other TensorFlow op
@@ -86,20 +101,20 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
     # before reading and tokenizing the corpus (see tfgpt/memory.py).
     release_library_pages()
     chief = is_chief(strategy)
-    log = print if chief else (lambda *a, **k: None)
+    setup_logging(chief)  # the other workers' logger is quiet
     if cfg.deterministic:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
     cfg, notes = resolve_devices(cfg, strategy, resume)
-    log(device_line(strategy, cfg))
+    log.info(device_line(strategy, cfg))
     for note in notes:
-        log(note)
+        log.info(note)
     lock = RunLock(run_dir) if chief else None
     try:
         if lock:
             lock.acquire()
-        return _train(strategy, model_cfg, cfg, run_dir, resume, chief, log)
+        return _train(strategy, model_cfg, cfg, run_dir, resume, chief)
     except RunLocked as e:
         return _fail(e, 2)
     except KeyboardInterrupt:
@@ -143,60 +158,124 @@ def device_line(strategy, cfg: TrainConfig) -> str:
             f"{spc} step(s) per call" + ("; deterministic ops" if cfg.deterministic else ""))
 
 
-def _train(strategy, model_cfg, cfg, run_dir, resume, chief, log) -> int:
-    import signal
-
+def _train(strategy, model_cfg, cfg, run_dir, resume, chief) -> int:
+    """The run after the devices are set: data, trainer, reporter, fit, export."""
     from tfgpt import data
-    from tfgpt.report import Reporter
-    from tfgpt.trainer import Interrupted, NonFiniteLoss, Trainer
+    from tfgpt.model import count_params
+    from tfgpt.trainer import Trainer
 
-    vocab_path = run_dir / "vocab.txt"
-    if not chief:  # only the chief writes into the run directory
-        vocab_path = worker_scratch(run_dir, resume) / "vocab.txt"
+    vocab_path = vocab_file(run_dir, resume, chief)
     try:
-        train_windows, val_windows = prepare_data(model_cfg, cfg, vocab_path, reuse_vocab=resume, log=log)
+        train_windows, val_windows, model_cfg = prepare_data(model_cfg, cfg, vocab_path, reuse_vocab=resume)
         per_epoch = data.batches_per_epoch(len(train_windows), cfg.batch_size)
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
         trainer = Trainer(model_cfg, cfg, strategy, run_dir, total_steps=total)
     except (data.DataError, ValueError) as e:
         return _fail(e, 2)
-    if chief:
+    if chief:  # the configs as resolved for this run: vocabulary size, precision
         save_config(run_dir / "config.json", model_cfg, cfg)
-    trainer.open_checkpoints()
+    trainer.checkpoints.open()
     if resume:
         try:
-            path = trainer.restore_latest(warn=log)
+            path = trainer.checkpoints.restore_latest()
         except RuntimeError as e:
             return _fail(e, 2)
-        log(f"resumed from {path} (step {int(trainer.state.step.numpy())})" if path
-            else "resume: no checkpoint yet, starting from step 0")
-    from tfgpt.model import count_params
+        log.info(f"resumed from {path} (step {int(trainer.state.step.numpy())})" if path
+                 else "resume: no checkpoint yet, starting from step 0")
+    log.info(f"model: {count_params(trainer.model):,} parameters; {per_epoch} steps per epoch")
+    reporter = make_reporter(trainer, model_cfg, cfg, run_dir, chief, vocab_path)
+    history = _fit(strategy, trainer, reporter, cfg, train_windows, val_windows)
+    if isinstance(history, int):  # the exit status of a run that stopped early
+        return history
+    if chief and cfg.export:
+        from tfgpt.export import export_model
 
-    log(f"model: {count_params(trainer.model):,} parameters; {per_epoch} steps per epoch")
+        with op_determinism(False):  # serving_default draws a fresh seed per request
+            path = export_model(trainer.model, vocab_path, run_dir / "export")
+        log.info(f"exported SavedModel: {path}")
+    if history and history[-1]["val_loss"] is not None:
+        log.info(f"final validation loss {history[-1]['val_loss']:.4f}")
+    log.info(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+    return 0
+
+
+def vocab_file(run_dir: Path, resume: bool, chief: bool) -> Path:
+    """Where this process keeps the run's vocabulary: the run directory on
+    the chief; elsewhere its scratch folder (only the chief writes into the
+    run directory), starting on --resume with the chief's vocabulary when the
+    run directory is visible (a shared filesystem)."""
+    if chief:
+        return run_dir / "vocab.txt"
+    path = worker_scratch() / "vocab.txt"
+    if resume and (run_dir / "vocab.txt").exists():
+        shutil.copyfile(run_dir / "vocab.txt", path)
+    return path
+
+
+def make_reporter(trainer, model_cfg, cfg, run_dir, chief, vocab_path):
+    """The run's Reporter: on the chief with the per-epoch sample and the
+    devices' peak FLOP/s for the mfu scalar."""
+    from tfgpt.report import Reporter
 
     sample_fn = make_sample_fn(trainer, cfg, vocab_path) if chief else None
-    reporter = Reporter.for_run(trainer, model_cfg, cfg, run_dir, chief, sample_fn, log)
+    peak = mfu_peak(trainer, model_cfg, cfg) if chief else None
+    return Reporter.for_run(trainer, model_cfg, cfg, run_dir, chief, sample_fn, peak_flops=peak)
+
+
+def mfu_peak(trainer, model_cfg, cfg) -> float | None:
+    """The peak FLOP/s of all training devices together: --peak-flops per
+    device, else measured once here (None when measuring fails); logged with
+    the model's FLOPs per token."""
+    import tensorflow as tf
+
+    from tfgpt.flops import flops_per_token, measured_peak, peak_devices
+
+    fpt = flops_per_token(model_cfg)
+    device, count = peak_devices(trainer.strategy)
+    per_device, source = cfg.peak_flops, "--peak-flops"
+    if per_device is None:
+        t0 = time.perf_counter()
+        try:
+            per_device = measured_peak(trainer.precision, device)
+        except tf.errors.OpError as e:  # e.g. out of memory: train on, without mfu
+            log.warning(f"warning: could not measure the peak FLOP/s of {device}, so no mfu scalar "
+                        f"({type(e).__name__}); pass --peak-flops")
+        source = f"{trainer.precision} matmuls measured on {device} in {time.perf_counter() - t0:.1f}s"
+    if per_device is None:
+        return None
+    log.info(f"mfu: {fpt / 1e6:,.2f} MFLOP per token; peak {count} x {per_device / 1e12:,.3f} TFLOP/s "
+             f"({source})")
+    return per_device * count
+
+
+def _fit(strategy, trainer, reporter, cfg, train_windows, val_windows) -> list | int:
+    """trainer.fit with SIGINT and SIGTERM handlers that stop it after the
+    current step. Returns its history, or the exit status of a run stopped
+    by a signal, a non-finite loss or a lost worker. Closes the reporter and
+    the trainer's checkpoints either way."""
+    import signal
+
+    from tfgpt.trainer import Interrupted, NonFiniteLoss
 
     def on_signal(signum, frame):
         if trainer.stop_signal is None:
-            log(f"\n{signal.Signals(signum).name}: stopping after the current step and saving a checkpoint "
-                "(send it again to stop at once)")
+            log.info(f"\n{signal.Signals(signum).name}: stopping after the current step and saving a checkpoint "
+                     "(send it again to stop at once)")
             trainer.stop_signal = signum
         else:
             raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        history = trainer.fit(train_windows, val_windows, reporter)
+        return trainer.fit(train_windows, val_windows, reporter)
     except Interrupted as e:
         name = signal.Signals(e.signum).name
-        log(f"stopped by {name} after step {e.step}; checkpoint: {e.checkpoint}")
-        log(f"resume with: python train.py --logdir {cfg.logdir} --run-name {cfg.run_name} --resume")
+        log.info(f"stopped by {name} after step {e.step}; checkpoint: {e.checkpoint}")
+        log.info(f"resume with: python train.py --logdir {cfg.logdir} --run-name {cfg.run_name} --resume")
         return 128 + e.signum
     except NonFiniteLoss as e:
-        last = trainer.manager.latest_checkpoint if trainer.manager else None
         return _fail(f"{e}; the step was not applied and nothing was saved after it; "
-                     f"last good checkpoint: {last or 'none'}", 1)
+                     f"last good checkpoint: {trainer.checkpoints.latest or 'none'}", 1)
     except Exception as e:  # a lost worker: one line, not a traceback
         message = cluster_failure(strategy, e, cfg.collective_timeout)
         if message is None:
@@ -206,17 +285,7 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief, log) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         reporter.close()
-        trainer.close()
-    if chief and cfg.export:
-        from tfgpt.export import export_model
-
-        with op_determinism(False):  # serving_default draws a fresh seed per request
-            path = export_model(trainer.model, vocab_path, run_dir / "export")
-        log(f"exported SavedModel: {path}")
-    if history and history[-1]["val_loss"] is not None:
-        log(f"final validation loss {history[-1]['val_loss']:.4f}")
-    log(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
-    return 0
+        trainer.checkpoints.close()
 
 
 @contextlib.contextmanager

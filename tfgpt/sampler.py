@@ -48,6 +48,7 @@ import tensorflow as tf
 
 from tfgpt import decode, sampling
 from tfgpt.data import Tokenizer
+from tfgpt.loss import token_log_probs
 from tfgpt.model import GPT
 
 # The most tokens one request may generate per prompt, and the most prompts
@@ -261,7 +262,6 @@ class Sampler(tf.Module):
         # min(L, its context + its max_tokens) slots are ever written.
         slots = tf.minimum(self.maxlen, tf.reduce_max(tf.concat([context_len + max_tokens, [1]], 0)))
         hidden, caches, setup = self._start(context, context_len, history, slots)
-        head = decode.head_weights(self.model)
         uniforms = sampling.row_uniforms(seed, steps)  # [B, steps]
         penalised = tf.reduce_any(penalty != 1.0)
         offsets = tf.broadcast_to(tf.range(batch)[:, None] * self.vocab_size, [batch, width])  # [B, W]
@@ -275,7 +275,7 @@ class Sampler(tf.Module):
             def step(i, hidden, caches, history, n, done):
                 # The output layer runs here only, on each row's newest hidden
                 # state: one matrix product per step.
-                logits = decode.logits(hidden, head)  # [B, V]
+                logits = self.model.head(hidden)  # [B, V]
                 logits = tf.cond(penalised, lambda: sampling.penalize(logits, history, penalty, offsets),
                                  lambda: logits)
                 token = sampling.pick(logits, plan, uniforms[:, i:i + 1], general)
@@ -413,8 +413,9 @@ class Sampler(tf.Module):
         return acc
 
     def _log_probs(self, hidden, targets):
-        """log softmax(head(hidden))[target], SCORE_ROWS rows at a time, so the
-        [rows, V] logits never grow with the input.
+        """log softmax(head(hidden))[target] (the loss's `token_log_probs`),
+        SCORE_ROWS rows at a time, so the [rows, V] logits never grow with the
+        input.
 
         hidden float32 [N, D], targets int32 [N] -> float32 [N].
         """
@@ -426,8 +427,7 @@ class Sampler(tf.Module):
         def step(j, out):
             end = tf.minimum(j + SCORE_ROWS, total)
             logits = self.model.head(hidden[j:end])  # [R, V]
-            picked = tf.gather(logits, targets[j:end], batch_dims=1)
-            return end, out.write(out.size(), picked - tf.reduce_logsumexp(logits, -1))
+            return end, out.write(out.size(), token_log_probs(logits, targets[j:end]))
 
         parts = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False,
                                element_shape=tf.TensorShape([None]))

@@ -1,4 +1,4 @@
-"""The training loop: distributed steps, validation, checkpoints, summaries.
+"""The training loop: distributed steps, validation, checkpoints.
 
 One call runs several train steps (`steps_per_call`), for every strategy (the
 default one, MirroredStrategy, MultiWorkerMirroredStrategy):
@@ -17,7 +17,8 @@ default one, MirroredStrategy, MultiWorkerMirroredStrategy):
 The host thus waits for the device once per call, not once per step. Every
 replica applies the same all-reduced update to its own copy of the
 variables, so the copies stay identical. Summaries, progress, samples and
-exports come from the chief, outside any compiled function.
+exports come from the chief, outside any compiled function (the `hooks` of
+`Trainer.fit`); checkpoints are tfgpt/checkpoint.py's.
 
 float16 (`--precision float16`) multiplies the loss by a dynamic loss scale
 (tfgpt/loss_scale.py) before the backward pass; a step whose all-reduced
@@ -28,8 +29,6 @@ bfloat16 a non-finite loss or gradient stops training with an error.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,11 +36,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfgpt import data, memory
+from tfgpt.checkpoint import Checkpoints
 from tfgpt.cluster import is_chief
 from tfgpt.config import GPTConfig, TrainConfig
 from tfgpt.devices import all_gpus, compute_dtype, resolve_precision
+from tfgpt.loss import CHUNK_BUDGET, auto_chunk
 from tfgpt.loss_scale import LossScale
-from tfgpt.model import CHUNK_BUDGET, GPT, auto_chunk
+from tfgpt.model import GPT
 from tfgpt.optim import Adam, clip_scale, make_schedule
 
 
@@ -118,9 +119,9 @@ class Trainer:
                                   beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
             self.state = TrainState()
             self.loss_scale = LossScale()  # used in float16 only; checkpointed always
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, state=self.state,
-                                              loss_scale=self.loss_scale)
-        self.manager = None
+        self.checkpoints = Checkpoints(
+            dict(model=self.model, optimizer=self.optimizer, state=self.state, loss_scale=self.loss_scale),
+            self.run_dir, self.state.step, keep=cfg.keep_checkpoints, chief=self.chief)
         self.stop_signal = None  # set by a signal handler: stop after the current step
         self._stepped = False  # whether train_step has run in this process
         self._build_steps()
@@ -277,49 +278,24 @@ class Trainer:
         total, count = (float(tf.add_n(x)) if x else 0.0 for x in (sums, counts))
         return total / max(count, 1.0)
 
-    # --- checkpoints -----------------------------------------------------------
+    # --- checkpoints: shorthands for self.checkpoints (tfgpt/checkpoint.py) ----------
 
     def open_checkpoints(self):
-        directory = self.run_dir / "ckpt"
-        if not self.chief:
-            # Every worker must take part in a save; the others write to a
-            # throwaway directory, removed at exit.
-            directory = Path(tempfile.mkdtemp(prefix="tfgpt-worker-ckpt-"))
-            self._scratch = directory
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, str(directory), max_to_keep=self.cfg.keep_checkpoints,
-            step_counter=self.state.step, checkpoint_name="ckpt")
+        self.checkpoints.open()
 
-    def restore_latest(self, warn=print) -> str | None:
-        """Restores the newest readable checkpoint, falling back to older ones
-        (with a warning naming each skipped file). None if there are none."""
-        source = self.manager
-        if source and not self.chief:
-            # The other workers resume from the chief's checkpoints (the run
-            # directory on a shared filesystem), never from their scratch copies.
-            source = tf.train.CheckpointManager(self.checkpoint, str(self.run_dir / "ckpt"), max_to_keep=None)
-        tried = list(reversed(source.checkpoints)) if source else []
-        for path in tried:
-            try:
-                self.checkpoint.restore(path).assert_existing_objects_matched()
-                return path
-            except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
-                reason = str(e).strip().splitlines()[0][:200]
-                warn(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {reason})")
-        if tried:
-            raise RuntimeError(f"no readable checkpoint in {source.directory}")
-        return None
+    @property
+    def manager(self):
+        """The tf.train.CheckpointManager, once open_checkpoints() has run."""
+        return self.checkpoints.manager
+
+    def restore_latest(self, warn=None) -> str | None:
+        return self.checkpoints.restore_latest(warn)
 
     def save(self) -> str | None:
-        """Writes a checkpoint at the current step (none without open_checkpoints)."""
-        if self.manager is None:
-            return None
-        return self.manager.save(checkpoint_number=int(self.state.step.numpy()))
+        return self.checkpoints.save()
 
     def close(self):
-        scratch = getattr(self, "_scratch", None)
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+        self.checkpoints.close()
 
     # --- the loop ----------------------------------------------------------------
 
@@ -336,7 +312,7 @@ class Trainer:
         done = cfg.max_steps is not None and step >= cfg.max_steps
         while not done and int(self.state.epoch.numpy()) < cfg.epochs:
             if self.stop_signal is not None:
-                raise Interrupted(self.stop_signal, step, self.save())
+                raise Interrupted(self.stop_signal, step, self.checkpoints.save())
             epoch, batch = int(self.state.epoch.numpy()), int(self.state.batch.numpy())
             dist = self.distribute(lambda ctx: data.train_dataset(
                 train_windows, cfg.batch_size, cfg.seed, epoch, cfg.packing, ctx, skip=batch))
@@ -368,10 +344,10 @@ class Trainer:
                     if hooks:
                         hooks.on_step(info)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    self.save()
+                    self.checkpoints.save()
                 done = cfg.max_steps is not None and step >= cfg.max_steps
                 if self.stop_signal is not None and not done:
-                    raise Interrupted(self.stop_signal, step, self.save())
+                    raise Interrupted(self.stop_signal, step, self.checkpoints.save())
             finished_epoch = batch >= per_epoch
             if finished_epoch:
                 self.state.epoch.assign_add(1)
@@ -381,7 +357,7 @@ class Trainer:
                         steps_run=len(losses), loss=float(np.mean(losses)) if losses else float("nan"),
                         val_loss=val_loss, finished=finished_epoch)
             history.append(info)
-            self.save()
+            self.checkpoints.save()
             if hooks:
                 hooks.on_epoch(info)
         return history
@@ -402,34 +378,3 @@ class Trainer:
                 if edge > step:
                     n = min(n, edge - step)
         return max(1, n)
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 80.0))
-
-
-def progress_line(info) -> str:
-    """One line for a step: step/steps, loss, ms/step, tokens/s, ETA of the epoch."""
-    left = (info["batches"] - info["batch"]) * info["step_time"]
-    return (f"{info['batch']}/{info['batches']} - step {info['step']} - loss: {info['loss']:.4f} - "
-            f"{1000 * info['step_time']:.0f}ms/step - {info['tokens_per_second']:,.0f} tok/s - "
-            f"ETA {_duration(left)}")
-
-
-def epoch_line(info, epochs: int) -> str:
-    """The Keras example's format: 'Epoch 3/25 - 391/391 - 17s - 42ms/step - loss: ...'."""
-    n = max(1, info["steps_run"])
-    parts = [f"Epoch {info['epoch'] + 1}/{epochs}", f"{info['steps_run']}/{info['batches']}",
-             f"{info['seconds']:.0f}s", f"{1000 * info['seconds'] / n:.0f}ms/step",
-             f"loss: {info['loss']:.4f}"]
-    if info["val_loss"] is not None:
-        parts += [f"val_loss: {info['val_loss']:.4f}", f"val_perplexity: {perplexity(info['val_loss']):.1f}"]
-    return " - ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
