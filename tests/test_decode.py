@@ -1,7 +1,8 @@
 """The decode step (tfgpt.decode) against the full model: the prefill and
 one-token steps give the hidden states the model gives for the whole
 sequence, in float32 and bfloat16, with in-place and scatter cache writes;
-the window pass; and the one-query attention kernels against NumPy."""
+and the window pass. The attention kernels themselves are
+tests/test_attention.py."""
 
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ def run_decode(model, prompts, lengths, steps_tokens, in_place):
 
 
 # bfloat16: the model's attention multiplies bfloat16 keys and values, the
-# decode step float32 ones; hidden states are layer-normed (entries up to ~6),
-# and the bfloat16 model itself is about 0.01-0.03 per entry from float32.
+# decode step float32 ones (attend_one), and its query weights carry the
+# 1 / sqrt(K) before their rounding to bfloat16; hidden states are layer-normed
+# (entries up to ~6), and the bfloat16 model itself is about 0.01-0.03 per
+# entry from float32.
 @pytest.mark.parametrize("dtype, in_place, tol, mean_tol", [(tf.float32, True, 1e-5, 5e-6),
                                                             (tf.float32, False, 1e-5, 5e-6),
                                                             (tf.bfloat16, True, 0.15, 0.05)])
@@ -71,33 +74,3 @@ def test_window_hidden_reads_each_rows_last_maxlen_tokens():
         window = history[b, max(0, n[b] - CONFIG.maxlen):n[b]]
         want = model.hidden(tf.constant([window], tf.int32))[0, -1].numpy()
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-5)
-
-
-def test_attend_one_kernels_equal_a_numpy_reference():
-    rng = np.random.default_rng(0)
-    b, h, s, k = 3, 2, 6, 4
-    q = rng.standard_normal((b, h, k)).astype(np.float32)
-    kc = rng.standard_normal((b, h, s, k)).astype(np.float32)
-    vc = rng.standard_normal((b, h, s, k)).astype(np.float32)
-    visible = np.array([2, 6, 4])  # slots each row's query sees
-    blocked = np.where(np.arange(s)[None, :] < visible[:, None], 0.0, -1e9).astype(np.float32)
-    want = np.zeros((b, h, k))
-    for i in range(b):
-        for j in range(h):
-            scores = kc[i, j, :visible[i]] @ q[i, j]
-            p = np.exp(scores - scores.max())
-            want[i, j] = (p / p.sum()) @ vc[i, j, :visible[i]]
-    for small in (1 << 16, 0):  # the broadcast sums, then the batched products
-        got = decode.attend_one(tf.constant(q), tf.constant(kc), tf.constant(vc), tf.constant(blocked), small=small)
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
-
-
-def test_write_rows_in_place_and_as_a_scatter():
-    cache = tf.zeros([2 * 2 * 3, 4])  # [B * H * S, K]
-    new = tf.reshape(tf.range(16, dtype=tf.float32), [2, 2, 4]) + 1.0  # [B, H, K]
-    rows = tf.constant([1, 4, 8, 11])  # (b, h, slot): (0,0,1) (0,1,1) (1,0,2) (1,1,2)
-    want = np.zeros((12, 4), np.float32)
-    want[[1, 4, 8, 11]] = new.numpy().reshape(4, 4)
-    for in_place in (True, False):
-        got = decode.write_rows(tf.identity(cache), rows, new, in_place=in_place)
-        np.testing.assert_array_equal(got.numpy(), want)

@@ -1,7 +1,6 @@
 """Choosing the next token (tfgpt.sampling) against a NumPy reference: the
 per-row random numbers, the repetition penalty, top-k, top-p and
-temperature, each row alone against the same row in a batch, and the fast
-top-k against TensorFlow's."""
+temperature, and each row alone against the same row in a batch."""
 
 from __future__ import annotations
 
@@ -10,9 +9,9 @@ import pytest
 import tensorflow as tf
 
 from tfgpt import sampling
-from tfgpt.sampling import CANDIDATES, top_k_logits
+from tfgpt.sampling import top_k_logits, CANDIDATES
 
-V = 20000  # the default vocabulary: large enough for the two-stage top-k
+V = 20000  # the default vocabulary
 
 
 @tf.function

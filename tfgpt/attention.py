@@ -1,6 +1,8 @@
-"""Causal softmax attention: the one function that training, the prefill
-and the cached decode step all call, and the two kernels only the decode
-step needs (the mask of a query against its cache, and the cache row write).
+"""Causal softmax attention: `attend`, the function of training and the
+prefill, and beside it the two kernels of the cached decode step: the cache
+row write, and `attend_one`, the same attention for one query per row
+against the cache (tests/test_attention.py checks the two against each
+other and against NumPy).
 
 Shapes: B = batch, H = heads, Tq = queries, Tk = keys, K = per-head key
 size, S = cache slots.
@@ -8,7 +10,12 @@ size, S = cache slots.
 The cache of a layer is a pair (k, v), each kept as [B * H * S, K]: row
 ((b * H) + h) * S + p holds slot p of head h of batch row b, so that one
 new key per (b, h) is a write of B * H rows, and a reshape to [B, H, S, K]
-is all `attend` needs to read it.
+is all the attention needs to read it.
+
+The decode step runs once per generated token on tensors of a few thousand
+numbers, where the kernel launches, not the arithmetic, take the time: so
+`attend_one` takes its query already scaled and its mask as an additive
+[B, S] row, and picks elementwise sums or batched products by size.
 """
 
 from __future__ import annotations
@@ -42,27 +49,44 @@ def attend(q, k, v, mask, compute_dtype=tf.float32):
 # --- the decode step's kernels ------------------------------------------------
 
 
-def cache_mask(causal, pos):
-    """The mask of one query per row against its cache: row pos[b] of the
-    cache's causal mask, the slots <= pos[b].
-
-    causal float32 [S, S] (`causal_mask(S)`), pos int32 [B] -> float32
-    [B, 1, 1, S], as `attend` takes it."""
-    return tf.gather(causal, pos)[:, None, None, :]
-
-
 def write_rows(cache, rows, new, in_place=True):
-    """cache [B * H * S, K] with new ([B, H, K] or [B, H, 1, K]) written at the
-    given rows [B * H].
+    """cache [B * H * S, K] with new [B, H, K] written at the given rows [B * H].
 
     in_place: InplaceUpdate writes into the cache's own buffer, where a
     scatter copies the whole cache at every step. It never copies, even when
     something else still reads the old value, so it is used only where the
     update is the old cache's last reader: in the decoding loop, each step's
-    cache is read by nothing but the next step. in_place=False is the
-    scatter, for XLA, which has no in-place update.
+    cache is read by nothing but the next step.
     """
     new = tf.reshape(new, [-1, tf.shape(cache)[1]])  # [B * H, K]
     if in_place:
         return tf.raw_ops.InplaceUpdate(x=cache, i=rows, v=new)
     return tf.tensor_scatter_nd_update(cache, rows[:, None], new)
+
+
+def attend_one(q, k_cache, v_cache, blocked, small=1 << 16):
+    """`attend` for one query per row and head, in float32, the query
+    already multiplied by 1 / sqrt(K).
+
+    q [B, H, K]; k_cache, v_cache [B, H, S, K]; blocked [B, S] (0 where
+    visible, -1e9 where not) -> [B, H, K].
+
+    Small caches are faster as a broadcast multiply and a sum, large ones
+    as a batch of matrix products; the two agree up to rounding.
+    """
+    def as_sums():
+        scores = tf.reduce_sum(q[:, :, None, :] * k_cache, -1) + blocked[:, None, :]  # [B, H, S]
+        return tf.reduce_sum(softmax(scores)[..., None] * v_cache, 2)
+
+    def as_products():
+        scores = tf.matmul(q[:, :, None, :], k_cache, transpose_b=True)[:, :, 0, :] + blocked[:, None, :]
+        return tf.matmul(softmax(scores)[:, :, None, :], v_cache)[:, :, 0, :]
+
+    return tf.cond(tf.size(k_cache) <= small, as_sums, as_products)
+
+
+def softmax(x):
+    """Softmax over the last axis, written out: for these small tensors it is
+    faster than the fused kernel."""
+    e = tf.exp(x - tf.reduce_max(x, -1, keepdims=True))
+    return e / tf.reduce_sum(e, -1, keepdims=True)

@@ -50,6 +50,7 @@ class TrainConfig:
     # Where token stores are kept (tfgpt/prepare.py); None: $TFGPT_CACHE/stores or ~/.cache/tfgpt/stores.
     store_dir: str | None = None
     seed: int = 0
+    recipe: str = "example"  # the named settings the run started from (cli.RECIPES)
     batch_size: int = 128  # global, over all replicas
     epochs: int = 25
     max_steps: int | None = None

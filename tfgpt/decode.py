@@ -1,26 +1,42 @@
 """The decode step: the model run for one new token per row against a
 key/value cache, the prefill that fills the cache, and the window pass used
-once a row is longer than `maxlen`.
+once a row is longer than `maxlen`. The step's attention kernels
+(`attend_one`, `write_rows`) are in tfgpt/attention.py beside the attention
+that training and the prefill use.
 
 Everything here maps token ids to the last block's hidden state; turning a
 hidden state into the next token is `tfgpt.sampling`, and the loop around
-both is `tfgpt.sampler`. The attention of every path, and the kernels of
-the cached step (the cache row write and the query's mask over the cache),
-are `tfgpt.attention`.
+both is `tfgpt.sampler`.
 
 The cache of a layer is a pair (k, v). The prefill returns them as
 [B, H, S, K]; the decode step keeps them flattened to [B * H * S, K], the
 shape the in-place row update takes.
 
 Shapes: B = batch, C = context length (<= maxlen), L = maxlen, S = cache
-slots (<= L), W = history width, D = model width, H = heads, K = key size.
+slots (<= L), W = history width, D = model width, H = heads, K = key size,
+F = feed-forward width, V = vocabulary.
 """
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
-from tfgpt.attention import cache_mask, causal_mask, write_rows
+from tfgpt.attention import attend_one, causal_mask, write_rows
+
+
+def head_weights(model):
+    """The output layer's (w [D, V] in the compute dtype, b float32 [V]), cast
+    once per call, so that a bfloat16 model does not cast its largest matrix
+    at every step."""
+    dense = model.head
+    return _as_matrix(dense.w, dense.b, dense.w.shape[0], dense.compute_dtype)
+
+
+def logits(hidden, head):
+    """hidden float32 [B, D] -> float32 [B, V], the output layer."""
+    return _dense(hidden, head)
 
 
 def prefill(model, context, context_len, slots):
@@ -40,20 +56,42 @@ def prefill(model, context, context_len, slots):
 
 
 def decode_setup(model, batch, slots):
-    """What the decode step needs about the cache's layout, worked out once
-    per call outside the loop:
+    """What the decode step needs, prepared once per call outside the loop,
+    so that each step runs as few operations as possible:
 
+      blocks: per block a dict of its weights (w in the compute dtype, b
+        float32; `_as_matrix`): q, k, v (w [D, H * K]), out (w [H * K, D]),
+        fc1 (w [D, F]), fc2 (w [F, D]); the attention's 1 / sqrt(K) folded
+        into q. Three products of D x H * K measured faster at batch 1 than
+        one of D x 3 * H * K and a split; the feed-forward weights are cast
+        here rather than by `Dense` at every step.
       row_base, row_of int32 [B * H]: the cache row of (b, h, slot p), with a
         cache seen as [B * H * S, K], is row_base + p[row_of]
-      causal float32 [S, S]: `causal_mask(S)`, whose row p masks a query in slot p
+      blocked float32 [S, S]: row p is 0 at the slots a query in slot p
+        sees (<= p) and -1e9 elsewhere
       last_slot int32 []: S - 1
       cache_shape int32 [4]: [B, H, S, K]
     """
+    blocks = []
+    for block in model.blocks:
+        attn = block.attn
+        d, hk = attn.dim, attn.num_heads * attn.key_dim
+        cd = attn.compute_dtype
+        ffn = block.ffn
+        blocks.append({
+            "q": _as_matrix(attn.wq, attn.bq, d, cd, 1.0 / math.sqrt(attn.key_dim)),
+            "k": _as_matrix(attn.wk, attn.bk, d, cd),
+            "v": _as_matrix(attn.wv, attn.bv, d, cd),
+            "out": _as_matrix(attn.wo, attn.bo, hk, cd),
+            "fc1": _as_matrix(ffn.fc1.w, ffn.fc1.b, d, ffn.fc1.compute_dtype),
+            "fc2": _as_matrix(ffn.fc2.w, ffn.fc2.b, ffn.fc2.w.shape[0], ffn.fc2.compute_dtype),
+        })
     heads = model.config.num_heads
     return {
+        "blocks": blocks,
         "row_base": tf.range(batch * heads) * slots,
         "row_of": tf.repeat(tf.range(batch), heads),  # [B * H]: the row b of each (b, h)
-        "causal": causal_mask(slots),
+        "blocked": (1.0 - causal_mask(slots)) * -1e9,
         "last_slot": slots - 1,
         "cache_shape": tf.stack([batch, heads, slots, model.config.key_dim]),
     }
@@ -66,24 +104,29 @@ def decode_hidden(model, token, pos, caches, setup, in_place=True):
     token, pos int32 [B] (pos < S); caches: per layer (k, v) [B * H * S, K];
     setup from `decode_setup` -> (hidden float32 [B, D], caches).
 
-    Each block projects the new token's query, key and value with its own
-    attention layer, writes the key and value into their slots
-    (`write_rows`), attends from the query over the cache's slots <= pos
-    (the attention of training and prefill, one query long), and finishes
-    with its own residuals, norms and feed-forward. in_place=False writes
-    with a scatter instead, for XLA, which has no in-place update.
+    The new key and value are written into their slots (`write_rows`), and
+    the attention of one query is computed by `attend_one`; residuals, norms
+    and feed-forward are the block's (its own layer norms; the feed-forward
+    with the weights `decode_setup` cast). in_place=False writes with a
+    scatter instead, for XLA, which has no in-place update.
     """
     x = model.embed(token, pos)  # [B, D]
-    shape = setup["cache_shape"]
-    mask = cache_mask(setup["causal"], pos)  # [B, 1, 1, S]
+    blocked = tf.gather(setup["blocked"], pos)  # [B, S]
     rows = setup["row_base"] + tf.gather(pos, setup["row_of"])  # [B * H]
+    shape = setup["cache_shape"]
     new = []
-    for block, (k_cache, v_cache) in zip(model.blocks, caches):
-        q, k, v = block.attn.qkv(x[:, None, :])  # each [B, H, 1, K]
+    for block, w, (k_cache, v_cache) in zip(model.blocks, setup["blocks"], caches):
+        h, kd = block.attn.num_heads, block.attn.key_dim
+        q, k, v = (tf.reshape(_dense(x, w[name]), [-1, h, kd]) for name in "qkv")  # each [B, H, K], q scaled
         k_cache = write_rows(k_cache, rows, k, in_place)
         v_cache = write_rows(v_cache, rows, v, in_place)
-        out = block.attn.attend(q, tf.reshape(k_cache, shape), tf.reshape(v_cache, shape), mask)  # [B, 1, D]
-        x = block.finish(x, out[:, 0])  # [B, D], inference: no dropout
+        context = attend_one(q, tf.reshape(k_cache, shape), tf.reshape(v_cache, shape), blocked)  # [B, H, K]
+        out = _dense(tf.reshape(context, [-1, h * kd]), w["out"])  # [B, D]
+        # Block.finish without dropout (inference), its feed-forward products
+        # from the weights cast once per call.
+        a = block.ln1(x + out)  # [B, D]
+        f = _dense(_dense(a, w["fc1"], tf.nn.relu), w["fc2"])  # [B, D]
+        x = block.ln2(a + f)
         new.append((k_cache, v_cache))
     return x, new
 
@@ -105,3 +148,30 @@ def window_hidden(model, history, n):
     window = tf.gather(history, index, batch_dims=1)  # [B, size]
     hidden = model.hidden(window)  # [B, size, D]
     return tf.gather(hidden, n - start - 1, batch_dims=1)  # [B, D]
+
+
+def _as_matrix(w, b, rows, dtype, scale=1.0):
+    """A projection's weights as `_dense` takes them: (w [rows, columns] in
+    dtype, b float32 [columns]), both multiplied by scale."""
+    return tf.cast(tf.reshape(w, [rows, -1]) * scale, dtype), tf.reshape(b * scale, [-1])
+
+
+def _dense(x, weights, activation=None):
+    """activation(x @ w + b) for x float32 [B, in] and (w, b) from
+    `_as_matrix` -> float32 [B, out], as the model's `Dense` computes it.
+
+    In float32 the bias is added by BiasAdd right after the product (and the
+    ReLU right after that), which TensorFlow's graph optimizer fuses into
+    the product: one pass over the output instead of three. In bfloat16 the
+    product is rounded to bfloat16 and the float32 bias added after, as in
+    the model. (Fused, the bfloat16 product took a faster oneDNN kernel at
+    batch 1, but a different one from larger batches: a row's logits then
+    depended on the batch size, and a request's text on what it was
+    batched with.)
+    """
+    w, b = weights
+    if w.dtype == tf.float32:
+        y = tf.nn.bias_add(tf.matmul(x, w), b)
+    else:
+        y = tf.cast(tf.matmul(tf.cast(x, w.dtype), w), tf.float32) + b
+    return y if activation is None else activation(y)

@@ -171,8 +171,25 @@ class MultiHeadAttention(tf.Module):
 
     @tf.Module.with_name_scope
     def __call__(self, x):
-        """Full causal self-attention. x [B, T, D] -> [B, T, D]."""
-        return self.attend(*self.qkv(x), attention.causal_mask(tf.shape(x)[1]))
+        """Full causal self-attention, one head at a time. x [B, T, D] -> [B, T, D].
+
+        The same function as `attend(*qkv(x), causal_mask(T))`, arranged for
+        training: each head's q, k and v come out of their own products as
+        [B*T, K], already the [B, T, K] layout the batched products take, so
+        no [B, T, H, K] tensor is transposed, forward or backward
+        (docs/performance.md has the measurement).
+        """
+        cd, kd = self.compute_dtype, self.key_dim
+        bsz, t = tf.shape(x)[0], tf.shape(x)[1]
+        x2 = tf.reshape(x, [-1, self.dim])  # [B*T, D]
+        mask = attention.causal_mask(t)  # [T, T]
+        out = tf.convert_to_tensor(self.bo)  # [D], broadcast over the rows
+        for h in range(self.num_heads):
+            q, k, v = (tf.reshape(matmul(x2, w[:, h], cd) + b[h], [bsz, t, kd])  # [B, T, K]
+                       for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
+            ctx = attention.attend(q, k, v, mask, cd)  # [B, T, K] float32
+            out += matmul(tf.reshape(ctx, [-1, kd]), self.wo[h], cd)  # [B*T, D]
+        return tf.reshape(out, [bsz, t, self.dim])
 
 
 class FeedForward(tf.Module):

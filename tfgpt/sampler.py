@@ -262,6 +262,7 @@ class Sampler(tf.Module):
         # min(L, its context + its max_tokens) slots are ever written.
         slots = tf.minimum(self.maxlen, tf.reduce_max(tf.concat([context_len + max_tokens, [1]], 0)))
         hidden, caches, setup = self._start(context, context_len, history, slots)
+        head = decode.head_weights(self.model)
         uniforms = sampling.row_uniforms(seed, steps)  # [B, steps]
         penalised = tf.reduce_any(penalty != 1.0)
         offsets = tf.broadcast_to(tf.range(batch)[:, None] * self.vocab_size, [batch, width])  # [B, W]
@@ -275,7 +276,7 @@ class Sampler(tf.Module):
             def step(i, hidden, caches, history, n, done):
                 # The output layer runs here only, on each row's newest hidden
                 # state: one matrix product per step.
-                logits = self.model.head(hidden)  # [B, V]
+                logits = decode.logits(hidden, head)  # [B, V]
                 logits = tf.cond(penalised, lambda: sampling.penalize(logits, history, penalty, offsets),
                                  lambda: logits)
                 token = sampling.pick(logits, plan, uniforms[:, i:i + 1], general)

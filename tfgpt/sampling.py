@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-# How many candidates the fast path keeps per row (a top-k of the logits). A
-# row with a larger top_k, or a nucleus over the whole vocabulary that the
-# first CANDIDATES tokens do not close, is sampled from a full sort of its
-# logits instead.
+# How many candidates the fast path keeps per row: the two-stage top-k
+# (`top_k_logits`) is exact and cheap up to here. A row with a larger top_k,
+# or a nucleus over the whole vocabulary that the first CANDIDATES tokens
+# do not close, is sampled from a full sort of its logits instead.
 CANDIDATES = 64
 
 
@@ -140,7 +140,7 @@ def pick(logits, p: dict, u, general: bool = True):
     """One token per row. logits float32 [B, V]; p from `plan`; u float32
     [B, 1] in [0, 1) -> int32 [B]. general=False: only greedy and short rows
     (when `p["fast"]`), without the branches of the other ways."""
-    values, indices = tf.math.top_k(logits, p["candidates"])  # [B, M], largest first
+    values, indices = top_k_logits(logits, p["candidates"])  # [B, M], largest first
     token = indices[:, 0]  # greedy
     k, t, top_p = p["k"], p["t"], p["top_p"]  # [B, 1]
     token = tf.where(p["short"], _from_sorted(values, indices, p["k_short"], top_p, t, u), token)
@@ -220,3 +220,36 @@ def _from_unsorted(logits, t, u):
     cum = tf.cumsum(p, axis=1)
     chosen = tf.reduce_sum(tf.cast(cum <= u * cum[:, -1:], tf.int32), 1)
     return tf.minimum(chosen, tf.shape(logits)[1] - 1)
+
+
+def top_k_logits(logits, k, small=CANDIDATES):
+    """tf.math.top_k(logits, k) over a vocabulary-sized last axis, faster for small k.
+
+    logits float32 [B, V], k int32 [] in [1, V] -> (values [B, k], indices int32 [B, k]).
+
+    For k <= small the logits are cut into G groups of R neighbours. The k
+    largest logits all lie in the k groups with the largest maxima, so a
+    top-k over those k * R candidates gives the same values and indices
+    (ties, as in tf.math.top_k, go to the lower index).
+    """
+    v = logits.shape[-1]
+    # A group size that divides V avoids padding the logits at every step.
+    size = next((r for r in range(128, 63, -1) if v % r == 0), 128)
+    groups = -(-v // size)
+    if groups <= 2 * small:  # too small a vocabulary to gain anything
+        return tuple(tf.math.top_k(logits, k))
+
+    def two_stage():
+        batch = tf.shape(logits)[0]
+        padded = logits
+        if groups * size != v:
+            padded = tf.pad(logits, [[0, 0], [0, groups * size - v]], constant_values=-float("inf"))
+        table = tf.reshape(padded, [batch, groups, size])  # [B, G, R]
+        _, best = tf.math.top_k(tf.reduce_max(table, -1), k)  # [B, k] group ids
+        best = tf.sort(best, -1)  # candidates in index order, so ties break as in top_k
+        candidates = tf.reshape(tf.gather(table, best, batch_dims=1), [batch, -1])  # [B, k * R]
+        values, at = tf.math.top_k(candidates, k)  # [B, k]
+        indices = tf.gather(best, at // size, batch_dims=1) * size + at % size
+        return values, indices
+
+    return tf.cond(k <= small, two_stage, lambda: tuple(tf.math.top_k(logits, k)))
