@@ -74,6 +74,7 @@ def attend_one(q, k_cache, v_cache, blocked, small=1 << 16):
     Small caches are faster as a broadcast multiply and a sum, large ones
     as a batch of matrix products; the two agree up to rounding.
     """
+
     def as_sums():
         scores = tf.reduce_sum(q[:, :, None, :] * k_cache, -1) + blocked[:, None, :]  # [B, H, S]
         return tf.reduce_sum(softmax(scores)[..., None] * v_cache, 2)

@@ -72,8 +72,14 @@ def _default_model(precision: str, vocab_path: Path):
     return model
 
 
-def _generate_args(batch: int, tokens: int, top_k: int = 10, top_p: float = 1.0, temperature: float = 1.0,
-                   repetition_penalty: float = 1.0) -> dict:
+def _generate_args(
+    batch: int,
+    tokens: int,
+    top_k: int = 10,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    repetition_penalty: float = 1.0,
+) -> dict:
     """`generate`'s inputs: `batch` copies of PROMPT with the same settings
     and seeds 0, 1, ..."""
     import tensorflow as tf
@@ -81,11 +87,15 @@ def _generate_args(batch: int, tokens: int, top_k: int = 10, top_p: float = 1.0,
     def column(value, dtype):
         return tf.fill([batch], tf.constant(value, dtype))
 
-    return dict(prompt=tf.constant([PROMPT] * batch), max_tokens=column(tokens, tf.int32),
-                top_k=column(top_k, tf.int32), top_p=column(top_p, tf.float32),
-                temperature=column(temperature, tf.float32),
-                repetition_penalty=column(repetition_penalty, tf.float32),
-                seed=tf.range(batch, dtype=tf.int64))
+    return dict(
+        prompt=tf.constant([PROMPT] * batch),
+        max_tokens=column(tokens, tf.int32),
+        top_k=column(top_k, tf.int32),
+        top_p=column(top_p, tf.float32),
+        temperature=column(temperature, tf.float32),
+        repetition_penalty=column(repetition_penalty, tf.float32),
+        seed=tf.range(batch, dtype=tf.int64),
+    )
 
 
 def _sampler_variants():
@@ -106,8 +116,10 @@ def _sampler_variants():
             super().__init__(model, vocab_path, name=name)
             self._compiled = tf.function(
                 lambda token, pos, caches, setup: decode.decode_hidden(
-                    self.model, token, pos, caches, setup, in_place=False),
-                jit_compile=True)
+                    self.model, token, pos, caches, setup, in_place=False
+                ),
+                jit_compile=True,
+            )
 
         def _decode(self, token, pos, caches, setup):
             return self._compiled(token, pos, caches, setup)
@@ -122,15 +134,23 @@ def _sampler_variants():
             return decode.window_hidden(self.model, history, context_len), [], None
 
         def _general_step(self, token, n, live, hidden, caches, history, setup):
-            return tf.cond(tf.reduce_any(live),
-                           lambda: (decode.window_hidden(self.model, history, n), caches),
-                           lambda: (hidden, caches))
+            return tf.cond(
+                tf.reduce_any(live),
+                lambda: (decode.window_hidden(self.model, history, n), caches),
+                lambda: (hidden, caches),
+            )
 
     return {"cache": Sampler, "cache+xla": XlaSampler, "no cache": UncachedSampler}
 
 
-def sampler_bench(batches=(1, 32), tokens=(40, 200), modes=("cache", "cache+xla", "no cache"),
-                  repeats: int = 10, precision: str = "float32", log=print) -> list[dict]:
+def sampler_bench(
+    batches=(1, 32),
+    tokens=(40, 200),
+    modes=("cache", "cache+xla", "no cache"),
+    repeats: int = 10,
+    precision: str = "float32",
+    log=print,
+) -> list[dict]:
     """Times generation from "this movie is" for every mode, batch size and
     number of new tokens, with top-k 10 and temperature 1 (no top-p, no
     penalty). 40 tokens stay within maxlen (80); 200 tokens slide.
@@ -147,9 +167,11 @@ def sampler_bench(batches=(1, 32), tokens=(40, 200), modes=("cache", "cache+xla"
         # The vocabulary is read here, when each sampler builds its tables.
         samplers = {mode: variants[mode](model, vocab_path) for mode in modes}
     c = model.config
-    log(f"sampler: default model (vocab {c.vocab_size}, maxlen {c.maxlen}, width {c.embed_dim}, "
+    log(
+        f"sampler: default model (vocab {c.vocab_size}, maxlen {c.maxlen}, width {c.embed_dim}, "
         f"{c.num_layers} block), random weights, {precision}; prompt {PROMPT!r}, top-k 10; "
-        f"best of {repeats}; load average {os.getloadavg()[0]:.2f}")
+        f"best of {repeats}; load average {os.getloadavg()[0]:.2f}"
+    )
     results = []
     log(f"{'mode':<10} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tokens/s':>9}")
     for mode, n, batch in [(mode, n, batch) for mode in modes for n in tokens for batch in batches]:
@@ -164,8 +186,15 @@ def sampler_bench(batches=(1, 32), tokens=(40, 200), modes=("cache", "cache+xla"
             made = int(out["lengths"].numpy().min())
             runs.append((time.perf_counter() - start, made))
         seconds, made = min(runs)
-        row = dict(mode=mode, precision=precision, batch=batch, tokens=made, seconds=seconds,
-                   ms_per_token=1000 * seconds / made, tokens_per_s=batch * made / seconds)
+        row = dict(
+            mode=mode,
+            precision=precision,
+            batch=batch,
+            tokens=made,
+            seconds=seconds,
+            ms_per_token=1000 * seconds / made,
+            tokens_per_s=batch * made / seconds,
+        )
         results.append(row)
         log(f"{mode:<10} {batch:>5} {made:>6} {row['ms_per_token']:>9.3f} {row['tokens_per_s']:>9.0f}")
     return results
@@ -195,8 +224,9 @@ def generated_corpus(reviews: int = 50_000, words: int = 30_000, seed: int = 0) 
     return [" ".join(vocab[ranks[a:b]]) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends)]
 
 
-def prepare_windows(data: str | None, maxlen: int, vocab_size: int, folder: Path, quick: bool = False,
-                    log=print) -> dict:
+def prepare_windows(
+    data: str | None, maxlen: int, vocab_size: int, folder: Path, quick: bool = False, log=print
+) -> dict:
     """Reads (or generates) the corpus, times the vocabulary build and the
     tokenization, and saves the training windows to folder/windows.npy."""
     import numpy as np
@@ -220,8 +250,15 @@ def prepare_windows(data: str | None, maxlen: int, vocab_size: int, folder: Path
     windows = tdata.make_windows(ids, lengths, maxlen, "truncate")
     tokenize_s = time.perf_counter() - t0
     np.save(folder / "windows.npy", windows)
-    return dict(source=source, lines=len(lines), tokens=int(len(ids)), windows=len(windows),
-                read_s=read_s, vocab_s=vocab_s, tokenize_s=tokenize_s)
+    return dict(
+        source=source,
+        lines=len(lines),
+        tokens=int(len(ids)),
+        windows=len(windows),
+        read_s=read_s,
+        vocab_s=vocab_s,
+        tokenize_s=tokenize_s,
+    )
 
 
 def pipeline_bench(windows_path: Path, batch_size: int = 128, batches: int = 200) -> dict:
@@ -242,8 +279,16 @@ def pipeline_bench(windows_path: Path, batch_size: int = 128, batches: int = 200
     return dict(batches=batches - 1, tokens_per_s=count / seconds)
 
 
-def train_variant(precision: str, xla: bool, replicas: int, steps: int, windows_path: Path,
-                  warmup: int = 2, batch_size: int = 128, gpus: int | None = None) -> dict:
+def train_variant(
+    precision: str,
+    xla: bool,
+    replicas: int,
+    steps: int,
+    windows_path: Path,
+    warmup: int = 2,
+    batch_size: int = 128,
+    gpus: int | None = None,
+) -> dict:
     """Times `steps` training steps of the default model after `warmup` ones,
     in this process (which must not have run any TensorFlow op yet), at the
     global batch `batch_size`. gpus None: `replicas` logical CPU devices (one
@@ -253,8 +298,9 @@ def train_variant(precision: str, xla: bool, replicas: int, steps: int, windows_
     from tfgpt.distribute import make_strategy
     from tfgpt.memory import peak_rss_mb
 
-    strategy = make_strategy(gpus=gpus, cpu_replicas=replicas if replicas > 1 and not gpus else None,
-                             warn=lambda *a: None)
+    strategy = make_strategy(
+        gpus=gpus, cpu_replicas=replicas if replicas > 1 and not gpus else None, warn=lambda *a: None
+    )
     from tfgpt.config import GPTConfig, TrainConfig
     from tfgpt.devices import compute_dtype
     from tfgpt.flops import flops_per_token, measure_matmul_peak
@@ -262,8 +308,9 @@ def train_variant(precision: str, xla: bool, replicas: int, steps: int, windows_
 
     windows = np.load(windows_path)
     model_cfg = GPTConfig()
-    cfg = TrainConfig(batch_size=batch_size, epochs=1, max_steps=warmup + steps, xla="on" if xla else "off",
-                      precision=precision)
+    cfg = TrainConfig(
+        batch_size=batch_size, epochs=1, max_steps=warmup + steps, xla="on" if xla else "off", precision=precision
+    )
     with tempfile.TemporaryDirectory(prefix="tfgpt-bench-") as tmp:
         trainer = Trainer(model_cfg, cfg, strategy, tmp)
         times = []
@@ -289,33 +336,61 @@ def train_variant(precision: str, xla: bool, replicas: int, steps: int, windows_
     tokens = cfg.batch_size * model_cfg.maxlen
     flops = flops_per_token(model_cfg) * tokens / step_s
     peak = measure_matmul_peak(compute_dtype(precision))
-    return dict(precision=precision, xla=xla, replicas=replicas, gpus=gpus, batch_size=batch_size, steps=steps,
-                ms_per_step=1000 * step_s, tokens_per_s=tokens / step_s, gflops=flops / 1e9,
-                peak_gflops=peak / 1e9, mfu=flops / peak, peak_rss_mb=peak_rss_mb(), first_step_s=times[0],
-                warmup_s=warmup_s)
+    return dict(
+        precision=precision,
+        xla=xla,
+        replicas=replicas,
+        gpus=gpus,
+        batch_size=batch_size,
+        steps=steps,
+        ms_per_step=1000 * step_s,
+        tokens_per_s=tokens / step_s,
+        gflops=flops / 1e9,
+        peak_gflops=peak / 1e9,
+        mfu=flops / peak,
+        peak_rss_mb=peak_rss_mb(),
+        first_step_s=times[0],
+        warmup_s=warmup_s,
+    )
 
 
 def train_bench(variants, steps: int, windows_path: Path, log=print) -> list[dict]:
     """Runs each variant in a fresh process (so that peak memory is its own)."""
     rows = []
-    log(f"{'precision':<9} {'xla':>3} {'repl':>4} {'ms/step':>8} {'tokens/s':>9} {'GFLOP/s':>8} "
-        f"{'peak':>6} {'MFU':>6} {'RSS MB':>7} {'vs example':>10}")
+    log(
+        f"{'precision':<9} {'xla':>3} {'repl':>4} {'ms/step':>8} {'tokens/s':>9} {'GFLOP/s':>8} "
+        f"{'peak':>6} {'MFU':>6} {'RSS MB':>7} {'vs example':>10}"
+    )
     for precision, xla, replicas in variants:
-        spec = json.dumps(dict(precision=precision, xla=xla, replicas=replicas, steps=steps,
-                               windows=str(windows_path), batch_size=128, gpus=None))
+        spec = json.dumps(
+            dict(
+                precision=precision,
+                xla=xla,
+                replicas=replicas,
+                steps=steps,
+                windows=str(windows_path),
+                batch_size=128,
+                gpus=None,
+            )
+        )
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-        proc = subprocess.run([sys.executable, "-m", "tfgpt.bench", "--variant", spec],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tfgpt.bench", "--variant", spec], capture_output=True, text=True, env=env
+        )
         if proc.returncode != 0:
-            log(f"{precision:<9} {'on' if xla else 'off':>3} {replicas:>4} failed: "
-                f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            log(
+                f"{precision:<9} {'on' if xla else 'off':>3} {replicas:>4} failed: "
+                f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+            )
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         row["speedup_vs_example"] = row["tokens_per_s"] / KERAS_EXAMPLE["tokens_per_s"]
         rows.append(row)
-        log(f"{precision:<9} {'on' if xla else 'off':>3} {replicas:>4} {row['ms_per_step']:>8.0f} "
+        log(
+            f"{precision:<9} {'on' if xla else 'off':>3} {replicas:>4} {row['ms_per_step']:>8.0f} "
             f"{row['tokens_per_s']:>9,.0f} {row['gflops']:>8.1f} {row['peak_gflops']:>6.0f} "
-            f"{row['mfu']:>6.1%} {row['peak_rss_mb']:>7.0f} {row['speedup_vs_example']:>9.2f}x")
+            f"{row['mfu']:>6.1%} {row['peak_rss_mb']:>7.0f} {row['speedup_vs_example']:>9.2f}x"
+        )
     return rows
 
 
@@ -338,8 +413,11 @@ def heldout_bench(data: str, runs: list[str], json_path: str | None) -> int:
             print(f"bench: error: {e}", file=sys.stderr)
             return 2
         rows.append(row)
-        print(f"  loss {row['loss']:.4f}  perplexity {row['perplexity']:7.1f}  ({row['tokens']:,} tokens, "
-              f"trained in {row['train_seconds']:.0f} s)  flags: {flags or '(defaults)'}", flush=True)
+        print(
+            f"  loss {row['loss']:.4f}  perplexity {row['perplexity']:7.1f}  ({row['tokens']:,} tokens, "
+            f"trained in {row['train_seconds']:.0f} s)  flags: {flags or '(defaults)'}",
+            flush=True,
+        )
     if json_path:
         Path(json_path).write_text(json.dumps({"heldout": rows}, indent=2) + "\n")
     return 0
@@ -347,55 +425,96 @@ def heldout_bench(data: str, runs: list[str], json_path: str | None) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tfgpt.bench", description="Training, input-pipeline and sampler benchmarks of the "
-        "default model. With no benchmark named, all run.")
-    parser.add_argument("--train", action="store_true", help="time training steps: float32 and bfloat16, "
-                        "XLA on and off, 1 and 2 replicas, each in its own process")
+        prog="python -m tfgpt.bench",
+        description="Training, input-pipeline and sampler benchmarks of the "
+        "default model. With no benchmark named, all run.",
+    )
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="time training steps: float32 and bfloat16, XLA on and off, 1 and 2 replicas, each in its own process",
+    )
     parser.add_argument("--pipeline", action="store_true", help="time the vocabulary build and the tf.data pipeline")
     parser.add_argument("--sampler", action="store_true", help="time the in-graph sampler")
-    parser.add_argument("--data-scale", metavar="GB,GB", help="the data benchmark (tfgpt.bench_data): generate "
-                        "corpora of these sizes, prepare their token stores, train a few steps on each; "
-                        "not part of the default set")
-    parser.add_argument("--heldout", action="append", nargs="?", const="", metavar="FLAGS",
-                        help="the held-out protocol on IMDB (--data: the archive or folder): train 196 steps on "
-                        "train/ with train.py FLAGS (as --heldout='FLAGS'; repeat for several runs), print the "
-                        "loss per token of 2,560 test/ reviews; not part of the default set")
-    parser.add_argument("--data", help="real text for --train/--pipeline (any --data form of train.py); "
-                        "default: a generated corpus of IMDB's size")
-    parser.add_argument("--steps", type=int, default=None, help="timed training steps per variant "
-                        "(default 5; 3 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="about a minute: float32 and bfloat16 without XLA on one replica, fewer steps and "
-                             "repeats, a smaller generated corpus, sampler at 40 tokens with and without the cache")
-    parser.add_argument("--precision", choices=("float32", "bfloat16", "both"), default=None,
-                        help="compute dtype of the sampler's model (default: both, float32 with --quick)")
+    parser.add_argument(
+        "--data-scale",
+        metavar="GB,GB",
+        help="the data benchmark (tfgpt.bench_data): generate "
+        "corpora of these sizes, prepare their token stores, train a few steps on each; "
+        "not part of the default set",
+    )
+    parser.add_argument(
+        "--heldout",
+        action="append",
+        nargs="?",
+        const="",
+        metavar="FLAGS",
+        help="the held-out protocol on IMDB (--data: the archive or folder): train 196 steps on "
+        "train/ with train.py FLAGS (as --heldout='FLAGS'; repeat for several runs), print the "
+        "loss per token of 2,560 test/ reviews; not part of the default set",
+    )
+    parser.add_argument(
+        "--data",
+        help="real text for --train/--pipeline (any --data form of train.py); "
+        "default: a generated corpus of IMDB's size",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed training steps per variant (default 5; 3 with --quick)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="about a minute: float32 and bfloat16 without XLA on one replica, fewer steps and "
+        "repeats, a smaller generated corpus, sampler at 40 tokens with and without the cache",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "both"),
+        default=None,
+        help="compute dtype of the sampler's model (default: both, float32 with --quick)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one training variant, in a child
     args = parser.parse_args(argv)
     if args.variant:
         spec = json.loads(args.variant)
-        row = train_variant(spec["precision"], spec["xla"], spec["replicas"], spec["steps"], Path(spec["windows"]),
-                            warmup=spec.get("warmup", 2), batch_size=spec.get("batch_size", 128),
-                            gpus=spec.get("gpus"))
+        row = train_variant(
+            spec["precision"],
+            spec["xla"],
+            spec["replicas"],
+            spec["steps"],
+            Path(spec["windows"]),
+            warmup=spec.get("warmup", 2),
+            batch_size=spec.get("batch_size", 128),
+            gpus=spec.get("gpus"),
+        )
         print(json.dumps(row))
         return 0
     if args.data_scale:
         from tfgpt import bench_data
 
-        return bench_data.main(["--data-scale", args.data_scale] + (["--data", args.data] if args.data else [])
-                               + (["--json", args.json] if args.json else []))
+        return bench_data.main(
+            ["--data-scale", args.data_scale]
+            + (["--data", args.data] if args.data else [])
+            + (["--json", args.json] if args.json else [])
+        )
     if args.heldout:
         return heldout_bench(args.data or "imdb", args.heldout, args.json)
     run_all = not (args.train or args.pipeline or args.sampler)
-    report = {"machine": dict(cpu=cpu_summary(), cpus=os.cpu_count(), load_average=os.getloadavg()[0]),
-              "keras_example": KERAS_EXAMPLE}
+    report = {
+        "machine": dict(cpu=cpu_summary(), cpus=os.cpu_count(), load_average=os.getloadavg()[0]),
+        "keras_example": KERAS_EXAMPLE,
+    }
     print(f"machine: {report['machine']['cpu']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tfgpt-bench-") as tmp:
         if args.train or args.pipeline or run_all:
             print(f"corpus: {args.data or 'generated'}", flush=True)
             prep = prepare_windows(args.data, 80, 20000, Path(tmp), quick=args.quick)
-            print(f"  {prep['lines']:,} lines, {prep['tokens']:,} tokens; vocabulary built in {prep['vocab_s']:.2f} s "
-                  f"(example: {KERAS_EXAMPLE['vocab_s']} s); tokenized in {prep['tokenize_s']:.2f} s", flush=True)
+            print(
+                f"  {prep['lines']:,} lines, {prep['tokens']:,} tokens; vocabulary built in {prep['vocab_s']:.2f} s "
+                f"(example: {KERAS_EXAMPLE['vocab_s']} s); tokenized in {prep['tokenize_s']:.2f} s",
+                flush=True,
+            )
             report["data"] = prep
         if args.pipeline or run_all:
             pipe = pipeline_bench(Path(tmp) / "windows.npy", batches=50 if args.quick else 200)

@@ -39,8 +39,36 @@ def _vocabulary(rng, size: int):
     import numpy as np
 
     letters = np.frombuffer(b"etaoinshrdlcumwfgypbvkjxqz", np.uint8)
-    weights = np.array([12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8, 2.4, 2.4, 2.2, 2.0,
-                        2.0, 1.9, 1.5, 1.0, 0.8, 0.2, 0.2, 0.1, 0.1])
+    weights = np.array(
+        [
+            12.7,
+            9.1,
+            8.2,
+            7.5,
+            7.0,
+            6.7,
+            6.3,
+            6.1,
+            6.0,
+            4.3,
+            4.0,
+            2.8,
+            2.8,
+            2.4,
+            2.4,
+            2.2,
+            2.0,
+            2.0,
+            1.9,
+            1.5,
+            1.0,
+            0.8,
+            0.2,
+            0.2,
+            0.1,
+            0.1,
+        ]
+    )
     lengths = np.clip(rng.poisson(4.2, size) + 1, 1, 12)
     out = []
     for n in lengths.tolist():
@@ -127,15 +155,20 @@ def child_prepare(corpus: str, store_dir: str) -> dict:
     t0 = time.perf_counter()
     prepared = ensure_store(corpus, store_dir=store_dir, log=lambda *a, **k: None)
     manifest = prepared.store.manifest
-    return dict(seconds=time.perf_counter() - t0, text_bytes=manifest["text_bytes"],
-                tokens=manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"],
-                action=prepared.action, peak_rss_mb=_vmhwm_mb())
+    return dict(
+        seconds=time.perf_counter() - t0,
+        text_bytes=manifest["text_bytes"],
+        tokens=manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"],
+        action=prepared.action,
+        peak_rss_mb=_vmhwm_mb(),
+    )
 
 
 def child_train(corpus: str, store_dir: str, logdir: str, run: str, steps: int) -> dict:
     """In a fresh process: train.py on the corpus for a few steps, timing the
     data work and the time to the first step."""
-    from tfgpt import cli, run as run_mod, trainer
+    from tfgpt import cli, trainer
+    from tfgpt import run as run_mod
 
     marks = {}
     prepare_data = run_mod.prepare_data
@@ -146,6 +179,7 @@ def child_train(corpus: str, store_dir: str, logdir: str, run: str, steps: int) 
         train = out[0]
         # the first global batch, read through the pipeline as training reads it
         import tfgpt.data as data
+
         next(iter(data.train_dataset(train, 128, 0, 0, "truncate")))
         marks["data_s"] = time.perf_counter() - t
         return out
@@ -164,8 +198,24 @@ def child_train(corpus: str, store_dir: str, logdir: str, run: str, steps: int) 
         return fit(self, train_windows, None, Hooks())
 
     run_mod.prepare_data, trainer.Trainer.fit = timed_prepare, timed_fit
-    status = cli.main(["--data", corpus, "--store-dir", store_dir, "--logdir", logdir, "--run-name", run,
-                       "--max-steps", str(steps), "--no-export", "--quiet", "--epochs", "1"])
+    status = cli.main(
+        [
+            "--data",
+            corpus,
+            "--store-dir",
+            store_dir,
+            "--logdir",
+            logdir,
+            "--run-name",
+            run,
+            "--max-steps",
+            str(steps),
+            "--no-export",
+            "--quiet",
+            "--epochs",
+            "1",
+        ]
+    )
     return dict(status=status, peak_rss_mb=_vmhwm_mb(), **marks)
 
 
@@ -200,39 +250,57 @@ def run_scale(scale_gb: float, work: Path, data: str | None, steps: int, log=pri
     log(f"{scale_gb:g} GB: corpus of {size / GB:.2f} GB written in {time.perf_counter() - t0:.0f}s")
     stores = folder / "stores"
     prep = _child("prepare", str(corpus), str(stores))
-    log(f"  prepared in {prep['wall_s']:.1f}s ({size / 1e6 / prep['wall_s']:.1f} MB/s; the build alone "
-        f"{prep['seconds']:.1f}s), {prep['cpu_s']:.0f} CPU s, peak {prep['peak_rss_mb']:.0f} MB")
+    log(
+        f"  prepared in {prep['wall_s']:.1f}s ({size / 1e6 / prep['wall_s']:.1f} MB/s; the build alone "
+        f"{prep['seconds']:.1f}s), {prep['cpu_s']:.0f} CPU s, peak {prep['peak_rss_mb']:.0f} MB"
+    )
     runs = []
     for i in range(2):
         runs.append(_child("train", str(corpus), str(stores), str(folder / "logs"), f"run{i}", steps))
         r = runs[-1]
-        log(f"  training run {i + 1}: first step after {r['first_step_s']:.1f}s, data work {r['data_s']:.2f}s, "
-            f"peak {r['peak_rss_mb']:.0f} MB")
-    return dict(scale_gb=scale_gb, text_gb=size / GB, prepare_s=prep["wall_s"], prepare_inner_s=prep["seconds"],
-                prepare_mb_s=size / 1e6 / prep["wall_s"], build_mb_s=size / 1e6 / prep["seconds"],
-                prepare_cpu_s_per_gb=prep["cpu_s"] / (size / GB), prepare_peak_mb=prep["peak_rss_mb"],
-                tokens=prep["tokens"], first_step_s=[r["first_step_s"] for r in runs],
-                data_s=[r["data_s"] for r in runs], train_peak_mb=max(r["peak_rss_mb"] for r in runs))
+        log(
+            f"  training run {i + 1}: first step after {r['first_step_s']:.1f}s, data work {r['data_s']:.2f}s, "
+            f"peak {r['peak_rss_mb']:.0f} MB"
+        )
+    return dict(
+        scale_gb=scale_gb,
+        text_gb=size / GB,
+        prepare_s=prep["wall_s"],
+        prepare_inner_s=prep["seconds"],
+        prepare_mb_s=size / 1e6 / prep["wall_s"],
+        build_mb_s=size / 1e6 / prep["seconds"],
+        prepare_cpu_s_per_gb=prep["cpu_s"] / (size / GB),
+        prepare_peak_mb=prep["peak_rss_mb"],
+        tokens=prep["tokens"],
+        first_step_s=[r["first_step_s"] for r in runs],
+        data_s=[r["data_s"] for r in runs],
+        train_peak_mb=max(r["peak_rss_mb"] for r in runs),
+    )
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| corpus | tokens | prepare (process) | MB/s (process / build) | CPU s per GB | prepare peak RSS | "
-            "first step, run 1 / run 2 | data work, run 1 / run 2 | training peak RSS |")
+    head = (
+        "| corpus | tokens | prepare (process) | MB/s (process / build) | CPU s per GB | prepare peak RSS | "
+        "first step, run 1 / run 2 | data work, run 1 / run 2 | training peak RSS |"
+    )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        lines.append(f"| {r['text_gb']:.2f} GB | {r['tokens'] / 1e6:,.0f}M | {r['prepare_s']:.0f} s | "
-                     f"{r['prepare_mb_s']:.1f} / {r['build_mb_s']:.1f} | {r['prepare_cpu_s_per_gb']:.0f} | "
-                     f"{r['prepare_peak_mb']:,.0f} MB | "
-                     f"{r['first_step_s'][0]:.1f} s / {r['first_step_s'][1]:.1f} s | "
-                     f"{r['data_s'][0]:.2f} s / {r['data_s'][1]:.2f} s | {r['train_peak_mb']:,.0f} MB |")
+        lines.append(
+            f"| {r['text_gb']:.2f} GB | {r['tokens'] / 1e6:,.0f}M | {r['prepare_s']:.0f} s | "
+            f"{r['prepare_mb_s']:.1f} / {r['build_mb_s']:.1f} | {r['prepare_cpu_s_per_gb']:.0f} | "
+            f"{r['prepare_peak_mb']:,.0f} MB | "
+            f"{r['first_step_s'][0]:.1f} s / {r['first_step_s'][1]:.1f} s | "
+            f"{r['data_s'][0]:.2f} s / {r['data_s'][1]:.2f} s | {r['train_peak_mb']:,.0f} MB |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tfgpt.bench_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-scale", default="0.5,5", help="corpus sizes in GB, comma-separated (default: 0.5,5)")
-    p.add_argument("--data", help="real text to repeat up to each size (any train.py --data form; "
-                   "default: generated reviews)")
+    p.add_argument(
+        "--data", help="real text to repeat up to each size (any train.py --data form; default: generated reviews)"
+    )
     p.add_argument("--steps", type=int, default=3, help="training steps per run (default: 3)")
     p.add_argument("--workdir", help="scratch folder (default: a new folder under /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the corpora and stores")
@@ -248,15 +316,19 @@ def main(argv=None) -> int:
     try:
         scales = [float(s) for s in args.data_scale.split(",") if s.strip()]
     except ValueError:
-        print(f"bench_data: error: --data-scale takes sizes in GB such as 0.5,5, got {args.data_scale!r}",
-              file=sys.stderr)
+        print(
+            f"bench_data: error: --data-scale takes sizes in GB such as 0.5,5, got {args.data_scale!r}", file=sys.stderr
+        )
         return 2
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tfgpt-bench-data-"))
     need = max(scales) * GB * 2.2
     free = shutil.disk_usage(work).free
     if free < need:
-        print(f"bench_data: error: {work} has {free / GB:.1f} GB free; the {max(scales):g} GB corpus needs about "
-              f"{need / GB:.1f} GB (the text, the store and its temporary shards)", file=sys.stderr)
+        print(
+            f"bench_data: error: {work} has {free / GB:.1f} GB free; the {max(scales):g} GB corpus needs about "
+            f"{need / GB:.1f} GB (the text, the store and its temporary shards)",
+            file=sys.stderr,
+        )
         return 2
     rows = []
     try:

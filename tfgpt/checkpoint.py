@@ -55,8 +55,9 @@ class Checkpoints:
         directory = self.directory
         if not self.chief:
             directory = self._scratch = Path(tempfile.mkdtemp(prefix="ckpt-", dir=worker_scratch()))
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(directory), max_to_keep=self.keep,
-                                                  step_counter=self.step, checkpoint_name="ckpt")
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, str(directory), max_to_keep=self.keep, step_counter=self.step, checkpoint_name="ckpt"
+        )
 
     @property
     def latest(self) -> str | None:

@@ -10,16 +10,43 @@ import sys
 import time
 from pathlib import Path
 
-from tfgpt.config import GPTConfig, TrainConfig, load_config
 from tfgpt.cluster import MODES, is_chief_task
+from tfgpt.config import GPTConfig, TrainConfig, load_config
 from tfgpt.devices import PRECISIONS
 
 # Fields that may differ from the saved config.json when resuming a run.
-RESUMABLE = {"epochs", "max_steps", "lr", "lr_schedule", "warmup_steps", "clip_norm", "weight_decay", "log_every",
-             "checkpoint_every", "keep_checkpoints", "quiet", "prompt", "gen_tokens", "top_k",
-             "temperature", "export", "xla", "gpus", "cpu_replicas", "cluster", "cluster_port",
-             "collective_timeout", "data", "loss_chunk", "steps_per_call", "deterministic", "peak_flops",
-             "profile_steps", "precision", "store_dir"}
+RESUMABLE = {
+    "epochs",
+    "max_steps",
+    "lr",
+    "lr_schedule",
+    "warmup_steps",
+    "clip_norm",
+    "weight_decay",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "quiet",
+    "prompt",
+    "gen_tokens",
+    "top_k",
+    "temperature",
+    "export",
+    "xla",
+    "gpus",
+    "cpu_replicas",
+    "cluster",
+    "cluster_port",
+    "collective_timeout",
+    "data",
+    "loss_chunk",
+    "steps_per_call",
+    "deterministic",
+    "peak_flops",
+    "profile_steps",
+    "precision",
+    "store_dir",
+}
 
 
 # --recipe: named sets of training settings. "example" is the Keras example's
@@ -39,50 +66,79 @@ class UsageError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     m, t = GPTConfig(), TrainConfig()
     p = argparse.ArgumentParser(
-        prog="train.py", argument_default=argparse.SUPPRESS,
+        prog="train.py",
+        argument_default=argparse.SUPPRESS,
         description="Train the miniature GPT (by default the Keras example's model on IMDB) with a "
-                    "custom TensorFlow training loop. Everything a run writes goes to LOGDIR/RUN_NAME.",
+        "custom TensorFlow training loop. Everything a run writes goes to LOGDIR/RUN_NAME.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python train.py --data ../aclImdb_v1.tar.gz --max-steps 300\n"
-               "  python train.py --gpus 2 --precision bfloat16\n"
-               "  srun --ntasks 4 --gpus-per-task 2 python train.py --gpus 2   # 4 workers of a SLURM job\n"
-               "  python train.py --run-name my-run --resume --epochs 30\n"
-               "watch it: tensorboard --logdir logs")
+        "  python train.py --gpus 2 --precision bfloat16\n"
+        "  srun --ntasks 4 --gpus-per-task 2 python train.py --gpus 2   # 4 workers of a SLURM job\n"
+        "  python train.py --run-name my-run --resume --epochs 30\n"
+        "watch it: tensorboard --logdir logs",
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--data", help="'imdb' (./aclImdb, else the cached or downloaded official archive), an IMDB "
-                   "archive or folder, a folder of .txt and .txt.gz files (recursive), a text or .txt.gz file, "
-                   f"several of these separated by '{os.pathsep}', a quoted glob, or a token store "
-                   "(python -m tfgpt.prepare); every line is one example. The corpus is tokenized once into a "
-                   "token store, kept in --store-dir and reused while its files are unchanged "
-                   f"(default: {t.data})")
-    d.add_argument("--store-dir", help="where token stores are kept (default: $TFGPT_CACHE/stores, else "
-                   "~/.cache/tfgpt/stores)")
+    d.add_argument(
+        "--data",
+        help="'imdb' (./aclImdb, else the cached or downloaded official archive), an IMDB "
+        "archive or folder, a folder of .txt and .txt.gz files (recursive), a text or .txt.gz file, "
+        f"several of these separated by '{os.pathsep}', a quoted glob, or a token store "
+        "(python -m tfgpt.prepare); every line is one example. The corpus is tokenized once into a "
+        "token store, kept in --store-dir and reused while its files are unchanged "
+        f"(default: {t.data})",
+    )
+    d.add_argument(
+        "--store-dir", help="where token stores are kept (default: $TFGPT_CACHE/stores, else ~/.cache/tfgpt/stores)"
+    )
     d.add_argument("--imdb-unsup", action="store_true", help="also read IMDB's train/unsup reviews")
-    d.add_argument("--packing", choices=["truncate", "pack"], help="truncate: each line gives one window of its "
-                   "first maxlen+1 tokens, as the example; pack: lines joined (id 0 after each) and cut into "
-                   f"windows, so no text is lost (default: {t.packing})")
-    d.add_argument("--padding-targets", choices=["count", "ignore"], help="truncate mode: train on the padding "
-                   "after a short line's end as targets (count: the model learns where lines end, as the Keras "
-                   "example does) or leave it out of the loss (ignore); validation counts real tokens only "
-                   f"(default: {t.padding_targets})")
-    d.add_argument("--val-fraction", type=float, help=f"fraction of files held out for validation; 0 for none "
-                   f"(default: {t.val_fraction})")
-    d.add_argument("--vocab-size", type=int, help=f"vocabulary entries, including padding and [UNK] (default: {m.vocab_size})")
+    d.add_argument(
+        "--packing",
+        choices=["truncate", "pack"],
+        help="truncate: each line gives one window of its "
+        "first maxlen+1 tokens, as the example; pack: lines joined (id 0 after each) and cut into "
+        f"windows, so no text is lost (default: {t.packing})",
+    )
+    d.add_argument(
+        "--padding-targets",
+        choices=["count", "ignore"],
+        help="truncate mode: train on the padding "
+        "after a short line's end as targets (count: the model learns where lines end, as the Keras "
+        "example does) or leave it out of the loss (ignore); validation counts real tokens only "
+        f"(default: {t.padding_targets})",
+    )
+    d.add_argument(
+        "--val-fraction",
+        type=float,
+        help=f"fraction of files held out for validation; 0 for none (default: {t.val_fraction})",
+    )
+    d.add_argument(
+        "--vocab-size", type=int, help=f"vocabulary entries, including padding and [UNK] (default: {m.vocab_size})"
+    )
     d.add_argument("--maxlen", type=int, help=f"context length in tokens (default: {m.maxlen})")
     g = p.add_argument_group("model")
     g.add_argument("--embed-dim", type=int, help=f"model width (default: {m.embed_dim})")
     g.add_argument("--num-heads", type=int, help=f"attention heads (default: {m.num_heads})")
-    g.add_argument("--head-dim", type=int, help="key/query/value size of each head (default: embed-dim, as the example)")
+    g.add_argument(
+        "--head-dim", type=int, help="key/query/value size of each head (default: embed-dim, as the example)"
+    )
     g.add_argument("--ff-dim", type=int, help=f"feed-forward width (default: {m.ff_dim})")
     g.add_argument("--num-layers", type=int, help=f"Transformer blocks (default: {m.num_layers})")
-    g.add_argument("--tie-embeddings", action="store_true", help="the output layer shares the token embedding's "
-                   "table (5.1M fewer parameters at the default size; not the example's model)")
+    g.add_argument(
+        "--tie-embeddings",
+        action="store_true",
+        help="the output layer shares the token embedding's "
+        "table (5.1M fewer parameters at the default size; not the example's model)",
+    )
     g.add_argument("--dropout", type=float, help=f"dropout rate in [0, 1) (default: {m.dropout})")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--recipe", choices=sorted(RECIPES), help="example: the Keras example's settings (the "
-                   "defaults below); tuned: the best measured at equal steps with the same model ("
-                   + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in RECIPES["tuned"].items())
-                   + "); flags given explicitly win (default: example)")
+    o.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="example: the Keras example's settings (the "
+        "defaults below); tuned: the best measured at equal steps with the same model ("
+        + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in RECIPES["tuned"].items())
+        + "); flags given explicitly win (default: example)",
+    )
     o.add_argument("--batch-size", type=int, help=f"global batch, split over all replicas (default: {t.batch_size})")
     o.add_argument("--epochs", type=int, help=f"passes over the training data (default: {t.epochs})")
     o.add_argument("--max-steps", type=int, help="stop after this many steps in all (default: no limit)")
@@ -90,48 +146,107 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr-schedule", choices=["constant", "cosine"], help=f"(default: {t.lr_schedule})")
     o.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default: {t.warmup_steps})")
     o.add_argument("--clip-norm", type=float, help="clip gradients to this global norm (default: off)")
-    o.add_argument("--label-smoothing", type=float, help="train on (1 - e) one-hot + e / V targets "
-                   f"(default: {t.label_smoothing}); the loss reported is then the smoothed one")
-    o.add_argument("--embedding-update", choices=["dense", "per-token"], help="Adam for the token embedding: "
-                   "dense, or per-token: every occurrence of a token in the batch is one update of its row's Adam "
-                   "moments, as Keras' Adam treats an embedding's sparse gradient; frequent tokens' rows then move "
-                   f"faster (default: {t.embedding_update})")
-    o.add_argument("--weight-decay", type=float, help="decoupled weight decay (AdamW) of matrices and embeddings "
-                   f"(default: {t.weight_decay})")
-    o.add_argument("--seed", type=int, help=f"seeds the weights, the data order, the split and dropout (default: {t.seed})")
+    o.add_argument(
+        "--label-smoothing",
+        type=float,
+        help="train on (1 - e) one-hot + e / V targets "
+        f"(default: {t.label_smoothing}); the loss reported is then the smoothed one",
+    )
+    o.add_argument(
+        "--embedding-update",
+        choices=["dense", "per-token"],
+        help="Adam for the token embedding: "
+        "dense, or per-token: every occurrence of a token in the batch is one update of its row's Adam "
+        "moments, as Keras' Adam treats an embedding's sparse gradient; frequent tokens' rows then move "
+        f"faster (default: {t.embedding_update})",
+    )
+    o.add_argument(
+        "--weight-decay",
+        type=float,
+        help=f"decoupled weight decay (AdamW) of matrices and embeddings (default: {t.weight_decay})",
+    )
+    o.add_argument(
+        "--seed", type=int, help=f"seeds the weights, the data order, the split and dropout (default: {t.seed})"
+    )
     h = p.add_argument_group("devices and speed")
-    h.add_argument("--gpus", type=int, help="data-parallel over N GPUs of this machine (an error if fewer are "
-                   "visible; only those N are used, with memory growth); in a multi-worker run, N GPUs per worker, "
-                   "chosen by the worker's local index (default: one device, the first GPU, else the CPU)")
-    h.add_argument("--cpu-replicas", type=int, help="data-parallel over N logical CPU devices: the multi-replica "
-                   "code on a machine without GPUs (correct, not faster)")
-    h.add_argument("--cluster", choices=MODES, help="where a multi-worker run's cluster comes from: TF_CONFIG, "
-                   "a SLURM job step (srun), or auto = TF_CONFIG if set, else SLURM with several tasks, else "
-                   f"none (default: {t.cluster})")
-    h.add_argument("--cluster-port", type=int, help="SLURM clusters: the port of the first worker on each node, "
-                   f"the next ones counting up (default: {t.cluster_port})")
-    h.add_argument("--xla", choices=["auto", "on", "off"], help="jit-compile the per-replica step; auto = on when "
-                   f"every replica is a GPU (default: {t.xla})")
-    h.add_argument("--precision", choices=["auto", *PRECISIONS], help="matrix products in bfloat16 or float16 "
-                   "with float32 weights, optimizer, norms, softmax and loss (float16 with dynamic loss scaling); "
-                   "auto: bfloat16 on GPUs of compute capability 8.0+ and on CPUs with AMX/AVX512-BF16, float16 on "
-                   f"7.x GPUs, else float32 (default: {t.precision})")
-    h.add_argument("--steps-per-call", type=int, help="training steps per compiled call; the host reads the "
-                   "step metrics once per call; 0 = automatic: --log-every on GPUs, 1 on CPUs "
-                   f"(default: {t.steps_per_call})")
-    h.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow ops "
-                   "(tf.config.experimental.enable_op_determinism): the same run gives the same bits on a GPU "
-                   "too, somewhat slower")
-    h.add_argument("--loss-chunk", type=int, help="positions per chunk of the output layer and loss; "
-                   f"0 = automatic (default: {t.loss_chunk})")
-    h.add_argument("--peak-flops", type=float, help="peak FLOP/s of one training device at the training "
-                   "precision (e.g. 989e12 for an H100 in bfloat16), the denominator of the mfu scalar "
-                   "(default: measured with large matmuls at start-up)")
-    h.add_argument("--profile-steps", metavar="A:B", help="record a profiler trace of global steps A to B into "
-                   "RUN/train for TensorBoard's Profile tab (pip install tfgpt[profile]); default: none")
-    h.add_argument("--collective-timeout", type=float, help="multi-worker runs: seconds a worker waits for the "
-                   "others, at start-up and in each collective, before failing with an error "
-                   f"(default: {t.collective_timeout:.0f})")
+    h.add_argument(
+        "--gpus",
+        type=int,
+        help="data-parallel over N GPUs of this machine (an error if fewer are "
+        "visible; only those N are used, with memory growth); in a multi-worker run, N GPUs per worker, "
+        "chosen by the worker's local index (default: one device, the first GPU, else the CPU)",
+    )
+    h.add_argument(
+        "--cpu-replicas",
+        type=int,
+        help="data-parallel over N logical CPU devices: the multi-replica "
+        "code on a machine without GPUs (correct, not faster)",
+    )
+    h.add_argument(
+        "--cluster",
+        choices=MODES,
+        help="where a multi-worker run's cluster comes from: TF_CONFIG, "
+        "a SLURM job step (srun), or auto = TF_CONFIG if set, else SLURM with several tasks, else "
+        f"none (default: {t.cluster})",
+    )
+    h.add_argument(
+        "--cluster-port",
+        type=int,
+        help="SLURM clusters: the port of the first worker on each node, "
+        f"the next ones counting up (default: {t.cluster_port})",
+    )
+    h.add_argument(
+        "--xla",
+        choices=["auto", "on", "off"],
+        help=f"jit-compile the per-replica step; auto = on when every replica is a GPU (default: {t.xla})",
+    )
+    h.add_argument(
+        "--precision",
+        choices=["auto", *PRECISIONS],
+        help="matrix products in bfloat16 or float16 "
+        "with float32 weights, optimizer, norms, softmax and loss (float16 with dynamic loss scaling); "
+        "auto: bfloat16 on GPUs of compute capability 8.0+ and on CPUs with AMX/AVX512-BF16, float16 on "
+        f"7.x GPUs, else float32 (default: {t.precision})",
+    )
+    h.add_argument(
+        "--steps-per-call",
+        type=int,
+        help="training steps per compiled call; the host reads the "
+        "step metrics once per call; 0 = automatic: --log-every on GPUs, 1 on CPUs "
+        f"(default: {t.steps_per_call})",
+    )
+    h.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic TensorFlow ops "
+        "(tf.config.experimental.enable_op_determinism): the same run gives the same bits on a GPU "
+        "too, somewhat slower",
+    )
+    h.add_argument(
+        "--loss-chunk",
+        type=int,
+        help=f"positions per chunk of the output layer and loss; 0 = automatic (default: {t.loss_chunk})",
+    )
+    h.add_argument(
+        "--peak-flops",
+        type=float,
+        help="peak FLOP/s of one training device at the training "
+        "precision (e.g. 989e12 for an H100 in bfloat16), the denominator of the mfu scalar "
+        "(default: measured with large matmuls at start-up)",
+    )
+    h.add_argument(
+        "--profile-steps",
+        metavar="A:B",
+        help="record a profiler trace of global steps A to B into "
+        "RUN/train for TensorBoard's Profile tab (pip install tfgpt[profile]); default: none",
+    )
+    h.add_argument(
+        "--collective-timeout",
+        type=float,
+        help="multi-worker runs: seconds a worker waits for the "
+        "others, at start-up and in each collective, before failing with an error "
+        f"(default: {t.collective_timeout:.0f})",
+    )
     r = p.add_argument_group("run directory, logging, samples")
     r.add_argument("--logdir", help=f"TensorBoard root (default: {t.logdir})")
     r.add_argument("--run-name", help="run directory name under LOGDIR (default: a timestamp)")
@@ -161,8 +276,10 @@ def validate(model: GPTConfig, train: TrainConfig) -> None:
     checks = [
         (model.vocab_size >= 3, f"--vocab-size must be at least 3, got {model.vocab_size}"),
         (model.maxlen >= 2, f"--maxlen must be at least 2, got {model.maxlen}"),
-        (model.embed_dim >= 1 and model.ff_dim >= 1 and model.num_heads >= 1 and model.num_layers >= 1,
-         "--embed-dim, --ff-dim, --num-heads and --num-layers must be positive"),
+        (
+            model.embed_dim >= 1 and model.ff_dim >= 1 and model.num_heads >= 1 and model.num_layers >= 1,
+            "--embed-dim, --ff-dim, --num-heads and --num-layers must be positive",
+        ),
         (model.head_dim is None or model.head_dim >= 1, "--head-dim must be positive"),
         (0.0 <= model.dropout < 1.0, f"--dropout must be in [0, 1), got {model.dropout}"),
         (train.batch_size >= 1, f"--batch-size must be positive, got {train.batch_size}"),
@@ -181,13 +298,19 @@ def validate(model: GPTConfig, train: TrainConfig) -> None:
         (train.clip_norm is None or train.clip_norm > 0, "--clip-norm must be positive"),
         (train.weight_decay >= 0, f"--weight-decay must be 0 or positive, got {train.weight_decay}"),
         (0.0 <= train.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {train.label_smoothing}"),
-        (not (model.tie_embeddings and train.embedding_update == "per-token"),
-         "--embedding-update per-token needs a token table of its own; it excludes --tie-embeddings"),
+        (
+            not (model.tie_embeddings and train.embedding_update == "per-token"),
+            "--embedding-update per-token needs a token table of its own; it excludes --tie-embeddings",
+        ),
         (train.gpus is None or train.gpus >= 1, f"--gpus must be at least 1, got {train.gpus}"),
-        (train.cpu_replicas is None or train.cpu_replicas >= 1,
-         f"--cpu-replicas must be at least 1, got {train.cpu_replicas}"),
-        (train.gpus is None or train.cpu_replicas is None,
-         "--gpus and --cpu-replicas exclude each other: train on GPUs or on the CPU"),
+        (
+            train.cpu_replicas is None or train.cpu_replicas >= 1,
+            f"--cpu-replicas must be at least 1, got {train.cpu_replicas}",
+        ),
+        (
+            train.gpus is None or train.cpu_replicas is None,
+            "--gpus and --cpu-replicas exclude each other: train on GPUs or on the CPU",
+        ),
         (train.steps_per_call >= 0, f"--steps-per-call must be 0 (automatic) or positive, got {train.steps_per_call}"),
         (1 <= train.cluster_port <= 65535, f"--cluster-port must be a port number, got {train.cluster_port}"),
         (train.collective_timeout > 0, "--collective-timeout must be positive"),
@@ -217,8 +340,10 @@ def resolve_run(args: dict) -> tuple[GPTConfig, TrainConfig, Path, bool]:
         for key, value in args.items():
             saved = getattr(saved_model, key, getattr(saved_train, key, None))
             if key not in RESUMABLE | {"logdir", "run_name"} and value != saved:
-                raise UsageError(f"--resume: --{key.replace('_', '-')} {value} conflicts with the saved "
-                                 f"config.json ({key} = {saved}); leave it out or start a new run")
+                raise UsageError(
+                    f"--resume: --{key.replace('_', '-')} {value} conflicts with the saved "
+                    f"config.json ({key} = {saved}); leave it out or start a new run"
+                )
         overrides = {k: v for k, v in args.items() if hasattr(saved_train, k)}
         # Devices: the flag given now replaces the other kind saved.
         if "gpus" in overrides and "cpu_replicas" not in overrides:

@@ -82,8 +82,10 @@ def read_tf_config() -> dict | None:
     except json.JSONDecodeError as e:
         raise DeviceError(f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("cluster"), dict) or not cfg["cluster"]:
-        raise DeviceError('TF_CONFIG must be a JSON object with a non-empty "cluster" entry, e.g. '
-                          '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}')
+        raise DeviceError(
+            'TF_CONFIG must be a JSON object with a non-empty "cluster" entry, e.g. '
+            '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}'
+        )
     cluster = cfg["cluster"]
     for job, members in cluster.items():
         if job not in WORKER_JOBS:
@@ -96,10 +98,16 @@ def read_tf_config() -> dict | None:
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
         raise DeviceError('TF_CONFIG names no task for this process (expected "task": {"type": "worker", "index": N})')
     kind, index = task["type"], task["index"]
-    if kind not in cluster or isinstance(index, bool) or not isinstance(index, int) \
-            or not 0 <= index < len(cluster[kind]):
-        raise DeviceError(f"TF_CONFIG names task {kind}:{index} for this process, which is not in its cluster "
-                          f"({', '.join(f'{j}: {len(m)}' for j, m in cluster.items())})")
+    if (
+        kind not in cluster
+        or isinstance(index, bool)
+        or not isinstance(index, int)
+        or not 0 <= index < len(cluster[kind])
+    ):
+        raise DeviceError(
+            f"TF_CONFIG names task {kind}:{index} for this process, which is not in its cluster "
+            f"({', '.join(f'{j}: {len(m)}' for j, m in cluster.items())})"
+        )
     return cfg
 
 
@@ -149,15 +157,19 @@ def from_slurm(required: bool, port_base: int = 8888) -> Cluster | None:
     env = os.environ
     if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
         if required:
-            raise DeviceError("--cluster slurm: SLURM_PROCID and SLURM_STEP_NUM_TASKS are not set; "
-                              "start every worker with srun inside the allocation")
+            raise DeviceError(
+                "--cluster slurm: SLURM_PROCID and SLURM_STEP_NUM_TASKS are not set; "
+                "start every worker with srun inside the allocation"
+            )
         return None
     try:
         tasks = int(env["SLURM_STEP_NUM_TASKS"])
         rank = int(env["SLURM_PROCID"])
     except ValueError:
-        raise DeviceError(f"SLURM_STEP_NUM_TASKS={env['SLURM_STEP_NUM_TASKS']!r} and SLURM_PROCID="
-                          f"{env['SLURM_PROCID']!r} must be whole numbers") from None
+        raise DeviceError(
+            f"SLURM_STEP_NUM_TASKS={env['SLURM_STEP_NUM_TASKS']!r} and SLURM_PROCID="
+            f"{env['SLURM_PROCID']!r} must be whole numbers"
+        ) from None
     if tasks < 2:
         return None
     if not 0 <= rank < tasks:
@@ -169,8 +181,9 @@ def from_slurm(required: bool, port_base: int = 8888) -> Cluster | None:
         # GPUs are chosen by tfgpt (devices.use_gpus, by local index), not by
         # the resolver: it is told of one "GPU" per task so that it lays out
         # every task, and it leaves CUDA_VISIBLE_DEVICES alone.
-        resolver = slurm.SlurmClusterResolver(port_base=port_base, gpus_per_node=max(per_node), gpus_per_task=1,
-                                              auto_set_gpu=False)
+        resolver = slurm.SlurmClusterResolver(
+            port_base=port_base, gpus_per_node=max(per_node), gpus_per_task=1, auto_set_gpu=False
+        )
         jobs = {job: list(addresses) for job, addresses in resolver.cluster_spec().as_dict().items()}
         task_type, task_index = resolver.get_task_info()
     except (RuntimeError, ValueError, KeyError) as e:
@@ -212,15 +225,17 @@ def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float, wa
     _bound_cluster_startup(cluster, timeout, warn or log.warning)
     options = tf.distribute.experimental.CommunicationOptions(implementation=impl, timeout_seconds=timeout)
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-        tf.train.ClusterSpec(cluster.jobs), task_type=cluster.task_type, task_id=cluster.task_index,
-        rpc_layer="grpc")
+        tf.train.ClusterSpec(cluster.jobs), task_type=cluster.task_type, task_id=cluster.task_index, rpc_layer="grpc"
+    )
     try:
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
     except tf.errors.OpError as e:
-        raise ClusterError(f"{cluster.name} could not reach the other workers within {timeout:g} s "
-                           f"({type(e).__name__}: {_first_line(e)}); start every worker with the same "
-                           "cluster and check that each can reach the others' addresses, "
-                           "or raise --collective-timeout") from None
+        raise ClusterError(
+            f"{cluster.name} could not reach the other workers within {timeout:g} s "
+            f"({type(e).__name__}: {_first_line(e)}); start every worker with the same "
+            "cluster and check that each can reach the others' addresses, "
+            "or raise --collective-timeout"
+        ) from None
 
 
 def _bound_cluster_startup(cluster: Cluster, timeout: float, warn) -> None:
@@ -240,15 +255,23 @@ def _bound_cluster_startup(cluster: Cluster, timeout: float, warn) -> None:
         if ctx.coordination_service is not None:
             return
         leader = "chief" if "chief" in cluster.jobs else "worker"
-        jobs = [coordination_config_pb2.CoordinatedJob(name=j, num_tasks=len(cluster.jobs[j]))
-                for j in WORKER_JOBS if j in cluster.jobs]
+        jobs = [
+            coordination_config_pb2.CoordinatedJob(name=j, num_tasks=len(cluster.jobs[j]))
+            for j in WORKER_JOBS
+            if j in cluster.jobs
+        ]
         ctx.configure_coordination_service(
-            service_type="standalone", service_leader=f"/job:{leader}/replica:0/task:0",
-            coordinated_jobs=jobs, cluster_register_timeout_in_ms=max(1, int(timeout * 1000)))
+            service_type="standalone",
+            service_leader=f"/job:{leader}/replica:0/task:0",
+            coordinated_jobs=jobs,
+            cluster_register_timeout_in_ms=max(1, int(timeout * 1000)),
+        )
         ctx.coordination_service.cluster_register_with_barrier = True
     except (ImportError, AttributeError, TypeError, ValueError) as e:
-        warn(f"warning: cannot bound the wait for the other workers at start-up ({e}); "
-             "a worker whose peers never start may wait indefinitely")
+        warn(
+            f"warning: cannot bound the wait for the other workers at start-up ({e}); "
+            "a worker whose peers never start may wait indefinitely"
+        )
 
 
 def cluster_failure(strategy, error: BaseException, timeout: float) -> str | None:
@@ -259,8 +282,14 @@ def cluster_failure(strategy, error: BaseException, timeout: float) -> str | Non
 
     if not is_multi_worker(strategy):
         return None
-    lost = (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.AbortedError,
-            tf.errors.CancelledError, tf.errors.InternalError, tf.errors.FailedPreconditionError)
+    lost = (
+        tf.errors.DeadlineExceededError,
+        tf.errors.UnavailableError,
+        tf.errors.AbortedError,
+        tf.errors.CancelledError,
+        tf.errors.InternalError,
+        tf.errors.FailedPreconditionError,
+    )
     if not isinstance(error, lost):
         return None
     resolver = strategy.cluster_resolver
@@ -269,9 +298,11 @@ def cluster_failure(strategy, error: BaseException, timeout: float) -> str | Non
         who = f"{resolver.task_type} {resolver.task_id} ({address})"
     except (ValueError, KeyError, TypeError):
         who = "this worker"
-    return (f"{who} lost contact with the other workers (a collective failed or waited longer than "
-            f"--collective-timeout {timeout:g} s: {type(error).__name__}: {_first_line(error)}); "
-            "resume every worker with --resume from the last checkpoint")
+    return (
+        f"{who} lost contact with the other workers (a collective failed or waited longer than "
+        f"--collective-timeout {timeout:g} s: {type(error).__name__}: {_first_line(error)}); "
+        "resume every worker with --resume from the last checkpoint"
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -299,4 +330,3 @@ def is_chief(strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     jobs = resolver.cluster_spec().as_dict() if resolver is not None else {}
     return not jobs or chief_task(jobs, resolver.task_type, resolver.task_id)
-

@@ -33,17 +33,23 @@ def duration(seconds: float) -> str:
 def progress_line(info) -> str:
     """One line for a step: step/steps, loss, ms/step, tokens/s, ETA of the epoch."""
     left = (info["batches"] - info["batch"]) * info["step_time"]
-    return (f"{info['batch']}/{info['batches']} - step {info['step']} - loss: {info['loss']:.4f} - "
-            f"{1000 * info['step_time']:.0f}ms/step - {info['tokens_per_second']:,.0f} tok/s - "
-            f"ETA {duration(left)}")
+    return (
+        f"{info['batch']}/{info['batches']} - step {info['step']} - loss: {info['loss']:.4f} - "
+        f"{1000 * info['step_time']:.0f}ms/step - {info['tokens_per_second']:,.0f} tok/s - "
+        f"ETA {duration(left)}"
+    )
 
 
 def epoch_line(info, epochs: int) -> str:
     """The Keras example's format: 'Epoch 3/25 - 391/391 - 17s - 42ms/step - loss: ...'."""
     n = max(1, info["steps_run"])
-    parts = [f"Epoch {info['epoch'] + 1}/{epochs}", f"{info['steps_run']}/{info['batches']}",
-             f"{info['seconds']:.0f}s", f"{1000 * info['seconds'] / n:.0f}ms/step",
-             f"loss: {info['loss']:.4f}"]
+    parts = [
+        f"Epoch {info['epoch'] + 1}/{epochs}",
+        f"{info['steps_run']}/{info['batches']}",
+        f"{info['seconds']:.0f}s",
+        f"{1000 * info['seconds'] / n:.0f}ms/step",
+        f"loss: {info['loss']:.4f}",
+    ]
     if info["val_loss"] is not None:
         parts += [f"val_loss: {info['val_loss']:.4f}", f"val_perplexity: {perplexity(info['val_loss']):.1f}"]
     return " - ".join(parts)

@@ -51,12 +51,12 @@ class Document:
 
 # --- finding and reading the corpus -------------------------------------------
 
+
 def cache_dir() -> Path:
     return Path(os.environ.get("TFGPT_CACHE", Path.home() / ".cache" / "tfgpt"))
 
 
-def resolve_imdb(url: str = IMDB_URL, sha256: str = IMDB_SHA256, cache: Path | None = None,
-                 log=print) -> Path:
+def resolve_imdb(url: str = IMDB_URL, sha256: str = IMDB_SHA256, cache: Path | None = None, log=print) -> Path:
     """`--data imdb`: ./aclImdb if present, else the cached archive, else download it."""
     if Path("aclImdb").is_dir():
         return Path("aclImdb")
@@ -97,12 +97,16 @@ def download(url: str, target: Path, sha256: str, log=print) -> None:
     except (urllib.error.URLError, OSError) as e:
         part.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
-        raise DataError(f"could not download {url} ({reason}); without network, pass --data PATH "
-                        "to an aclImdb archive, directory or text file") from None
+        raise DataError(
+            f"could not download {url} ({reason}); without network, pass --data PATH "
+            "to an aclImdb archive, directory or text file"
+        ) from None
     if digest.hexdigest() != sha256:
         part.unlink(missing_ok=True)
-        raise DataError(f"checksum mismatch for {url}: expected sha256 {sha256}, got "
-                        f"{digest.hexdigest()}; the file was deleted, try again or pass --data PATH")
+        raise DataError(
+            f"checksum mismatch for {url}: expected sha256 {sha256}, got "
+            f"{digest.hexdigest()}; the file was deleted, try again or pass --data PATH"
+        )
     part.replace(target)
 
 
@@ -201,6 +205,7 @@ def train_val_split(docs: list[Document], val_fraction: float, seed: int):
 
 # --- standardization, vocabulary, tokenizer -----------------------------------
 
+
 def standardize(text):
     """string [...] -> string [...]: lowercase, `<br />` to a space, and a space
     before every punctuation character (so "don't" becomes "don 't")."""
@@ -219,7 +224,7 @@ def count_words(lines: list[str], batch: int = 8192) -> dict[bytes, int]:
     """How often each standardized word occurs in lines (counted in the graph)."""
     counts: dict[bytes, int] = {}
     for i in range(0, len(lines), batch):
-        words = split_words(tf.constant(lines[i:i + batch], tf.string)).flat_values
+        words = split_words(tf.constant(lines[i : i + batch], tf.string)).flat_values
         uniq, _, n = tf.unique_with_counts(words)
         for w, c in zip(uniq.numpy().tolist(), n.numpy().tolist()):
             counts[w] = counts.get(w, 0) + c
@@ -230,7 +235,7 @@ def build_vocab(lines: list[str], vocab_size: int) -> tuple[list[str], list[int]
     """Words ["", "[UNK]", then by descending count, ties by the word], at most
     vocab_size of them, and their counts ("[UNK]" counts the words left out)."""
     ranked = sorted(count_words(lines).items(), key=lambda wc: (-wc[1], wc[0]))
-    kept, dropped = ranked[: max(0, vocab_size - 2)], ranked[max(0, vocab_size - 2):]
+    kept, dropped = ranked[: max(0, vocab_size - 2)], ranked[max(0, vocab_size - 2) :]
     words = [PAD, UNK] + [w.decode("utf-8") for w, _ in kept]
     counts = [0, sum(c for _, c in dropped)] + [c for _, c in kept]
     return words, counts
@@ -264,14 +269,16 @@ class Tokenizer(tf.Module):
         self.size = len(read_vocab(vocab_path))
         self.to_id = tf.lookup.StaticHashTable(
             tf.lookup.TextFileInitializer(
-                self.vocab_file, tf.string, 0, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
-                delimiter="\t"),
-            default_value=1)
+                self.vocab_file, tf.string, 0, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, delimiter="\t"
+            ),
+            default_value=1,
+        )
         self.to_word = tf.lookup.StaticHashTable(
             tf.lookup.TextFileInitializer(
-                self.vocab_file, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, tf.string, 0,
-                delimiter="\t"),
-            default_value=UNK)
+                self.vocab_file, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, tf.string, 0, delimiter="\t"
+            ),
+            default_value=UNK,
+        )
 
     def __call__(self, text):
         """string [N] -> ragged int32 [N, None]."""
@@ -289,7 +296,7 @@ def tokenize_lines(tokenizer: Tokenizer, lines: list[str], batch: int = 8192):
     """Tokenizes lines in batches -> (flat int32 ids, row lengths)."""
     ids, lengths = [], []
     for i in range(0, len(lines), batch):
-        rt = tokenizer(tf.constant(lines[i:i + batch], tf.string))
+        rt = tokenizer(tf.constant(lines[i : i + batch], tf.string))
         ids.append(rt.flat_values.numpy())
         lengths.append(rt.row_lengths().numpy())
     if not ids:
@@ -298,6 +305,7 @@ def tokenize_lines(tokenizer: Tokenizer, lines: list[str], batch: int = 8192):
 
 
 # --- training windows and tf.data -------------------------------------------
+
 
 def make_windows(ids: np.ndarray, lengths: np.ndarray, maxlen: int, packing: str) -> np.ndarray:
     """Cuts token rows into windows of maxlen + 1 ids: int32 [N, maxlen + 1].
@@ -342,8 +350,10 @@ def batches_per_epoch(num_windows: int, global_batch: int) -> int:
     """Global batches in an epoch (the partial last one is dropped); a
     DataError when the windows do not fill a single one."""
     if num_windows < global_batch:
-        raise DataError(f"the training data gives {num_windows} windows, fewer than one global batch of "
-                        f"{global_batch}; use more text or a smaller --batch-size")
+        raise DataError(
+            f"the training data gives {num_windows} windows, fewer than one global batch of "
+            f"{global_batch}; use more text or a smaller --batch-size"
+        )
     return num_windows // global_batch
 
 
@@ -382,8 +392,15 @@ def _slice(global_batch: int, ctx: tf.distribute.InputContext | None) -> tuple[i
     return pipeline * local * per_replica, local * per_replica, local
 
 
-def train_dataset(windows, global_batch: int, seed: int, epoch: int, packing: str,
-                  input_context: tf.distribute.InputContext | None = None, skip: int = 0) -> tf.data.Dataset:
+def train_dataset(
+    windows,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    packing: str,
+    input_context: tf.distribute.InputContext | None = None,
+    skip: int = 0,
+) -> tf.data.Dataset:
     """One epoch of per-replica batches for this input pipeline.
 
     Global batch b holds the windows at positions b * global_batch ... of the
@@ -404,8 +421,9 @@ def train_dataset(windows, global_batch: int, seed: int, epoch: int, packing: st
     return _to_replicas(ds, local, rows // local, source.width, packing)
 
 
-def eval_dataset(windows, global_batch: int, packing: str,
-                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+def eval_dataset(
+    windows, global_batch: int, packing: str, input_context: tf.distribute.InputContext | None = None
+) -> tf.data.Dataset:
     """Every window once, in order; the last batch is filled with empty
     (all-padding, zero-weight) windows so that every batch has the same shape."""
     source = window_source(windows)

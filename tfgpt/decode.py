@@ -78,14 +78,16 @@ def decode_setup(model, batch, slots):
         d, hk = attn.dim, attn.num_heads * attn.key_dim
         cd = attn.compute_dtype
         ffn = block.ffn
-        blocks.append({
-            "q": _as_matrix(attn.wq, attn.bq, d, cd, 1.0 / math.sqrt(attn.key_dim)),
-            "k": _as_matrix(attn.wk, attn.bk, d, cd),
-            "v": _as_matrix(attn.wv, attn.bv, d, cd),
-            "out": _as_matrix(attn.wo, attn.bo, hk, cd),
-            "fc1": _as_matrix(ffn.fc1.w, ffn.fc1.b, d, ffn.fc1.compute_dtype),
-            "fc2": _as_matrix(ffn.fc2.w, ffn.fc2.b, ffn.fc2.w.shape[0], ffn.fc2.compute_dtype),
-        })
+        blocks.append(
+            {
+                "q": _as_matrix(attn.wq, attn.bq, d, cd, 1.0 / math.sqrt(attn.key_dim)),
+                "k": _as_matrix(attn.wk, attn.bk, d, cd),
+                "v": _as_matrix(attn.wv, attn.bv, d, cd),
+                "out": _as_matrix(attn.wo, attn.bo, hk, cd),
+                "fc1": _as_matrix(ffn.fc1.w, ffn.fc1.b, d, ffn.fc1.compute_dtype),
+                "fc2": _as_matrix(ffn.fc2.w, ffn.fc2.b, ffn.fc2.w.shape[0], ffn.fc2.compute_dtype),
+            }
+        )
     heads = model.config.num_heads
     return {
         "blocks": blocks,

@@ -28,6 +28,7 @@ class DeviceError(ValueError):
 
 # --- what the machine has -------------------------------------------------------
 
+
 def cpu_info() -> tuple[str, set[str]]:
     """(model name, instruction-set flags) of this machine's CPU, from
     /proc/cpuinfo; ("unknown CPU", empty set) where there is none."""
@@ -84,25 +85,38 @@ def why_no_gpus(asked: int, found: int) -> str:
     if found:
         reason = f"use --gpus {found} or fewer"
         if len(listed) > found:
-            reason += f" (nvidia-smi lists {len(listed)}; CUDA_VISIBLE_DEVICES={hidden!r} hides the others)" \
-                if hidden is not None else f" (nvidia-smi lists {len(listed)})"
+            reason += (
+                f" (nvidia-smi lists {len(listed)}; CUDA_VISIBLE_DEVICES={hidden!r} hides the others)"
+                if hidden is not None
+                else f" (nvidia-smi lists {len(listed)})"
+            )
         return f"--gpus {asked} asked for, but {sees}; {reason}"
     if not tf.test.is_built_with_cuda():
-        return (f"--gpus {asked} asked for, but {sees}: this TensorFlow build has no CUDA support; "
-                "install the GPU build with `make venv GPU=1` (pip install 'tensorflow[and-cuda]')")
+        return (
+            f"--gpus {asked} asked for, but {sees}: this TensorFlow build has no CUDA support; "
+            "install the GPU build with `make venv GPU=1` (pip install 'tensorflow[and-cuda]')"
+        )
     if not listed:
-        return (f"--gpus {asked} asked for, but {sees} and nvidia-smi lists none (no NVIDIA driver or GPU on this "
-                "machine); to train several replicas on the CPU use --cpu-replicas N")
+        return (
+            f"--gpus {asked} asked for, but {sees} and nvidia-smi lists none (no NVIDIA driver or GPU on this "
+            "machine); to train several replicas on the CPU use --cpu-replicas N"
+        )
     if hidden is not None and hidden.strip() in ("", "-1"):
-        return (f"--gpus {asked} asked for, but {sees}: CUDA_VISIBLE_DEVICES={hidden!r} hides all "
-                f"{len(listed)} GPUs that nvidia-smi lists; unset it")
+        return (
+            f"--gpus {asked} asked for, but {sees}: CUDA_VISIBLE_DEVICES={hidden!r} hides all "
+            f"{len(listed)} GPUs that nvidia-smi lists; unset it"
+        )
     if not cuda_libraries_installed():
-        return (f"--gpus {asked} asked for, but {sees} while nvidia-smi lists {len(listed)}: TensorFlow's CUDA "
-                "libraries are not installed (the plain tensorflow wheel carries none); run `make venv GPU=1` "
-                "(pip install 'tensorflow[and-cuda]')")
-    return (f"--gpus {asked} asked for, but {sees} while nvidia-smi lists {len(listed)}: TensorFlow could not load "
-            "its CUDA libraries or they do not match the driver; run with TF_CPP_MIN_LOG_LEVEL=0 to see "
-            "TensorFlow's reason, and reinstall with `make venv GPU=1`")
+        return (
+            f"--gpus {asked} asked for, but {sees} while nvidia-smi lists {len(listed)}: TensorFlow's CUDA "
+            "libraries are not installed (the plain tensorflow wheel carries none); run `make venv GPU=1` "
+            "(pip install 'tensorflow[and-cuda]')"
+        )
+    return (
+        f"--gpus {asked} asked for, but {sees} while nvidia-smi lists {len(listed)}: TensorFlow could not load "
+        "its CUDA libraries or they do not match the driver; run with TF_CPP_MIN_LOG_LEVEL=0 to see "
+        "TensorFlow's reason, and reinstall with `make venv GPU=1`"
+    )
 
 
 def unused_gpus_warning() -> str | None:
@@ -115,11 +129,14 @@ def unused_gpus_warning() -> str | None:
     if not listed or tf.config.list_physical_devices("GPU"):
         return None
     reason = why_no_gpus(1, 0).split(": ", 1)[-1]
-    return (f"warning: nvidia-smi lists {len(listed)} GPU{'s' if len(listed) > 1 else ''} but TensorFlow sees none, "
-            f"so this run trains on the CPU ({reason})")
+    return (
+        f"warning: nvidia-smi lists {len(listed)} GPU{'s' if len(listed) > 1 else ''} but TensorFlow sees none, "
+        f"so this run trains on the CPU ({reason})"
+    )
 
 
 # --- choosing devices -------------------------------------------------------------
+
 
 def use_gpus(count: int, local_index: int = 0) -> list[str]:
     """Makes GPUs local_index*count .. +count the only ones TensorFlow sees,
@@ -133,11 +150,13 @@ def use_gpus(count: int, local_index: int = 0) -> list[str]:
     first = 0 if len(found) == count else local_index * count
     if len(found) < first + count:
         if first:
-            raise DeviceError(f"--gpus {count} for the process of local index {local_index} needs GPUs "
-                              f"{first}..{first + count - 1}, but TensorFlow sees {len(found)}; give each process "
-                              "on a machine its own GPUs, or fewer --gpus")
+            raise DeviceError(
+                f"--gpus {count} for the process of local index {local_index} needs GPUs "
+                f"{first}..{first + count - 1}, but TensorFlow sees {len(found)}; give each process "
+                "on a machine its own GPUs, or fewer --gpus"
+            )
         raise DeviceError(why_no_gpus(count, len(found)))
-    chosen = found[first:first + count]
+    chosen = found[first : first + count]
     try:
         tf.config.set_visible_devices(chosen, "GPU")
         for gpu in chosen:
@@ -191,6 +210,7 @@ def local_devices(gpus: int | None, cpu_replicas: int | None = None, local_index
 
 # --- what the run uses ------------------------------------------------------------
 
+
 def all_gpus(strategy) -> bool:
     """True when every replica of this process runs on a GPU."""
     import tensorflow as tf
@@ -214,8 +234,13 @@ def gpu_details() -> list[dict]:
     for gpu in tf.config.get_visible_devices("GPU"):
         details = tf.config.experimental.get_device_details(gpu)
         name = details.get("device_name", gpu.name)
-        out.append(dict(name=name, compute_capability=tuple(details.get("compute_capability") or (0, 0)),
-                        memory=memory.get(name)))
+        out.append(
+            dict(
+                name=name,
+                compute_capability=tuple(details.get("compute_capability") or (0, 0)),
+                memory=memory.get(name),
+            )
+        )
     return out
 
 

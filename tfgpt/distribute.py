@@ -21,8 +21,14 @@ from tfgpt.devices import DeviceError, local_devices, unused_gpus_warning
 log = logging.getLogger(__name__)
 
 
-def make_strategy(gpus: int | None = None, cpu_replicas: int | None = None, cluster: str = "auto",
-                  collective_timeout: float = 300.0, warn=None, cluster_port: int = 8888):
+def make_strategy(
+    gpus: int | None = None,
+    cpu_replicas: int | None = None,
+    cluster: str = "auto",
+    collective_timeout: float = 300.0,
+    warn=None,
+    cluster_port: int = 8888,
+):
     """Builds the strategy for this process (see the module docstring).
     warn: where a warning goes (default: this module's logger)."""
     import tensorflow as tf
@@ -32,8 +38,10 @@ def make_strategy(gpus: int | None = None, cpu_replicas: int | None = None, clus
     found = clusters.detect(cluster, port_base=cluster_port)
     if found is not None:
         if cpu_replicas is not None:
-            raise DeviceError("--cpu-replicas is for one process; in a multi-worker run each worker "
-                              "without GPUs trains one CPU replica")
+            raise DeviceError(
+                "--cpu-replicas is for one process; in a multi-worker run each worker "
+                "without GPUs trains one CPU replica"
+            )
         return clusters.multi_worker_strategy(found, gpus, collective_timeout, warn)
     devices = local_devices(gpus, cpu_replicas)
     if devices is None:

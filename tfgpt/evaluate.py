@@ -42,7 +42,7 @@ def cut_texts(lines: list[str], max_tokens: int | None, batch: int = 4096) -> li
 
     out = []
     for i in range(0, len(lines), batch):
-        words = split_words(tf.constant(lines[i:i + batch], tf.string))
+        words = split_words(tf.constant(lines[i : i + batch], tf.string))
         if max_tokens is not None:
             words = words[:, :max_tokens]
         joined = tf.strings.reduce_join(words, axis=1, separator=" ").numpy()
@@ -66,8 +66,7 @@ def load_scorer(path: Path, step: int | None = None):
         fn = loaded.signatures["score"]
         return (lambda text: fn(text=text)), maxlen
     if not (path / "config.json").exists():
-        raise EvaluateError(f"{path} is neither a run directory (no config.json) nor a SavedModel "
-                            "(no saved_model.pb)")
+        raise EvaluateError(f"{path} is neither a run directory (no config.json) nor a SavedModel (no saved_model.pb)")
     from tfgpt.config import load_config
     from tfgpt.devices import compute_dtype
     from tfgpt.export import ExportError, find_checkpoint
@@ -94,7 +93,7 @@ def evaluate(score, texts: list[str], batch: int = 256) -> dict:
 
     log_prob, tokens = 0.0, 0
     for i in range(0, len(texts), batch):
-        out = score(tf.constant(texts[i:i + batch], tf.string))
+        out = score(tf.constant(texts[i : i + batch], tf.string))
         log_prob += float(np.sum(out["log_prob"].numpy(), dtype=np.float64))
         tokens += int(np.sum(out["num_tokens"].numpy()))
     loss = -log_prob / max(tokens, 1)
@@ -118,8 +117,10 @@ def imdb_protocol_files(source, folder: Path) -> tuple[Path, Path]:
     train = [d.text.replace("\n", " ") for d in docs if "/train/" in "/" + d.name]
     test = [d.text.replace("\n", " ") for d in docs if "/test/" in "/" + d.name]
     if not train or len(test) < PROTOCOL_TEST:
-        raise DataError(f"--data {source}: the held-out protocol needs IMDB's train/ and test/ reviews "
-                        f"(found {len(train)} and {len(test)})")
+        raise DataError(
+            f"--data {source}: the held-out protocol needs IMDB's train/ and test/ reviews "
+            f"(found {len(train)} and {len(test)})"
+        )
     picked = [test[i * len(test) // PROTOCOL_TEST] for i in range(PROTOCOL_TEST)]
     paths = folder / "train.txt", folder / "test.txt"
     for path, lines in zip(paths, (train, picked)):
@@ -136,9 +137,25 @@ def heldout_protocol(source, flags: list[str] = (), steps: int = PROTOCOL_STEPS,
 
     with tempfile.TemporaryDirectory(prefix="tfgpt-heldout-") as tmp:
         train_txt, test_txt = imdb_protocol_files(source, Path(tmp))
-        cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--data", str(train_txt),
-               "--val-fraction", "0", "--max-steps", str(steps), "--logdir", tmp, "--run-name", "run",
-               "--no-export", "--quiet", "--gen-tokens", "1", *flags]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve().parents[1] / "train.py"),
+            "--data",
+            str(train_txt),
+            "--val-fraction",
+            "0",
+            "--max-steps",
+            str(steps),
+            "--logdir",
+            tmp,
+            "--run-name",
+            "run",
+            "--no-export",
+            "--quiet",
+            "--gen-tokens",
+            "1",
+            *flags,
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -152,15 +169,30 @@ def heldout_protocol(source, flags: list[str] = (), steps: int = PROTOCOL_STEPS,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tfgpt.evaluate", description=__doc__.split("\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tfgpt.evaluate",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", help="a run directory (logs/RUN) or an exported version (logs/RUN/export/1)")
-    parser.add_argument("--data", required=True, help="the corpus: a text file, a folder of .txt files, or an "
-                        "IMDB archive or folder (every line one text)")
-    parser.add_argument("--windows", choices=("truncate", "sliding"), default="truncate",
-                        help="truncate: each text's first maxlen + 1 tokens (default); sliding: every token")
-    parser.add_argument("--maxlen", type=int, help="the model's context length, for --windows truncate with a "
-                        "SavedModel outside its run directory (default: from the run's config.json)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="the corpus: a text file, a folder of .txt files, or an IMDB archive or folder (every line one text)",
+    )
+    parser.add_argument(
+        "--windows",
+        choices=("truncate", "sliding"),
+        default="truncate",
+        help="truncate: each text's first maxlen + 1 tokens (default); sliding: every token",
+    )
+    parser.add_argument(
+        "--maxlen",
+        type=int,
+        help="the model's context length, for --windows truncate with a "
+        "SavedModel outside its run directory (default: from the run's config.json)",
+    )
     parser.add_argument("--step", type=int, help="a run directory's checkpoint of this step (default: the latest)")
     parser.add_argument("--limit", type=int, help="only the first N texts")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
@@ -180,9 +212,11 @@ def main(argv=None) -> int:
         score, maxlen = load_scorer(path, args.step)
         maxlen = args.maxlen or maxlen
         if args.windows == "truncate" and maxlen is None:
-            raise EvaluateError("--windows truncate needs the context length: pass --maxlen "
-                                "(no config.json two folders above the SavedModel)")
-        texts = cut_texts(lines, maxlen + 1 if args.windows == "truncate" else None)[:args.limit]
+            raise EvaluateError(
+                "--windows truncate needs the context length: pass --maxlen "
+                "(no config.json two folders above the SavedModel)"
+            )
+        texts = cut_texts(lines, maxlen + 1 if args.windows == "truncate" else None)[: args.limit]
         if not texts:
             raise EvaluateError(f"--data {args.data}: no line has two tokens to score")
         result = evaluate(score, texts)
@@ -190,8 +224,10 @@ def main(argv=None) -> int:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     result.update(model=str(path), data=args.data, windows=args.windows)
-    print(f"{result['texts']:,} texts, {result['tokens']:,} tokens scored ({args.windows}): "
-          f"loss {result['loss']:.4f} nats per token, perplexity {result['perplexity']:.1f}")
+    print(
+        f"{result['texts']:,} texts, {result['tokens']:,} tokens scored ({args.windows}): "
+        f"loss {result['loss']:.4f} nats per token, perplexity {result['perplexity']:.1f}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

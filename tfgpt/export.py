@@ -63,8 +63,7 @@ WARMUP_PROMPT = "this movie is"
 #   (UNAVAILABLE) instead of queueing requests for seconds.
 # No allowed_batch_sizes: padding a batch to an allowed size would generate
 # text for the padding rows.
-BATCHING = {"max_batch_size": 32, "batch_timeout_micros": 2000, "num_batch_threads": 1,
-            "max_enqueued_batches": 16}
+BATCHING = {"max_batch_size": 32, "batch_timeout_micros": 2000, "num_batch_threads": 1, "max_enqueued_batches": 16}
 
 
 class ExportError(Exception):
@@ -73,11 +72,13 @@ class ExportError(Exception):
 
 # --- versions -----------------------------------------------------------------------
 
+
 def next_version(export_base) -> int:
     """1 + the largest integer directory name under export_base (1 if none)."""
     base = Path(export_base)
-    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name)] \
-        if base.is_dir() else []
+    versions = (
+        [int(p.name) for p in base.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name)] if base.is_dir() else []
+    )
     return max(versions, default=0) + 1
 
 
@@ -116,6 +117,7 @@ def export_model(model, vocab_path, export_base, version: int | None = None) -> 
 
 # --- warmup ---------------------------------------------------------------------------
 
+
 def warmup_requests(maxlen: int, vocab_size: int) -> list[tuple[str, dict, int]]:
     """(signature name, inputs as NumPy arrays, times to send it) for every
     signature at batch 1 and at WARMUP_BATCH, WARMUP_REPEATS times each;
@@ -134,10 +136,15 @@ def warmup_requests(maxlen: int, vocab_size: int) -> list[tuple[str, dict, int]]
         def column(values, dtype):
             return np.resize(np.asarray(values, dtype), n)
 
-        return {"prompt": strings(prompts), "max_tokens": column([max_tokens], np.int32),
-                "top_k": column(top_k, np.int32), "top_p": column(top_p, np.float32),
-                "temperature": column(temperature, np.float32), "repetition_penalty": column(penalty, np.float32),
-                "seed": np.arange(n, dtype=np.int64)}
+        return {
+            "prompt": strings(prompts),
+            "max_tokens": column([max_tokens], np.int32),
+            "top_k": column(top_k, np.int32),
+            "top_p": column(top_p, np.float32),
+            "temperature": column(temperature, np.float32),
+            "repetition_penalty": column(penalty, np.float32),
+            "seed": np.arange(n, dtype=np.int64),
+        }
 
     def strings(texts):
         return np.array([t.encode() for t in texts], object)
@@ -147,13 +154,24 @@ def warmup_requests(maxlen: int, vocab_size: int) -> list[tuple[str, dict, int]]
     requests = []
     for n in (1, WARMUP_BATCH):
         prompts = [WARMUP_PROMPT] * n
-        requests += [("serving_default", {"prompt": strings(prompts)}, WARMUP_REPEATS),
-                     ("generate", generate(prompts, **usual), WARMUP_REPEATS),
-                     ("score", {"text": strings(prompts)}, WARMUP_REPEATS)]
+        requests += [
+            ("serving_default", {"prompt": strings(prompts)}, WARMUP_REPEATS),
+            ("generate", generate(prompts, **usual), WARMUP_REPEATS),
+            ("score", {"text": strings(prompts)}, WARMUP_REPEATS),
+        ]
     return requests + [
-        ("generate", generate([WARMUP_PROMPT] * 10, [DEFAULTS["top_k"], 1, vocab_size, vocab_size, 100],
-                              [0.9, 1.0, 1.0, 0.9, 0.95], [1.0, 0.0, 1.0, 0.8, 1.2], [1.2, 1.0, 1.0, 1.1, 1.0],
-                              max_tokens=4), 1),
+        (
+            "generate",
+            generate(
+                [WARMUP_PROMPT] * 10,
+                [DEFAULTS["top_k"], 1, vocab_size, vocab_size, 100],
+                [0.9, 1.0, 1.0, 0.9, 0.95],
+                [1.0, 0.0, 1.0, 0.8, 1.2],
+                [1.2, 1.0, 1.0, 1.1, 1.0],
+                max_tokens=4,
+            ),
+            1,
+        ),
         ("generate", generate([long_text], **usual, max_tokens=4), 1),
         ("score", {"text": strings([WARMUP_PROMPT, long_text])}, 1),
     ]
@@ -172,16 +190,19 @@ def write_warmup(path, requests, model_name: str = MODEL_NAME):
     with tf.io.TFRecordWriter(str(path)) as writer:
         for signature, inputs, times in requests:
             request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature)
+            )
             for name, value in inputs.items():
                 request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
             record = prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString()
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            ).SerializeToString()
             for _ in range(times):
                 writer.write(record)
 
 
 # --- the server's configuration -------------------------------------------------------
+
 
 def models_config(model_name: str = MODEL_NAME, base_path: str = SERVED_BASE_PATH) -> str:
     """TensorFlow Serving's --model_config_file: one model, its base path as
@@ -198,14 +219,17 @@ def models_config(model_name: str = MODEL_NAME, base_path: str = SERVED_BASE_PAT
         '    model_platform: "tensorflow"\n'
         "    model_version_policy { latest { num_versions: 1 } }\n"
         "  }\n"
-        "}\n")
+        "}\n"
+    )
 
 
 def batching_parameters(params: dict | None = None) -> str:
     """TensorFlow Serving's --batching_parameters_file (see BATCHING)."""
     params = params or BATCHING
-    lines = ["# TensorFlow Serving batching (--enable_batching --batching_parameters_file), "
-             "written by tfgpt.export;", "# how the values were chosen: docs/serving.md."]
+    lines = [
+        "# TensorFlow Serving batching (--enable_batching --batching_parameters_file), written by tfgpt.export;",
+        "# how the values were chosen: docs/serving.md.",
+    ]
     lines += [f"{name} {{ value: {value} }}" for name, value in params.items()]
     return "\n".join(lines) + "\n"
 
@@ -214,14 +238,17 @@ def write_server_config(base, model_name: str = MODEL_NAME):
     """Writes base/models.config and base/batching_parameters.txt, each
     replaced whole (written beside and renamed)."""
     base = Path(base)
-    for name, text in (("models.config", models_config(model_name)),
-                       ("batching_parameters.txt", batching_parameters())):
+    for name, text in (
+        ("models.config", models_config(model_name)),
+        ("batching_parameters.txt", batching_parameters()),
+    ):
         partial = base / f".{name}.partial"
         partial.write_text(text)
         partial.replace(base / name)
 
 
 # --- from a run directory -------------------------------------------------------------
+
 
 def find_checkpoint(run_dir: Path, step: int | None) -> str:
     """The checkpoint prefix to restore: <run>/ckpt/ckpt-<step>, or the latest."""
@@ -231,10 +258,19 @@ def find_checkpoint(run_dir: Path, step: int | None) -> str:
     if step is not None:
         prefix = ckpt_dir / f"ckpt-{step}"
         if not Path(str(prefix) + ".index").exists():
-            available = sorted(int(p.name[len("ckpt-"):-len(".index")]) for p in ckpt_dir.glob("ckpt-*.index")
-                               if p.name[len("ckpt-"):-len(".index")].isdigit()) if ckpt_dir.is_dir() else []
-            raise ExportError(f"no checkpoint for step {step} in {ckpt_dir} (available steps: "
-                              f"{', '.join(map(str, available)) or 'none'})")
+            available = (
+                sorted(
+                    int(p.name[len("ckpt-") : -len(".index")])
+                    for p in ckpt_dir.glob("ckpt-*.index")
+                    if p.name[len("ckpt-") : -len(".index")].isdigit()
+                )
+                if ckpt_dir.is_dir()
+                else []
+            )
+            raise ExportError(
+                f"no checkpoint for step {step} in {ckpt_dir} (available steps: "
+                f"{', '.join(map(str, available)) or 'none'})"
+            )
         return str(prefix)
     latest = tf.train.latest_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if latest is None:
@@ -242,8 +278,14 @@ def find_checkpoint(run_dir: Path, step: int | None) -> str:
     return latest
 
 
-def export_run(run_dir, step: int | None = None, version: int | None = None, precision: str | None = None,
-               log=print, export_base=None) -> Path:
+def export_run(
+    run_dir,
+    step: int | None = None,
+    version: int | None = None,
+    precision: str | None = None,
+    log=print,
+    export_base=None,
+) -> Path:
     """Restores a run's checkpoint into a fresh model and exports it.
 
     precision: "float32", "bfloat16" or "float16" matrix products in the exported model;
@@ -269,8 +311,11 @@ def export_run(run_dir, step: int | None = None, version: int | None = None, pre
         raise ExportError(f"cannot read {config_path}: {e}") from None
     checkpoint = find_checkpoint(run_dir, step)
     # config.json records the precision the run resolved "auto" to.
-    precision = precision or train_config.compute_precision or \
-        (train_config.precision if train_config.precision != "auto" else "float32")
+    precision = (
+        precision
+        or train_config.compute_precision
+        or (train_config.precision if train_config.precision != "auto" else "float32")
+    )
     model = GPT(model_config, compute_dtype=compute_dtype(precision))
     try:
         status = tf.train.Checkpoint(model=model).read(checkpoint).expect_partial()
@@ -289,10 +334,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tfgpt.export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a training run directory, e.g. logs/<run>")
     parser.add_argument("--step", type=int, help="export the checkpoint of this global step (default: the latest)")
-    parser.add_argument("--version", type=int,
-                        help="the version directory to write (default: one more than the largest present)")
-    parser.add_argument("--precision", choices=PRECISIONS,
-                        help="matrix products of the exported model (default: the run's training precision)")
+    parser.add_argument(
+        "--version", type=int, help="the version directory to write (default: one more than the largest present)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="matrix products of the exported model (default: the run's training precision)",
+    )
     args = parser.parse_args(argv)
     if args.version is not None and args.version < 1:
         parser.error("--version must be a positive integer")

@@ -66,8 +66,9 @@ def default_device() -> str:
     return "/GPU:0" if tf.config.list_logical_devices("GPU") else "/CPU:0"
 
 
-def measure_matmul_peak(dtype=tf.float32, device: str | None = None, sizes=None,
-                        seconds: float = 2.0, chain: int = 4) -> float:
+def measure_matmul_peak(
+    dtype=tf.float32, device: str | None = None, sizes=None, seconds: float = 2.0, chain: int = 4
+) -> float:
     """The matrix-multiply speed of one device, in FLOP/s.
 
     For each size n in `sizes`, a compiled function runs `chain` dependent
@@ -111,7 +112,7 @@ def measure_matmul_peak(dtype=tf.float32, device: str | None = None, sizes=None,
         for n, a, b in operands:
             t0 = time.perf_counter()
             products(a, b).numpy()
-            best = max(best, chain * 2.0 * n ** 3 / (time.perf_counter() - t0))
+            best = max(best, chain * 2.0 * n**3 / (time.perf_counter() - t0))
         rounds += 1
     return best
 

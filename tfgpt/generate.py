@@ -43,11 +43,15 @@ def _inputs(tf, prompts, args, seed) -> dict:
     def column(value, dtype):
         return tf.fill([n], tf.constant(value, dtype))
 
-    return dict(prompt=tf.constant(prompts), max_tokens=column(args.max_tokens, tf.int32),
-                top_k=column(args.top_k, tf.int32), top_p=column(args.top_p, tf.float32),
-                temperature=column(args.temperature, tf.float32),
-                repetition_penalty=column(args.repetition_penalty, tf.float32),
-                seed=tf.range(seed, seed + n, dtype=tf.int64))
+    return dict(
+        prompt=tf.constant(prompts),
+        max_tokens=column(args.max_tokens, tf.int32),
+        top_k=column(args.top_k, tf.int32),
+        top_p=column(args.top_p, tf.float32),
+        temperature=column(args.temperature, tf.float32),
+        repetition_penalty=column(args.repetition_penalty, tf.float32),
+        seed=tf.range(seed, seed + n, dtype=tf.int64),
+    )
 
 
 def stream(model, prompt: str, args, seed: int, out=None):
@@ -92,18 +96,34 @@ def main(argv=None) -> int:
     parser.add_argument("model_dir", help="a SavedModel version directory, e.g. logs/<run>/export/1")
     parser.add_argument("--prompt", action="append", help="text to continue (repeatable; default 'this movie is')")
     parser.add_argument("--max-tokens", type=int, default=40, help="tokens to generate per sample (default 40)")
-    parser.add_argument("--top-k", type=int, default=10,
-                        help="sample among the k most likely tokens; the vocabulary size or more: all (default 10)")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="nucleus: among those, the fewest most likely tokens whose probability reaches p "
-                             "(default 1.0: off)")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="divides the logits; 0 or less picks the most likely token (default 1.0)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="divides the positive logits, and multiplies the negative ones, of the tokens "
-                             "already in the text (CTRL); above 1 discourages repeats (default 1.0: off)")
-    parser.add_argument("--seed", type=int, help="random seed of the first sample; sample i uses seed + i "
-                        "(default: a new one each run)")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=10,
+        help="sample among the k most likely tokens; the vocabulary size or more: all (default 10)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus: among those, the fewest most likely tokens whose probability reaches p (default 1.0: off)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="divides the logits; 0 or less picks the most likely token (default 1.0)",
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divides the positive logits, and multiplies the negative ones, of the tokens "
+        "already in the text (CTRL); above 1 discourages repeats (default 1.0: off)",
+    )
+    parser.add_argument(
+        "--seed", type=int, help="random seed of the first sample; sample i uses seed + i (default: a new one each run)"
+    )
     parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
     parser.add_argument("--stream", action="store_true", help="print the tokens of one prompt as they come")
     parser.add_argument("--score", action="store_true", help="score the prompts instead of continuing them")
@@ -124,8 +144,9 @@ def main(argv=None) -> int:
     try:
         if args.score:
             out = model.score(text=tf.constant(prompts))
-            for text, lp, n, ppl in zip(prompts, out["log_prob"].numpy(), out["num_tokens"].numpy(),
-                                        out["perplexity"].numpy()):
+            for text, lp, n, ppl in zip(
+                prompts, out["log_prob"].numpy(), out["num_tokens"].numpy(), out["perplexity"].numpy()
+            ):
                 print(f"log_prob {lp:.3f}  tokens {n}  perplexity {ppl:.2f}  {text}")
             return 0
         if args.stream:

@@ -88,8 +88,9 @@ def skip_reason(precision: str, capability: tuple[int, int]) -> str | None:
     need = MIN_CAPABILITY.get(precision)
     if need and tuple(capability) < need:
         have = ".".join(map(str, capability))
-        return (f"{precision} rows skipped: compute capability {have} < {need[0]}.{need[1]} "
-                f"(no {precision} tensor cores)")
+        return (
+            f"{precision} rows skipped: compute capability {have} < {need[0]}.{need[1]} (no {precision} tensor cores)"
+        )
     return None
 
 
@@ -106,10 +107,14 @@ def no_gpu_reason() -> str:
     if hidden is not None and hidden.strip() in ("", "-1"):
         return f"CUDA_VISIBLE_DEVICES={hidden!r} hides the {len(listed)} GPU(s) nvidia-smi lists"
     if not _cuda_libraries_installed():
-        return (f"nvidia-smi lists {len(listed)} GPU(s), but TensorFlow's CUDA libraries are not installed; "
-                "run `make venv GPU=1`")
-    return (f"nvidia-smi lists {len(listed)} GPU(s), but TensorFlow could not load its CUDA libraries or they do "
-            "not match the driver; TF_CPP_MIN_LOG_LEVEL=0 shows TensorFlow's reason")
+        return (
+            f"nvidia-smi lists {len(listed)} GPU(s), but TensorFlow's CUDA libraries are not installed; "
+            "run `make venv GPU=1`"
+        )
+    return (
+        f"nvidia-smi lists {len(listed)} GPU(s), but TensorFlow could not load its CUDA libraries or they do "
+        "not match the driver; TF_CPP_MIN_LOG_LEVEL=0 shows TensorFlow's reason"
+    )
 
 
 def _cuda_libraries_installed() -> bool:
@@ -135,6 +140,7 @@ def _driver_gpus() -> list[str]:
 
 # --- training variants ---------------------------------------------------------
 
+
 def write_windows(path: Path, rows: int, maxlen: int, vocab_size: int, seed: int = 0) -> Path:
     """Random full windows (no padding) of maxlen + 1 ids: the step time does
     not depend on which ids are trained on."""
@@ -150,8 +156,13 @@ def run_variant(spec: dict, timeout: float) -> tuple[dict | None, str]:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        proc = subprocess.run([sys.executable, "-m", "tfgpt.bench", "--variant", json.dumps(spec)],
-                              capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tfgpt.bench", "--variant", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout:.0f} s"
     if proc.returncode != 0:
@@ -170,20 +181,33 @@ def _error_line(stderr: str) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-HEADER = (f"{'precision':<9} {'xla':>3} {'batch':>5} {'gpus':>4} {'ms/step':>9} {'tokens/s':>11} {'TFLOP/s':>8} "
-          f"{'peak':>8} {'(source)':<10} {'MFU':>6} {'warm-up s':>9}")
+HEADER = (
+    f"{'precision':<9} {'xla':>3} {'batch':>5} {'gpus':>4} {'ms/step':>9} {'tokens/s':>11} {'TFLOP/s':>8} "
+    f"{'peak':>8} {'(source)':<10} {'MFU':>6} {'warm-up s':>9}"
+)
 
 
-def row_line(precision: str, xla: bool, batch: int, gpus: int, row: dict | None = None, peak: float = 0.0,
-             source: str = "", flops_per_token: float = 0.0, note: str = "") -> str:
+def row_line(
+    precision: str,
+    xla: bool,
+    batch: int,
+    gpus: int,
+    row: dict | None = None,
+    peak: float = 0.0,
+    source: str = "",
+    flops_per_token: float = 0.0,
+    note: str = "",
+) -> str:
     """One line of the training table: the measured figures, or a note."""
     head = f"{precision:<9} {'on' if xla else 'off':>3} {batch:>5} {gpus:>4}"
     if row is None:
         return f"{head} {note}"
     flops = row["tokens_per_s"] * flops_per_token
     mfu = flops / (peak * gpus)
-    return (f"{head} {row['ms_per_step']:>9.2f} {row['tokens_per_s']:>11,.0f} {flops / 1e12:>8.4g} "
-            f"{peak / 1e12:>8.4g} {'(' + source + ')':<10} {mfu:>6.1%} {row['warmup_s']:>9.1f}")
+    return (
+        f"{head} {row['ms_per_step']:>9.2f} {row['tokens_per_s']:>11,.0f} {flops / 1e12:>8.4g} "
+        f"{peak / 1e12:>8.4g} {'(' + source + ')':<10} {mfu:>6.1%} {row['warmup_s']:>9.1f}"
+    )
 
 
 class Budget:
@@ -198,20 +222,30 @@ class Budget:
 
 # --- the check ---------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     started = time.monotonic()
     parser = argparse.ArgumentParser(
         prog="python -m tfgpt.gpu_check",
         description="Training and sampling speed of the default model on this machine's GPU(s) per precision "
-                    "and XLA setting, then the GPU tests; exits with the tests' status. Without a GPU it says so "
-                    "and exits 0.")
-    parser.add_argument("--budget", type=float, default=480.0, metavar="SECONDS",
-                        help="about how long the whole check may take (default 480); training variants that do "
-                             "not fit are skipped")
-    parser.add_argument("--steps", type=int, default=30,
-                        help="timed training steps per variant (default 30). On a GPU the trainer runs several "
-                             "steps per compiled call (10 by default) and times calls, the first of which also "
-                             "starts the input pipeline: the median step comes from a middle call")
+        "and XLA setting, then the GPU tests; exits with the tests' status. Without a GPU it says so "
+        "and exits 0.",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=480.0,
+        metavar="SECONDS",
+        help="about how long the whole check may take (default 480); training variants that do not fit are skipped",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=30,
+        help="timed training steps per variant (default 30). On a GPU the trainer runs several "
+        "steps per compiled call (10 by default) and times calls, the first of which also "
+        "starts the input pipeline: the median step comes from a middle call",
+    )
     parser.add_argument("--no-tests", action="store_true", help="benchmarks only: do not run tests/test_gpu.py")
     # For the CPU test suite: the same path on the CPU, one small variant, no GPU tests.
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
@@ -247,8 +281,14 @@ def main(argv=None) -> int:
         memory = f", {d['memory'] / 2**30:.0f} GiB" if d["memory"] else ""
         print(f"  GPU {i}: {d['name']}, compute capability {'.'.join(map(str, d['compute_capability']))}{memory}")
     build = tf.sysconfig.get_build_info()
-    print(f"  TensorFlow {tf.__version__}" + (f", built for CUDA {build.get('cuda_version')} and cuDNN "
-                                               f"{build.get('cudnn_version')}" if build.get("is_cuda_build") else ""))
+    print(
+        f"  TensorFlow {tf.__version__}"
+        + (
+            f", built for CUDA {build.get('cuda_version')} and cuDNN {build.get('cudnn_version')}"
+            if build.get("is_cuda_build")
+            else ""
+        )
+    )
 
     name = details[0]["name"] if details else device
     capability = tuple(details[0]["compute_capability"]) if details else (0, 0)
@@ -283,8 +323,16 @@ def main(argv=None) -> int:
             if left < VARIANT_MIN_S:
                 print(row_line(precision, xla, batch, gpus, note="skipped: out of time (raise --budget)"), flush=True)
                 return None
-            spec = dict(precision=precision, xla=xla, replicas=gpus, steps=steps, warmup=warmup,
-                        windows=str(windows), batch_size=batch, gpus=gpus if physical else None)
+            spec = dict(
+                precision=precision,
+                xla=xla,
+                replicas=gpus,
+                steps=steps,
+                warmup=warmup,
+                windows=str(windows),
+                batch_size=batch,
+                gpus=gpus if physical else None,
+            )
             row, why = run_variant(spec, min(limit, left))
             if row is None:
                 if why.startswith("failed"):
@@ -295,16 +343,21 @@ def main(argv=None) -> int:
             print(row_line(precision, xla, batch, gpus, row, peak, source, per_token), flush=True)
             return row
 
-        print(f"\ntraining: default model (vocabulary {model.vocab_size}, width {model.embed_dim}, "
-              f"{model.num_layers} block), {model.maxlen} positions a window, {per_token / 1e6:.1f} MFLOP a token\n"
-              f"  each variant in its own process: median of {steps} step(s) after {warmup} warm-up step(s); "
-              "TFLOP/s: the model's, over all its GPUs; peak: one GPU's; MFU = TFLOP/s / (peak x gpus)", flush=True)
+        print(
+            f"\ntraining: default model (vocabulary {model.vocab_size}, width {model.embed_dim}, "
+            f"{model.num_layers} block), {model.maxlen} positions a window, {per_token / 1e6:.1f} MFLOP a token\n"
+            f"  each variant in its own process: median of {steps} step(s) after {warmup} warm-up step(s); "
+            "TFLOP/s: the model's, over all its GPUs; peak: one GPU's; MFU = TFLOP/s / (peak x gpus)",
+            flush=True,
+        )
         notes = sorted({skip_reason(p, capability) for p, _, _ in variants if physical} - {None})
         for note in notes:
             print(f"  {note}")
         if tf32:
-            print("  float32 rows: TensorFlow runs float32 matrix products as TF32 on compute capability 8.0+, "
-                  "so their MFU is against the TF32 peak")
+            print(
+                "  float32 rows: TensorFlow runs float32 matrix products as TF32 on compute capability 8.0+, "
+                "so their MFU is against the TF32 peak"
+            )
         print(HEADER, flush=True)
         rows = {}
         for precision, xla, batch in variants:
@@ -325,8 +378,10 @@ def main(argv=None) -> int:
             two = run(precision, True, 256, 2, budget)
             if one and two:
                 ratio = two["tokens_per_s"] / one["tokens_per_s"]
-                print(f"two GPUs / one GPU: {ratio:.2f}x the tokens/s (2.00 would be perfect scaling, "
-                      f"{ratio / 2:.0%} efficiency)")
+                print(
+                    f"two GPUs / one GPU: {ratio:.2f}x the tokens/s (2.00 would be perfect scaling, "
+                    f"{ratio / 2:.0%} efficiency)"
+                )
         else:
             print(f"\ntwo GPUs: skipped ({len(physical)} visible)")
 
@@ -351,15 +406,15 @@ def run_gpu_tests(left: float) -> int:
     seconds of the budget left; the tests are stopped only well past it, as
     hung rather than slow."""
     if not GPU_TESTS.is_file():
-        print(f"gpu-check: error: {GPU_TESTS} not found; the GPU tests run from a checkout of tfgpt",
-              file=sys.stderr)
+        print(f"gpu-check: error: {GPU_TESTS} not found; the GPU tests run from a checkout of tfgpt", file=sys.stderr)
         return 2
     timeout = max(TESTS_RESERVE_S, left) + 300.0
     print(f"\nGPU tests: {sys.executable} -m pytest -q -m gpu {GPU_TESTS.relative_to(ROOT)}", flush=True)
     env = dict(os.environ, TFGPT_TEST_GPU="1")
     # A session of its own, so that a hung test's subprocesses end with it.
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(GPU_TESTS)], cwd=ROOT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(GPU_TESTS)], cwd=ROOT, env=env, start_new_session=True
+    )
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -156,8 +156,11 @@ class MultiHeadAttention(tf.Module):
 
     def qkv(self, x):
         """x [B, T, D] -> q, k, v, each [B, H, T, K]."""
-        return (self._project(x, self.wq, self.bq), self._project(x, self.wk, self.bk),
-                self._project(x, self.wv, self.bv))
+        return (
+            self._project(x, self.wq, self.bq),
+            self._project(x, self.wk, self.bk),
+            self._project(x, self.wv, self.bv),
+        )
 
     def attend(self, q, k, v, mask):
         """q [B, H, Tq, K], k/v [B, H, Tk, K], mask broadcastable to [B, H, Tq, Tk]
@@ -185,8 +188,10 @@ class MultiHeadAttention(tf.Module):
         mask = attention.causal_mask(t)  # [T, T]
         out = tf.convert_to_tensor(self.bo)  # [D], broadcast over the rows
         for h in range(self.num_heads):
-            q, k, v = (tf.reshape(matmul(x2, w[:, h], cd) + b[h], [bsz, t, kd])  # [B, T, K]
-                       for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
+            q, k, v = (
+                tf.reshape(matmul(x2, w[:, h], cd) + b[h], [bsz, t, kd])  # [B, T, K]
+                for w, b in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv))
+            )
             ctx = attention.attend(q, k, v, mask, cd)  # [B, T, K] float32
             out += matmul(tf.reshape(ctx, [-1, kd]), self.wo[h], cd)  # [B*T, D]
         return tf.reshape(out, [bsz, t, self.dim])
@@ -209,16 +214,15 @@ class FeedForward(tf.Module):
 class Block(tf.Module):
     """A post-layer-norm Transformer block, as in the Keras example:
 
-        a = LN1(x + Dropout(Attention(x)))
-        y = LN2(a + Dropout(FeedForward(a)))
+    a = LN1(x + Dropout(Attention(x)))
+    y = LN2(a + Dropout(FeedForward(a)))
     """
 
     def __init__(self, dim, num_heads, key_dim, ff_dim, rate, seed=0, compute_dtype=tf.float32, name=None):
         super().__init__(name=name)
         self.rate = rate
         with self.name_scope:
-            self.attn = MultiHeadAttention(dim, num_heads, key_dim, seed=seed, compute_dtype=compute_dtype,
-                                           name="attn")
+            self.attn = MultiHeadAttention(dim, num_heads, key_dim, seed=seed, compute_dtype=compute_dtype, name="attn")
             self.ln1 = LayerNorm(dim, name="ln1")
             self.ffn = FeedForward(dim, ff_dim, seed=seed + 10, compute_dtype=compute_dtype, name="ffn")
             self.ln2 = LayerNorm(dim, name="ln2")

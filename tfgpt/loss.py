@@ -16,7 +16,7 @@ import tensorflow as tf
 # rows at the default size, and each extra chunk is one more kernel sequence.
 CHUNK_BUDGET = {"CPU": 32 << 20, "GPU": 1 << 30}
 
-_TINY = 2.0 ** -126  # the smallest normal float32
+_TINY = 2.0**-126  # the smallest normal float32
 
 
 def auto_chunk(n: int, vocab: int, budget_bytes: int = CHUNK_BUDGET["CPU"]) -> int:
@@ -165,8 +165,9 @@ def _minus_target_grads(dh, dw, db, hw, w, targets, weights, smoothing):
     return dh, dw, db
 
 
-def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float32, with_grad=True,
-                     branch_free=False, smoothing=0.0):
+def chunked_xent_sum(
+    h, w, b, targets, weights, chunk=0, compute_dtype=tf.float32, with_grad=True, branch_free=False, smoothing=0.0
+):
     """sum_i weights[i] * CE(h[i] @ w + b, targets[i]), `chunk` rows at a time.
 
     h [N, D], w [D, V], b [V], targets int32 [N], weights float32 [N] -> scalar.
@@ -200,8 +201,7 @@ def chunked_xent_sum(h, w, b, targets, weights, chunk=0, compute_dtype=tf.float3
     def xent(h, w, b):
         w_cd = tf.cast(w, compute_dtype)  # [D, V], cast once for all blocks
         hw = h * weights[:, None]  # [N, D]: rows scaled by their weight
-        total, dh, dw, db = _loss_and_softmax_grads(h, hw, w_cd, b_cd, targets, weights, chunk, branch_free,
-                                                    smoothing)
+        total, dh, dw, db = _loss_and_softmax_grads(h, hw, w_cd, b_cd, targets, weights, chunk, branch_free, smoothing)
         dh, dw, db = _minus_target_grads(dh, dw, db, hw, w, targets, weights, smoothing)
 
         def grad(upstream):

@@ -21,8 +21,9 @@ import tensorflow as tf
 class LossScale(tf.Module):
     """scale: float32 variable; good_steps: finite steps since the last change."""
 
-    def __init__(self, initial: float = 2.0 ** 15, growth_interval: int = 2000, max_scale: float = 2.0 ** 24,
-                 name="loss_scale"):
+    def __init__(
+        self, initial: float = 2.0**15, growth_interval: int = 2000, max_scale: float = 2.0**24, name="loss_scale"
+    ):
         super().__init__(name=name)
         self.growth_interval, self.max_scale = growth_interval, max_scale
         with self.name_scope:
@@ -35,7 +36,8 @@ class LossScale(tf.Module):
         would wait for the host)."""
         good = tf.where(finite, self.good_steps + 1, tf.zeros([], tf.int64))
         grow = good >= self.growth_interval
-        scale = tf.where(finite, tf.where(grow, tf.minimum(self.scale * 2.0, self.max_scale), self.scale),
-                         self.scale * 0.5)
+        scale = tf.where(
+            finite, tf.where(grow, tf.minimum(self.scale * 2.0, self.max_scale), self.scale), self.scale * 0.5
+        )
         self.scale.assign(scale)
         self.good_steps.assign(tf.where(grow, tf.zeros([], tf.int64), good))

@@ -90,6 +90,11 @@ def _clean_mappings(smaps: str, root: str):
 
 
 def _keep(m: dict, root: str):
-    if (m["path"].startswith(root) and "w" not in m["perms"] and m.get("Anonymous", 1) == 0
-            and m.get("Locked", 0) == 0 and m.get("Rss", 0) > 0):
+    if (
+        m["path"].startswith(root)
+        and "w" not in m["perms"]
+        and m.get("Anonymous", 1) == 0
+        and m.get("Locked", 0) == 0
+        and m.get("Rss", 0) > 0
+    ):
         yield m["start"], m["end"], m["Rss"]

@@ -27,15 +27,24 @@ class GPT(tf.Module):
             self.token_emb = Embedding(c.vocab_size, c.embed_dim, seed=base + 1, name="token_emb")
             self.pos_emb = Embedding(c.maxlen, c.embed_dim, seed=base + 2, name="pos_emb")
             self.blocks = [
-                Block(c.embed_dim, c.num_heads, c.key_dim, c.ff_dim, c.dropout,
-                      seed=base + 100 * (i + 1), compute_dtype=self.compute_dtype, name=f"block{i}")
+                Block(
+                    c.embed_dim,
+                    c.num_heads,
+                    c.key_dim,
+                    c.ff_dim,
+                    c.dropout,
+                    seed=base + 100 * (i + 1),
+                    compute_dtype=self.compute_dtype,
+                    name=f"block{i}",
+                )
                 for i in range(c.num_layers)
             ]
             if c.tie_embeddings:
                 self.head = TiedOutput(self.token_emb, compute_dtype=self.compute_dtype, name="head")
             else:
-                self.head = Dense(c.embed_dim, c.vocab_size, seed=base + 3, compute_dtype=self.compute_dtype,
-                                  name="head")
+                self.head = Dense(
+                    c.embed_dim, c.vocab_size, seed=base + 3, compute_dtype=self.compute_dtype, name="head"
+                )
 
     def embed(self, ids, positions):
         """ids int [B, T], positions int [T] or [B, T] -> [B, T, D]."""
@@ -56,8 +65,18 @@ class GPT(tf.Module):
         """ids int32 [B, T] -> logits float32 [B, T, V]."""
         return self.head(self.hidden(ids, seed, training))
 
-    def loss_sum(self, ids, targets, weights, seed=None, training=False, chunk=0, with_grad=True,
-                 branch_free=False, smoothing=0.0):
+    def loss_sum(
+        self,
+        ids,
+        targets,
+        weights,
+        seed=None,
+        training=False,
+        chunk=0,
+        with_grad=True,
+        branch_free=False,
+        smoothing=0.0,
+    ):
         """Sum over positions of weights * cross-entropy(logits, targets).
 
         ids, targets int32 [B, T]; weights float32 [B, T] (0 for padding).
@@ -68,10 +87,17 @@ class GPT(tf.Module):
         h = self.hidden(ids, seed, training)  # [B, T, D]
         d = self.config.embed_dim
         return chunked_xent_sum(
-            tf.reshape(h, [-1, d]), self.head.w, self.head.b,
-            tf.reshape(targets, [-1]), tf.reshape(weights, [-1]),
-            chunk=chunk, compute_dtype=self.compute_dtype, with_grad=with_grad, branch_free=branch_free,
-            smoothing=smoothing)
+            tf.reshape(h, [-1, d]),
+            self.head.w,
+            self.head.b,
+            tf.reshape(targets, [-1]),
+            tf.reshape(weights, [-1]),
+            chunk=chunk,
+            compute_dtype=self.compute_dtype,
+            with_grad=with_grad,
+            branch_free=branch_free,
+            smoothing=smoothing,
+        )
 
 
 def count_params(module: tf.Module) -> int:

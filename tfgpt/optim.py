@@ -74,7 +74,7 @@ class Adam(tf.Module):
         t = self.step + 1
         tf_ = tf.cast(t, tf.float32)
         lr = self.learning_rate(t)
-        b1_power, b2_power = self.beta1 ** tf_, self.beta2 ** tf_
+        b1_power, b2_power = self.beta1**tf_, self.beta2**tf_
         beta1, beta2, step_lr = self.beta1, self.beta2, lr
         if where is not None:
             beta1, beta2 = tf.where(where, beta1, 1.0), tf.where(where, beta2, 1.0)
@@ -95,8 +95,18 @@ class Adam(tf.Module):
             # it writes, as assign ops do, so no read can see a half-written
             # update (without it TensorFlow leaves that case undefined).
             tf.raw_ops.ResourceApplyAdam(
-                var=var.handle, m=m.handle, v=v.handle, beta1_power=b1_power, beta2_power=b2_power,
-                lr=step_lr, beta1=beta1, beta2=beta2, epsilon=self.eps, grad=g, use_locking=True)
+                var=var.handle,
+                m=m.handle,
+                v=v.handle,
+                beta1_power=b1_power,
+                beta2_power=b2_power,
+                lr=step_lr,
+                beta1=beta1,
+                beta2=beta2,
+                epsilon=self.eps,
+                grad=g,
+                use_locking=True,
+            )
         self.step.assign(t if where is None else tf.where(where, t, self.step))
         return lr
 

@@ -30,7 +30,7 @@ _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 def round_keys(seed: int, epoch: int) -> list[int]:
     digest = hashlib.sha512(f"tfgpt window order {int(seed)} {int(epoch)}".encode()).digest()
-    return [int.from_bytes(digest[8 * i:8 * i + 8], "little") for i in range(ROUNDS)]
+    return [int.from_bytes(digest[8 * i : 8 * i + 8], "little") for i in range(ROUNDS)]
 
 
 class EpochOrder:
@@ -60,8 +60,7 @@ class EpochOrder:
         """int64 [k] positions in 0..n-1 -> int64 [k] window indices."""
         n = tf.constant(self.n, tf.uint64)
         y = self._rounds(tf.cast(positions, tf.uint64))
-        y = tf.while_loop(lambda y: tf.reduce_any(y >= n),
-                          lambda y: (tf.where(y >= n, self._rounds(y), y),), (y,))[0]
+        y = tf.while_loop(lambda y: tf.reduce_any(y >= n), lambda y: (tf.where(y >= n, self._rounds(y), y),), (y,))[0]
         return tf.cast(y, tf.int64)
 
     def numpy(self, positions) -> np.ndarray:

@@ -66,14 +66,22 @@ def vocab_digest(vocab: list[str]) -> str:
     return hashlib.sha256("\n".join(vocab).encode("utf-8")).hexdigest()
 
 
-def store_params(paths, inputs, *, imdb_unsup: bool, vocab_size: int, val_fraction: float, seed: int,
-                 vocab: str | None = None) -> dict:
+def store_params(
+    paths, inputs, *, imdb_unsup: bool, vocab_size: int, val_fraction: float, seed: int, vocab: str | None = None
+) -> dict:
     from tfgpt.store import VERSION
 
-    return dict(format=VERSION, data=[str(Path(p).resolve()) for p in paths],
-                inputs=[[f.path, f.size, f.mtime_ns] for f in inputs], imdb_unsup=bool(imdb_unsup),
-                vocab_size=int(vocab_size), val_fraction=float(val_fraction), seed=int(seed),
-                standardization=standardization_id(), vocab=vocab)
+    return dict(
+        format=VERSION,
+        data=[str(Path(p).resolve()) for p in paths],
+        inputs=[[f.path, f.size, f.mtime_ns] for f in inputs],
+        imdb_unsup=bool(imdb_unsup),
+        vocab_size=int(vocab_size),
+        val_fraction=float(val_fraction),
+        seed=int(seed),
+        standardization=standardization_id(),
+        vocab=vocab,
+    )
 
 
 def key_of(params: dict) -> str:
@@ -141,9 +149,11 @@ def _disk_full(target: Path, written: int):
         free = shutil.disk_usage(target.parent).free
     except OSError:
         free = 0
-    return DataError(f"no space left on the device while preparing the token store {target} "
-                     f"({written / 1e6:,.0f} MB written, {free / 1e6:,.0f} MB free); nothing was kept: free "
-                     "some space or put the store elsewhere (--store-dir, TFGPT_CACHE, or prepare --out)")
+    return DataError(
+        f"no space left on the device while preparing the token store {target} "
+        f"({written / 1e6:,.0f} MB written, {free / 1e6:,.0f} MB free); nothing was kept: free "
+        "some space or put the store elsewhere (--store-dir, TFGPT_CACHE, or prepare --out)"
+    )
 
 
 def _usage(folder: Path) -> int:
@@ -160,9 +170,20 @@ def _build(target: Path, paths, params: dict, key: str, alt: tuple | None, vocab
     try:
         tmp.mkdir(parents=True)
         manifest = store_build.build(
-            tmp, paths, imdb_unsup=params["imdb_unsup"], vocab_size=params["vocab_size"],
-            val_fraction=params["val_fraction"], seed=params["seed"], params=params, key=key, given_vocab=vocab,
-            alt=alt, workers=workers, shard_tokens=shard_tokens, log=log)
+            tmp,
+            paths,
+            imdb_unsup=params["imdb_unsup"],
+            vocab_size=params["vocab_size"],
+            val_fraction=params["val_fraction"],
+            seed=params["seed"],
+            params=params,
+            key=key,
+            given_vocab=vocab,
+            alt=alt,
+            workers=workers,
+            shard_tokens=shard_tokens,
+            log=log,
+        )
         final = target if manifest["key"] == key else alt[2]
         _publish(tmp, final)
         return final
@@ -231,14 +252,25 @@ def _remove_stale(root: Path, params: dict, log) -> None:
             _lock_path(folder).unlink(missing_ok=True)
         finally:
             os.close(fd)
-        log(f"token store: removed {folder}, built from an older version of the input "
-            f"({describe_change(old, params)})")
+        log(f"token store: removed {folder}, built from an older version of the input ({describe_change(old, params)})")
 
 
-def ensure_store(data_spec, *, imdb_unsup: bool = False, vocab_size: int = 20000, val_fraction: float = 0.02,
-                 seed: int = 0, vocab: list[str] | None = None, out=None, store_dir=None,
-                 checksums: str = "changed", rebuild: bool = False, workers: int | None = None,
-                 shard_tokens: int | None = None, log=print) -> Prepared:
+def ensure_store(
+    data_spec,
+    *,
+    imdb_unsup: bool = False,
+    vocab_size: int = 20000,
+    val_fraction: float = 0.02,
+    seed: int = 0,
+    vocab: list[str] | None = None,
+    out=None,
+    store_dir=None,
+    checksums: str = "changed",
+    rebuild: bool = False,
+    workers: int | None = None,
+    shard_tokens: int | None = None,
+    log=print,
+) -> Prepared:
     """The token store for `data_spec` with these settings: reused when it
     exists and is intact, else built. data_spec may name a store itself.
 
@@ -284,8 +316,10 @@ def ensure_store(data_spec, *, imdb_unsup: bool = False, vocab_size: int = 20000
                 action = "rebuilt" if folder.exists() else action
                 continue
             if found.key not in want:
-                log(f"token store {folder}: {describe_change(found.manifest['params'], params)} since it was "
-                    "built; rebuilding it")
+                log(
+                    f"token store {folder}: {describe_change(found.manifest['params'], params)} since it was "
+                    "built; rebuilding it"
+                )
                 action = "rebuilt"
                 continue
             if vocab is not None and found.vocab() != list(vocab):
@@ -316,13 +350,18 @@ def _named_store(path: Path, vocab, checksums, workers, shard_tokens, log, t0) -
     params = manifest["params"]
     paths = [Path(p) for p in params["data"]]
     present = all(p.exists() for p in paths)
-    settings = dict(imdb_unsup=params["imdb_unsup"], vocab_size=params["vocab_size"],
-                    val_fraction=params["val_fraction"], seed=params["seed"])
+    settings = dict(
+        imdb_unsup=params["imdb_unsup"],
+        vocab_size=params["vocab_size"],
+        val_fraction=params["val_fraction"],
+        seed=params["seed"],
+    )
     reason = None
     if present:
         try:
-            now = store_params(paths, sources.input_files(paths, params["imdb_unsup"]), **settings,
-                               vocab=params.get("vocab"))
+            now = store_params(
+                paths, sources.input_files(paths, params["imdb_unsup"]), **settings, vocab=params.get("vocab")
+            )
             if key_of(now) != manifest["key"]:
                 reason = f"{describe_change(params, now)} since it was built"
         except (DataError, OSError) as e:
@@ -344,10 +383,20 @@ def _named_store(path: Path, vocab, checksums, workers, shard_tokens, log, t0) -
     if params.get("vocab"):
         given = vocab  # built for a resumed run's vocabulary: only that run can rebuild it
         if given is None:
-            raise DataError(f"--data {path}: {reason}, and it was built for a run's vocabulary; "
-                            "rebuild it by resuming that run")
-    prepared = ensure_store(os.pathsep.join(map(str, paths)), **settings, vocab=given, out=path,
-                            checksums=checksums, rebuild=True, workers=workers, shard_tokens=shard_tokens, log=log)
+            raise DataError(
+                f"--data {path}: {reason}, and it was built for a run's vocabulary; rebuild it by resuming that run"
+            )
+    prepared = ensure_store(
+        os.pathsep.join(map(str, paths)),
+        **settings,
+        vocab=given,
+        out=path,
+        checksums=checksums,
+        rebuild=True,
+        workers=workers,
+        shard_tokens=shard_tokens,
+        log=log,
+    )
     return Prepared(prepared.store, "rebuilt", time.perf_counter() - t0)
 
 
@@ -356,37 +405,44 @@ def summary(prepared: Prepared) -> list[str]:
     m = st.manifest
     train, val = st.split("train"), st.split("val")
     size = sum(f["bytes"] for f in m["files"].values())
-    return [f"token store: {prepared.action} {st.root} in {prepared.seconds:.1f}s",
-            f"  {m['documents']:,} documents, {m['text_bytes'] / 1e6:,.1f} MB of text; "
-            f"training: {train['lines']:,} lines, {train['tokens']:,} tokens; "
-            f"validation: {val['lines']:,} lines, {val['tokens']:,} tokens",
-            f"  vocabulary: {m['vocab_entries']:,} entries; ids: {m['dtype']} in "
-            f"{len(train['shards']) + len(val['shards'])} shard(s); {size / 1e6:,.1f} MB on disk"]
+    return [
+        f"token store: {prepared.action} {st.root} in {prepared.seconds:.1f}s",
+        f"  {m['documents']:,} documents, {m['text_bytes'] / 1e6:,.1f} MB of text; "
+        f"training: {train['lines']:,} lines, {train['tokens']:,} tokens; "
+        f"validation: {val['lines']:,} lines, {val['tokens']:,} tokens",
+        f"  vocabulary: {m['vocab_entries']:,} entries; ids: {m['dtype']} in "
+        f"{len(train['shards']) + len(val['shards'])} shard(s); {size / 1e6:,.1f} MB on disk",
+    ]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tfgpt.prepare",
         description="Tokenize a corpus once into a token store that train.py reads: the vocabulary, then token "
-                    "ids in shards with the line boundaries, split into training and validation documents as "
-                    "train.py splits them. A store that exists and is intact is checked and reused.")
-    p.add_argument("--data", required=True, help="what train.py --data accepts: 'imdb', an IMDB archive or "
-                   "folder, a folder of .txt/.txt.gz files, a text or .txt.gz file, several of these separated "
-                   f"by '{os.pathsep}', or a glob (quoted)")
+        "ids in shards with the line boundaries, split into training and validation documents as "
+        "train.py splits them. A store that exists and is intact is checked and reused.",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="what train.py --data accepts: 'imdb', an IMDB archive or "
+        "folder, a folder of .txt/.txt.gz files, a text or .txt.gz file, several of these separated "
+        f"by '{os.pathsep}', or a glob (quoted)",
+    )
     p.add_argument("--out", help="the store's folder (default: the cache that train.py --data looks in)")
-    p.add_argument("--store-dir", help="the cache of stores (default: $TFGPT_CACHE/stores, else "
-                   "~/.cache/tfgpt/stores)")
+    p.add_argument("--store-dir", help="the cache of stores (default: $TFGPT_CACHE/stores, else ~/.cache/tfgpt/stores)")
     p.add_argument("--vocab-size", type=int, default=20000, help="vocabulary entries (default: 20000)")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of the documents held out "
-                   "(default: 0.02)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of the documents held out (default: 0.02)")
     p.add_argument("--seed", type=int, default=0, help="chooses the validation documents (default: 0)")
     p.add_argument("--imdb-unsup", action="store_true", help="also read IMDB's train/unsup reviews")
     p.add_argument("--workers", type=int, help="chunks analysed in parallel (default: one per core)")
     p.add_argument("--rebuild", action="store_true", help="build even if an intact store exists")
     args = p.parse_args(argv)
-    errors = [(args.vocab_size >= 3, f"--vocab-size must be at least 3, got {args.vocab_size}"),
-              (0.0 <= args.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
-              (args.workers is None or args.workers >= 1, "--workers must be positive")]
+    errors = [
+        (args.vocab_size >= 3, f"--vocab-size must be at least 3, got {args.vocab_size}"),
+        (0.0 <= args.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
+        (args.workers is None or args.workers >= 1, "--workers must be positive"),
+    ]
     for ok, message in errors:
         if not ok:
             print(f"prepare: error: {message}", file=sys.stderr)
@@ -396,10 +452,18 @@ def main(argv=None) -> int:
 
     try:
         source = resolve_imdb() if args.data == "imdb" else args.data
-        prepared = ensure_store(source, imdb_unsup=args.imdb_unsup, vocab_size=args.vocab_size,
-                                val_fraction=args.val_fraction, seed=args.seed, out=args.out,
-                                store_dir=args.store_dir, checksums="all", rebuild=args.rebuild,
-                                workers=args.workers)
+        prepared = ensure_store(
+            source,
+            imdb_unsup=args.imdb_unsup,
+            vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            out=args.out,
+            store_dir=args.store_dir,
+            checksums="all",
+            rebuild=args.rebuild,
+            workers=args.workers,
+        )
     except DataError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2

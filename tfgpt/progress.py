@@ -45,8 +45,10 @@ class Progress:
         rate = self.done / elapsed
         left = (self.total - self.done) / rate if rate > 0 else 0.0
         pct = min(100.0, 100.0 * self.done / self.total)
-        return (f"{self.label}: {self.done / 1e6:,.0f} of {self.total / 1e6:,.0f} MB ({pct:.0f}%), "
-                f"{rate / 1e6:.1f} MB/s, ETA {duration(left)}")
+        return (
+            f"{self.label}: {self.done / 1e6:,.0f} of {self.total / 1e6:,.0f} MB ({pct:.0f}%), "
+            f"{rate / 1e6:.1f} MB/s, ETA {duration(left)}"
+        )
 
     def _show(self, now: float) -> None:
         if self.live:

@@ -78,8 +78,9 @@ class Reporter:
                 write_hparams(self.run_dir, config.hparams)
 
     @classmethod
-    def for_run(cls, trainer, model_cfg, cfg, run_dir, chief: bool = True, sample_fn=None,
-                peak_flops: float | None = None):
+    def for_run(
+        cls, trainer, model_cfg, cfg, run_dir, chief: bool = True, sample_fn=None, peak_flops: float | None = None
+    ):
         """The reporter of a training run: its hparams and the FLOPs per token
         of the model. peak_flops: of all training devices together (for mfu),
         or None."""
@@ -90,9 +91,16 @@ class Reporter:
         extra = {"num_params": count_params(trainer.model), "flops_per_token": fpt}
         if peak_flops is not None:
             extra["mfu_peak_flops"] = peak_flops
-        config = ReportConfig(cfg.epochs, cfg.log_every, cfg.quiet, tokens_per_step=cfg.batch_size * model_cfg.maxlen,
-                              flops_per_token=fpt, peak_flops=peak_flops,
-                              hparams=run_hparams(model_cfg, cfg, **extra), profile_steps=cfg.profile_range())
+        config = ReportConfig(
+            cfg.epochs,
+            cfg.log_every,
+            cfg.quiet,
+            tokens_per_step=cfg.batch_size * model_cfg.maxlen,
+            flops_per_token=fpt,
+            peak_flops=peak_flops,
+            hparams=run_hparams(model_cfg, cfg, **extra),
+            profile_steps=cfg.profile_range(),
+        )
         return cls(run_dir, config, chief, sample_fn)
 
     def print(self, text: str):
@@ -152,16 +160,23 @@ class Reporter:
         step_time = float(np.mean([p["step_time"] for p in self._pending]))
         tokens = self.config.tokens_per_step or info["tokens_per_second"] * info["step_time"]
         tokens_per_second = tokens / step_time
-        values = {"loss": loss, "perplexity": perplexity(loss), "learning_rate": info["lr"],
-                  "grad_norm": info["grad_norm"], "tokens_per_second": tokens_per_second,
-                  "step_time_ms": 1000 * step_time}
+        values = {
+            "loss": loss,
+            "perplexity": perplexity(loss),
+            "learning_rate": info["lr"],
+            "grad_norm": info["grad_norm"],
+            "tokens_per_second": tokens_per_second,
+            "step_time_ms": 1000 * step_time,
+        }
         flops_per_token, peak_flops = self.config.flops_per_token, self.config.peak_flops
         if flops_per_token and peak_flops:
             values["mfu"] = mfu = flops_per_token * tokens_per_second / peak_flops
             if mfu > 1 and not self._warned_mfu:
                 self._warned_mfu = True
-                self.print(f"warning: mfu {mfu:.2f} is above 1: the peak of {peak_flops / 1e12:.3f} "
-                           "TFLOP/s is too low (measured while the machine was busy?); pass --peak-flops")
+                self.print(
+                    f"warning: mfu {mfu:.2f} is above 1: the peak of {peak_flops / 1e12:.3f} "
+                    "TFLOP/s is too low (measured while the machine was busy?); pass --peak-flops"
+                )
         self.summaries.train_scalars(info["step"], values)
         self._pending = []
 
@@ -175,7 +190,8 @@ class Reporter:
         self.print(epoch_line(info, self.epochs))
         if info["val_loss"] is not None:
             self.summaries.validation_scalars(
-                info["step"], {"loss": info["val_loss"], "perplexity": perplexity(info["val_loss"])})
+                info["step"], {"loss": info["val_loss"], "perplexity": perplexity(info["val_loss"])}
+            )
         if self.sample_fn is not None:
             t0 = time.perf_counter()
             prompt, texts, settings = self.sample_fn(info["step"])
@@ -192,8 +208,10 @@ class Reporter:
             tf.profiler.experimental.start(str(self.run_dir / "train"))
         except (tf.errors.OpError, AttributeError, RuntimeError) as e:
             self.profile_steps = None
-            self.print(f"warning: profiler unavailable, no trace written ({type(e).__name__}: "
-                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+            self.print(
+                f"warning: profiler unavailable, no trace written ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+            )
             return
         self._profiling = True
         self._profile_from = step
@@ -205,8 +223,10 @@ class Reporter:
         except (tf.errors.OpError, RuntimeError) as e:
             self.print(f"warning: the profiler failed to write its trace ({type(e).__name__}: {e})")
             return
-        self.print(f"profile of steps {self._profile_from}-{self.profile_steps[1]} written to "
-                   f"{self.run_dir / 'train' / 'plugins' / 'profile'}")
+        self.print(
+            f"profile of steps {self._profile_from}-{self.profile_steps[1]} written to "
+            f"{self.run_dir / 'train' / 'plugins' / 'profile'}"
+        )
 
     # --- exit -----------------------------------------------------------------------
 

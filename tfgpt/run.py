@@ -44,13 +44,22 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
     t0 = time.perf_counter()
     source = data.resolve_imdb(log=log.info) if cfg.data == "imdb" else cfg.data
     given = data.read_vocab(vocab_path) if reuse_vocab and vocab_path.exists() else None
-    prepared = ensure_store(source, imdb_unsup=cfg.imdb_unsup, vocab_size=model_cfg.vocab_size,
-                            val_fraction=cfg.val_fraction, seed=cfg.seed, vocab=given, store_dir=cfg.store_dir,
-                            log=log.info)
+    prepared = ensure_store(
+        source,
+        imdb_unsup=cfg.imdb_unsup,
+        vocab_size=model_cfg.vocab_size,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        vocab=given,
+        store_dir=cfg.store_dir,
+        log=log.info,
+    )
     store, manifest = prepared.store, prepared.store.manifest
     train_info, val_info = store.split("train"), store.split("val")
-    log.info(f"data: {source}: {manifest['documents']:,} files, {train_info['lines']:,} training and "
-             f"{val_info['lines']:,} validation lines ({time.perf_counter() - t0:.1f}s)")
+    log.info(
+        f"data: {source}: {manifest['documents']:,} files, {train_info['lines']:,} training and "
+        f"{val_info['lines']:,} validation lines ({time.perf_counter() - t0:.1f}s)"
+    )
     verb = {"reused": "reusing", "built": "built", "rebuilt": "rebuilt"}[prepared.action]
     rate = f", {manifest['text_bytes'] / 1e6 / max(prepared.seconds, 1e-9):.1f} MB/s" if verb != "reusing" else ""
     log.info(f"token store: {verb} {store.root} ({manifest['text_bytes'] / 1e6:,.1f} MB of text{rate})")
@@ -58,9 +67,14 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
         log.warning(f"warning: {manifest['bad_utf8']} file(s) were not valid UTF-8; undecodable bytes became U+FFFD")
     params = manifest["params"]
     if (params["vocab_size"], params["val_fraction"], params["seed"]) != (
-            model_cfg.vocab_size, cfg.val_fraction, cfg.seed) and given is None:
-        log.info(f"note: the store was built with vocabulary size {params['vocab_size']}, validation fraction "
-            f"{params['val_fraction']} and seed {params['seed']}")
+        model_cfg.vocab_size,
+        cfg.val_fraction,
+        cfg.seed,
+    ) and given is None:
+        log.info(
+            f"note: the store was built with vocabulary size {params['vocab_size']}, validation fraction "
+            f"{params['val_fraction']} and seed {params['seed']}"
+        )
     vocab = store.vocab()
     if given is None:
         from tfgpt.config import write_text_atomic
@@ -76,8 +90,10 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(vocab))
     train_windows = store.windows("train", model_cfg.maxlen, cfg.packing)
     val_windows = store.windows("val", model_cfg.maxlen, cfg.packing) if val_info["lines"] else None
-    log.info(f"tokens: {train_windows.tokens:,} in training lines -> {len(train_windows):,} windows of "
-        f"{model_cfg.maxlen + 1} ({cfg.packing})")
+    log.info(
+        f"tokens: {train_windows.tokens:,} in training lines -> {len(train_windows):,} windows of "
+        f"{model_cfg.maxlen + 1} ({cfg.packing})"
+    )
     return train_windows, val_windows, model_cfg
 
 
@@ -91,8 +107,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
     """Runs training; returns the process exit status."""
     setup_logging(chief=True)  # until the cluster is known, every worker prints
     try:
-        strategy = make_strategy(cfg.gpus, cfg.cpu_replicas, cfg.cluster, cfg.collective_timeout,
-                                 cluster_port=cfg.cluster_port)  # before any other TensorFlow op
+        strategy = make_strategy(
+            cfg.gpus, cfg.cpu_replicas, cfg.cluster, cfg.collective_timeout, cluster_port=cfg.cluster_port
+        )  # before any other TensorFlow op
     except DeviceError as e:
         return _fail(e, 2)
     except ClusterError as e:
@@ -135,11 +152,12 @@ def resolve_devices(cfg: TrainConfig, strategy, resume: bool) -> tuple[TrainConf
 
     chosen, notes = resolve_precision(cfg.precision, strategy), []
     if resume and cfg.compute_precision and chosen != cfg.compute_precision:
-        notes.append(f"precision: {chosen} on these devices (--precision {cfg.precision}); the run trained in "
-                     f"{cfg.compute_precision} before")
+        notes.append(
+            f"precision: {chosen} on these devices (--precision {cfg.precision}); the run trained in "
+            f"{cfg.compute_precision} before"
+        )
     if cfg.precision != "auto" and not native(chosen, strategy):
-        notes.append(f"warning: --precision {chosen} is not native on these devices: slower than float32, "
-                     "or emulated")
+        notes.append(f"warning: --precision {chosen} is not native on these devices: slower than float32, or emulated")
     return dataclasses.replace(cfg, compute_precision=chosen), notes
 
 
@@ -153,9 +171,11 @@ def device_line(strategy, cfg: TrainConfig) -> str:
         spec = strategy.cluster_resolver.cluster_spec().as_dict()
         workers = f" on each of {sum(len(v) for v in spec.values())} workers"
     spc = auto_steps_per_call(cfg.steps_per_call, strategy, cfg.log_every)
-    return (f"devices: {describe(strategy)}{workers}; precision {cfg.compute_precision}; "
-            f"XLA {'on' if use_xla(cfg.xla, strategy) else 'off'}; {strategy.num_replicas_in_sync} replica(s); "
-            f"{spc} step(s) per call" + ("; deterministic ops" if cfg.deterministic else ""))
+    return (
+        f"devices: {describe(strategy)}{workers}; precision {cfg.compute_precision}; "
+        f"XLA {'on' if use_xla(cfg.xla, strategy) else 'off'}; {strategy.num_replicas_in_sync} replica(s); "
+        f"{spc} step(s) per call" + ("; deterministic ops" if cfg.deterministic else "")
+    )
 
 
 def _train(strategy, model_cfg, cfg, run_dir, resume, chief) -> int:
@@ -180,8 +200,11 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief) -> int:
             path = trainer.checkpoints.restore_latest()
         except RuntimeError as e:
             return _fail(e, 2)
-        log.info(f"resumed from {path} (step {int(trainer.state.step.numpy())})" if path
-                 else "resume: no checkpoint yet, starting from step 0")
+        log.info(
+            f"resumed from {path} (step {int(trainer.state.step.numpy())})"
+            if path
+            else "resume: no checkpoint yet, starting from step 0"
+        )
     log.info(f"model: {count_params(trainer.model):,} parameters; {per_epoch} steps per epoch")
     reporter = make_reporter(trainer, model_cfg, cfg, run_dir, chief, vocab_path)
     history = _fit(strategy, trainer, reporter, cfg, train_windows, val_windows)
@@ -238,13 +261,14 @@ def mfu_peak(trainer, model_cfg, cfg) -> float | None:
         try:
             per_device = measured_peak(trainer.precision, device)
         except tf.errors.OpError as e:  # e.g. out of memory: train on, without mfu
-            log.warning(f"warning: could not measure the peak FLOP/s of {device}, so no mfu scalar "
-                        f"({type(e).__name__}); pass --peak-flops")
+            log.warning(
+                f"warning: could not measure the peak FLOP/s of {device}, so no mfu scalar "
+                f"({type(e).__name__}); pass --peak-flops"
+            )
         source = f"{trainer.precision} matmuls measured on {device} in {time.perf_counter() - t0:.1f}s"
     if per_device is None:
         return None
-    log.info(f"mfu: {fpt / 1e6:,.2f} MFLOP per token; peak {count} x {per_device / 1e12:,.3f} TFLOP/s "
-             f"({source})")
+    log.info(f"mfu: {fpt / 1e6:,.2f} MFLOP per token; peak {count} x {per_device / 1e12:,.3f} TFLOP/s ({source})")
     return per_device * count
 
 
@@ -259,8 +283,10 @@ def _fit(strategy, trainer, reporter, cfg, train_windows, val_windows) -> list |
 
     def on_signal(signum, frame):
         if trainer.stop_signal is None:
-            log.info(f"\n{signal.Signals(signum).name}: stopping after the current step and saving a checkpoint "
-                     "(send it again to stop at once)")
+            log.info(
+                f"\n{signal.Signals(signum).name}: stopping after the current step and saving a checkpoint "
+                "(send it again to stop at once)"
+            )
             trainer.stop_signal = signum
         else:
             raise KeyboardInterrupt
@@ -274,8 +300,11 @@ def _fit(strategy, trainer, reporter, cfg, train_windows, val_windows) -> list |
         log.info(f"resume with: python train.py --logdir {cfg.logdir} --run-name {cfg.run_name} --resume")
         return 128 + e.signum
     except NonFiniteLoss as e:
-        return _fail(f"{e}; the step was not applied and nothing was saved after it; "
-                     f"last good checkpoint: {trainer.checkpoints.latest or 'none'}", 1)
+        return _fail(
+            f"{e}; the step was not applied and nothing was saved after it; "
+            f"last good checkpoint: {trainer.checkpoints.latest or 'none'}",
+            1,
+        )
     except Exception as e:  # a lost worker: one line, not a traceback
         message = cluster_failure(strategy, e, cfg.collective_timeout)
         if message is None:
@@ -316,10 +345,14 @@ def make_sample_fn(trainer, cfg: TrainConfig, vocab_path: Path):
         # seed folds the step into the run's seed, so that each epoch's
         # sample differs and a rerun gives the same ones.
         out = sampler.generate(
-            prompt=tf.constant([cfg.prompt]), max_tokens=tf.constant([cfg.gen_tokens], tf.int32),
-            top_k=tf.constant([cfg.top_k], tf.int32), top_p=tf.constant([1.0]),
-            temperature=tf.constant([cfg.temperature], tf.float32), repetition_penalty=tf.constant([1.0]),
-            seed=tf.constant([cfg.seed * 1_000_003 + step], tf.int64))
+            prompt=tf.constant([cfg.prompt]),
+            max_tokens=tf.constant([cfg.gen_tokens], tf.int32),
+            top_k=tf.constant([cfg.top_k], tf.int32),
+            top_p=tf.constant([1.0]),
+            temperature=tf.constant([cfg.temperature], tf.float32),
+            repetition_penalty=tf.constant([1.0]),
+            seed=tf.constant([cfg.seed * 1_000_003 + step], tf.int64),
+        )
         text = out["text"].numpy()[0].decode("utf-8", errors="replace")
         settings = f"{cfg.gen_tokens} tokens, top-k {cfg.top_k}, temperature {cfg.temperature}, step {step}"
         return prompt, text, settings

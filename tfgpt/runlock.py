@@ -31,8 +31,10 @@ class RunLock:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
-            raise RunLocked(f"{self.path.parent} is in use by another training process ({holder}); "
-                            "wait for it to finish or stop it first") from None
+            raise RunLocked(
+                f"{self.path.parent} is in use by another training process ({holder}); "
+                "wait for it to finish or stop it first"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

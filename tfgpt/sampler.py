@@ -87,6 +87,7 @@ def refuse_rows(bad, message: str, values=None):
     bad bool [B]; values [B] or None. The message is built only when a row
     is bad (inside the branch), so a good batch pays one reduction.
     """
+
     def fail():
         row = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int32)
         if values is None:
@@ -152,9 +153,15 @@ class Sampler(tf.Module):
             return tf.fill([n], tf.constant(DEFAULTS[name], dtype))
 
         seed = tf.random.uniform([n], minval=0, maxval=tf.int64.max, dtype=tf.int64)
-        return self._generate(prompt, fill("max_tokens", tf.int32), fill("top_k", tf.int32),
-                              fill("top_p", tf.float32), fill("temperature", tf.float32),
-                              fill("repetition_penalty", tf.float32), seed)
+        return self._generate(
+            prompt,
+            fill("max_tokens", tf.int32),
+            fill("top_k", tf.int32),
+            fill("top_p", tf.float32),
+            fill("temperature", tf.float32),
+            fill("repetition_penalty", tf.float32),
+            seed,
+        )
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
     def score(self, text):
@@ -190,20 +197,32 @@ class Sampler(tf.Module):
 
         Any bytes are accepted: what is not UTF-8 becomes U+FFFD, and NUL
         becomes a space (lowercasing would otherwise cut the string there)."""
-        with tf.control_dependencies([tf.debugging.Assert(
-                tf.size(strings) <= MAX_BATCH,
-                [f"at most {MAX_BATCH} {what}s per request; got", tf.size(strings)])]):
-            strings = tf.strings.unicode_transcode(
-                strings, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+        with tf.control_dependencies(
+            [
+                tf.debugging.Assert(
+                    tf.size(strings) <= MAX_BATCH, [f"at most {MAX_BATCH} {what}s per request; got", tf.size(strings)]
+                )
+            ]
+        ):
+            strings = tf.strings.unicode_transcode(strings, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
         return self.tokenizer(tf.strings.regex_replace(strings, r"\x00", " "))
 
     def _checks(self, prompt, lengths, settings):
         """The refusals of `generate`: inputs whose batch differs from the
         prompts', and per row, the first bad value of each input."""
         n = tf.shape(prompt)[0]
-        checks = [tf.debugging.Assert(tf.shape(value)[0] == n, [tf.strings.format(
-            name + " has {} rows and prompt {}: every input needs one row per prompt", [tf.shape(value)[0], n])])
-            for name, value in settings.items()]
+        checks = [
+            tf.debugging.Assert(
+                tf.shape(value)[0] == n,
+                [
+                    tf.strings.format(
+                        name + " has {} rows and prompt {}: every input needs one row per prompt",
+                        [tf.shape(value)[0], n],
+                    )
+                ],
+            )
+            for name, value in settings.items()
+        ]
         with tf.control_dependencies(checks):  # the per-row checks index rows of every input
             mt, t = settings["max_tokens"], settings["temperature"]
             top_p, penalty = settings["top_p"], settings["repetition_penalty"]
@@ -213,27 +232,40 @@ class Sampler(tf.Module):
                 refuse_rows((mt < 0) | (mt > MAX_TOKENS), f"max_tokens must be between 0 and {MAX_TOKENS}", mt),
                 refuse_rows(~finite(t), "temperature must be a finite number", t),
                 refuse_rows(~finite(top_p), "top_p must be a finite number (1 = off)", top_p),
-                refuse_rows(~finite(penalty) | (penalty <= 0),
-                            "repetition_penalty must be a finite number above 0 (1 = off)", penalty),
+                refuse_rows(
+                    ~finite(penalty) | (penalty <= 0),
+                    "repetition_penalty must be a finite number above 0 (1 = off)",
+                    penalty,
+                ),
             ]
 
     def _generate(self, prompt, max_tokens, top_k, top_p, temperature, repetition_penalty, seed):
         ids = self._tokenize(prompt, "prompt")
         lengths = tf.cast(ids.row_lengths(), tf.int32)  # [N]
-        settings = {"max_tokens": max_tokens, "top_k": top_k, "top_p": top_p, "temperature": temperature,
-                    "repetition_penalty": repetition_penalty, "seed": seed}
+        settings = {
+            "max_tokens": max_tokens,
+            "top_k": top_k,
+            "top_p": top_p,
+            "temperature": temperature,
+            "repetition_penalty": repetition_penalty,
+            "seed": seed,
+        }
         with tf.control_dependencies(self._checks(prompt, lengths, settings)):
             # Past maxlen tokens only the last maxlen can be seen by the model.
-            context = tf.identity(ids[:, -self.maxlen:].to_tensor())  # [N, C]
+            context = tf.identity(ids[:, -self.maxlen :].to_tensor())  # [N, C]
             # Nothing reads a setting before the checks have passed.
             s = {name: tf.identity(value) for name, value in settings.items()}
-        token_ids, num = self._sample(context, tf.minimum(lengths, self.maxlen), s["max_tokens"],
-                                      sampling.plan(s["top_k"], s["top_p"], s["temperature"], self.vocab_size),
-                                      s["repetition_penalty"], s["seed"])
+        token_ids, num = self._sample(
+            context,
+            tf.minimum(lengths, self.maxlen),
+            s["max_tokens"],
+            sampling.plan(s["top_k"], s["top_p"], s["temperature"], self.vocab_size),
+            s["repetition_penalty"],
+            s["seed"],
+        )
         prompt_text = self.tokenizer.detokenize(ids.to_tensor())
         completion = self.tokenizer.detokenize(token_ids)
-        text = tf.where(completion == "", prompt_text,
-                        tf.strings.join([prompt_text, completion], separator=" "))
+        text = tf.where(completion == "", prompt_text, tf.strings.join([prompt_text, completion], separator=" "))
         return {"text": text, "completion": completion, "token_ids": token_ids, "lengths": num}
 
     # --- the generation loop ----------------------------------------------------
@@ -256,8 +288,7 @@ class Sampler(tf.Module):
         width = tf.maximum(c + steps, self.maxlen)
         column = tf.range(width)[None, :]  # [1, W]
         first = tf.pad(context, [[0, 0], [0, 1]])[:, :1]  # [B, 1] (also when C = 0: an empty batch)
-        history = tf.where(column < context_len[:, None], tf.pad(context, [[0, 0], [0, width - c]]),
-                           first)  # [B, W]
+        history = tf.where(column < context_len[:, None], tf.pad(context, [[0, 0], [0, width - c]]), first)  # [B, W]
         # A row uses the cache while it fits in L positions, so no more than
         # min(L, its context + its max_tokens) slots are ever written.
         slots = tf.minimum(self.maxlen, tf.reduce_max(tf.concat([context_len + max_tokens, [1]], 0)))
@@ -277,9 +308,10 @@ class Sampler(tf.Module):
                 # The output layer runs here only, on each row's newest hidden
                 # state: one matrix product per step.
                 logits = decode.logits(hidden, head)  # [B, V]
-                logits = tf.cond(penalised, lambda: sampling.penalize(logits, history, penalty, offsets),
-                                 lambda: logits)
-                token = sampling.pick(logits, plan, uniforms[:, i:i + 1], general)
+                logits = tf.cond(
+                    penalised, lambda: sampling.penalize(logits, history, penalty, offsets), lambda: logits
+                )
+                token = sampling.pick(logits, plan, uniforms[:, i : i + 1], general)
                 token = tf.where(done, 0, token)  # [B]
                 history = _write(history, n, token)
                 ended = token == 0
@@ -288,6 +320,7 @@ class Sampler(tf.Module):
                 # No hidden state is needed for a row that has ended.
                 hidden, caches = next_hidden(token, n, ~done, hidden, caches, history)
                 return i + 1, hidden, caches, history, n, done
+
             return step
 
         def loops(general):
@@ -307,7 +340,8 @@ class Sampler(tf.Module):
             # Then the general step, in which rows may decode from the cache
             # or run a window.
             _, _, _, history_out, n_out, _ = tf.while_loop(
-                more, make_step(lambda *a: self._general_step(*a, setup), general), state)
+                more, make_step(lambda *a: self._general_step(*a, setup), general), state
+            )
             return history_out, n_out
 
         # The loops twice: for requests whose every row takes the fast way of
@@ -367,7 +401,8 @@ class Sampler(tf.Module):
         return tf.cond(
             need_window,
             lambda: tf.cond(need_cache, both, windowed),
-            lambda: tf.cond(need_cache, cached, lambda: (hidden, caches)))
+            lambda: tf.cond(need_cache, cached, lambda: (hidden, caches)),
+        )
 
     # --- scoring ------------------------------------------------------------------
 
@@ -377,7 +412,7 @@ class Sampler(tf.Module):
 
         dense int32 [B, T] (0-padded), n int32 [B] -> float32 [B].
         """
-        first = dense[:, :self.maxlen]  # [B, T0]
+        first = dense[:, : self.maxlen]  # [B, T0]
         hidden = self.model.hidden(first)[:, :-1]  # [B, T0 - 1, D] predicts first[:, 1:]
         targets = first[:, 1:]  # [B, T0 - 1]
         valid = tf.range(1, tf.shape(targets)[1] + 1)[None, :] < n[:, None]  # [B, T0 - 1]
@@ -403,8 +438,9 @@ class Sampler(tf.Module):
         def step(j, acc):
             end = tf.minimum(j + SCORE_WINDOWS, total)
             r, i = rows[j:end], at[j:end]  # [P], P <= SCORE_WINDOWS windows
-            index = tf.stack([tf.repeat(r[:, None], size, axis=1),
-                              i[:, None] - size + tf.range(size)[None, :]], -1)  # [P, L, 2]
+            index = tf.stack(
+                [tf.repeat(r[:, None], size, axis=1), i[:, None] - size + tf.range(size)[None, :]], -1
+            )  # [P, L, 2]
             window = tf.gather_nd(dense, index)  # [P, L]
             last = self.model.hidden(window)[:, -1]  # [P, D]
             log_p = self._log_probs(last, tf.gather_nd(dense, tf.stack([r, i], -1)))
@@ -430,8 +466,9 @@ class Sampler(tf.Module):
             logits = self.model.head(hidden[j:end])  # [R, V]
             return end, out.write(out.size(), token_log_probs(logits, targets[j:end]))
 
-        parts = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False,
-                               element_shape=tf.TensorShape([None]))
+        parts = tf.TensorArray(
+            tf.float32, size=0, dynamic_size=True, infer_shape=False, element_shape=tf.TensorShape([None])
+        )
         _, parts = tf.while_loop(more, step, (tf.constant(0), parts))
         return tf.cond(total > 0, parts.concat, lambda: tf.zeros([0]))
 
@@ -440,4 +477,3 @@ def _write(history, n, token):
     """history int32 [B, W] with history[b, n[b]] set to token[b]."""
     at = tf.one_hot(n, tf.shape(history)[1], on_value=True, off_value=False)  # [B, W]
     return tf.where(at, token[:, None], history)
-

@@ -77,6 +77,7 @@ def row_uniforms(seed, steps):
 
 # --- repetition penalty ---------------------------------------------------------
 
+
 def penalize(logits, seen, penalty, offsets):
     """The CTRL repetition penalty, written into the logits' own buffer.
 
@@ -100,6 +101,7 @@ def penalize(logits, seen, penalty, offsets):
 
 
 # --- the choice -------------------------------------------------------------------
+
 
 def plan(top_k, top_p, temperature, vocab_size: int) -> dict:
     """What `pick` needs from the rows' settings, worked out once per call
@@ -128,10 +130,17 @@ def plan(top_k, top_p, temperature, vocab_size: int) -> dict:
     longest = tf.reduce_max(tf.concat([tf.where(short, k, 1), tf.where(wide, CANDIDATES, 1), [1]], 0))
     candidates = tf.minimum(longest, vocab_size)
     return {
-        "k": k[:, None], "top_p": top_p[:, None], "t": tf.where(sample, temperature, 1.0)[:, None],
-        "short": short, "whole": whole, "wide": wide, "nucleus_all": nucleus_all,
-        "candidates": candidates, "k_short": tf.minimum(k, candidates)[:, None],
-        "any_whole": tf.reduce_any(whole), "any_wide": tf.reduce_any(wide),
+        "k": k[:, None],
+        "top_p": top_p[:, None],
+        "t": tf.where(sample, temperature, 1.0)[:, None],
+        "short": short,
+        "whole": whole,
+        "wide": wide,
+        "nucleus_all": nucleus_all,
+        "candidates": candidates,
+        "k_short": tf.minimum(k, candidates)[:, None],
+        "any_whole": tf.reduce_any(whole),
+        "any_wide": tf.reduce_any(wide),
         "fast": ~tf.reduce_any(whole | wide),  # every row greedy or short
     }
 
@@ -167,8 +176,9 @@ def pick(logits, p: dict, u, general: bool = True):
             rows = tf.cast(tf.where(far)[:, 0], tf.int32)  # [F]
             k_far = tf.gather(k, rows)  # [F, 1]
             full_values, full_indices = tf.math.top_k(tf.gather(logits, rows), tf.reduce_max(k_far))  # [F, width]
-            picked = _from_sorted(full_values, full_indices, k_far, tf.gather(top_p, rows), tf.gather(t, rows),
-                                  tf.gather(u, rows))
+            picked = _from_sorted(
+                full_values, full_indices, k_far, tf.gather(top_p, rows), tf.gather(t, rows), tf.gather(u, rows)
+            )
             return tf.scatter_nd(rows[:, None], picked, tf.shape(far))
 
         sorted_token = tf.cond(tf.reduce_any(far), full_sort, lambda: tf.zeros_like(token))

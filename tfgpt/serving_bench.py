@@ -43,7 +43,7 @@ OTHER_PROMPT = "the acting was good but the story was not"  # another length tha
 SETTINGS = {"max_tokens": 40, "top_k": 10, "top_p": 0.9, "temperature": 1.0, "repetition_penalty": 1.2}
 
 # The child: TensorFlow and the serving protos, nothing of tfgpt.
-CHILD = r'''
+CHILD = r"""
 import json, sys, time
 import numpy as np
 import tensorflow as tf
@@ -133,7 +133,7 @@ if spec["batching"]:
         report["batching"][size] = figures(*min(runs, key=lambda r: r[0] / max(r[1], 1)), size)
 report["tfgpt_modules"] = sorted(m for m in sys.modules if m == "tfgpt" or m.startswith("tfgpt."))
 print("RESULT " + json.dumps(report))
-'''
+"""
 
 
 def export_for_bench(precision: str, base: Path, run: str | None, log=print) -> tuple[Path, str]:
@@ -152,18 +152,26 @@ def export_for_bench(precision: str, base: Path, run: str | None, log=print) -> 
 
 def measure(path: Path, repeats: int, batching: bool) -> dict:
     """Runs CHILD on an export and returns its report."""
-    spec = {"settings": SETTINGS, "repeats": repeats, "batches": [1, 32], "prompt": PROMPT,
-            "other_prompt": OTHER_PROMPT, "batching": batching}
+    spec = {
+        "settings": SETTINGS,
+        "repeats": repeats,
+        "batches": [1, 32],
+        "prompt": PROMPT,
+        "other_prompt": OTHER_PROMPT,
+        "batching": batching,
+    }
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run([sys.executable, "-c", CHILD, str(path), json.dumps(spec)], capture_output=True,
-                          text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), json.dumps(spec)], capture_output=True, text=True, env=env
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the serving benchmark's process failed: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.split("RESULT ", 1)[1])
 
 
-def serving_bench(precisions=("bfloat16", "float32"), run: str | None = None, repeats: int = 10,
-                  batching: bool = False, log=print) -> list[dict]:
+def serving_bench(
+    precisions=("bfloat16", "float32"), run: str | None = None, repeats: int = 10, batching: bool = False, log=print
+) -> list[dict]:
     """Exports and measures each precision; prints the table. Returns one
     report per precision (`measure`'s, plus precision and source)."""
     rows = []
@@ -173,18 +181,23 @@ def serving_bench(precisions=("bfloat16", "float32"), run: str | None = None, re
             report = measure(path, repeats, batching)
             rows.append(dict(report, precision=precision, source=source))
     s = SETTINGS
-    log(f"generation: the exported SavedModel ({rows[0]['source']}) loaded by TensorFlow alone after its "
+    log(
+        f"generation: the exported SavedModel ({rows[0]['source']}) loaded by TensorFlow alone after its "
         f"{rows[0]['warmup_records']} warmup records; prompt {PROMPT!r}, {s['max_tokens']} tokens, top-k {s['top_k']}, "
         f"top-p {s['top_p']}, temperature {s['temperature']}, repetition penalty {s['repetition_penalty']}; "
-        f"steady = best of {repeats}; load average {os.getloadavg()[0]:.2f}")
+        f"steady = best of {repeats}; load average {os.getloadavg()[0]:.2f}"
+    )
     log("")
-    log("| export | load + warmup | batch 1: first request | batch 1: steady, best (median) "
+    log(
+        "| export | load + warmup | batch 1: first request | batch 1: steady, best (median) "
         "| batch 32: first request | batch 32: steady, best (median) | first / best (batch 1, 32) "
-        "| first, another prompt length | 64 rows, 64 settings |")
+        "| first, another prompt length | 64 rows, 64 settings |"
+    )
     log("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         one, big = r["batch1"], r["batch32"]
-        log(f"| {r['precision']} | {r['load_s']:.1f} + {r['warmup_s']:.1f} s "
+        log(
+            f"| {r['precision']} | {r['load_s']:.1f} + {r['warmup_s']:.1f} s "
             f"| {one['first']['ms_per_token']:.3f} ms/token "
             f"| {one['steady']['ms_per_token']:.3f} ({one['median']['ms_per_token']:.3f}) ms/token "
             f"| {big['first']['tokens_per_s']:,.0f} tokens/s "
@@ -192,21 +205,30 @@ def serving_bench(precisions=("bfloat16", "float32"), run: str | None = None, re
             f"| {one['first']['ms_per_token'] / one['steady']['ms_per_token']:.2f}, "
             f"{big['steady']['tokens_per_s'] / big['first']['tokens_per_s']:.2f} "
             f"| {r['other_prompt_first']['ms_per_token']:.3f} ms/token "
-            f"| {r['mixed_equal']}/64 rows equal alone |")
+            f"| {r['mixed_equal']}/64 rows equal alone |"
+        )
     if batching:
         for r in rows:
             log("")
             log(f"batching, {r['precision']}: rows per request -> tokens/s (ms per request)")
-            log("  " + ", ".join(f"{size}: {f['tokens_per_s']:,.0f} ({1000 * f['seconds']:.0f} ms)"
-                                 for size, f in r["batching"].items()))
+            log(
+                "  "
+                + ", ".join(
+                    f"{size}: {f['tokens_per_s']:,.0f} ({1000 * f['seconds']:.0f} ms)"
+                    for size, f in r["batching"].items()
+                )
+            )
     return rows
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tfgpt.serving_bench",
-                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("--run", help="a training run directory: export its latest checkpoint (default: the "
-                        "default model with random weights)")
+    parser = argparse.ArgumentParser(
+        prog="python -m tfgpt.serving_bench", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
+    parser.add_argument(
+        "--run",
+        help="a training run directory: export its latest checkpoint (default: the default model with random weights)",
+    )
     parser.add_argument("--precision", choices=("bfloat16", "float32", "both"), default="both")
     parser.add_argument("--repeats", type=int, default=10, help="timed requests per batch size (default 10)")
     parser.add_argument("--batching", action="store_true", help="also time batches of 1 to 64 rows")

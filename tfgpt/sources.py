@@ -40,7 +40,7 @@ class InputFile:
     mtime_ns: int
 
     @classmethod
-    def of(cls, path: Path) -> "InputFile":
+    def of(cls, path: Path) -> InputFile:
         st = path.stat()
         return cls(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
@@ -201,12 +201,12 @@ def spool_archive(path: Path, unsup: bool, spool: Path, on_read=lambda n: None) 
             docs.append((name, out.tell(), len(data), kind))
             out.write(data)
     docs = keep_members(docs)
-    return [Document(name, str(spool), "spool", off, size)
-            for name, off, size, _ in sorted(docs, key=lambda d: d[0])]
+    return [Document(name, str(spool), "spool", off, size) for name, off, size, _ in sorted(docs, key=lambda d: d[0])]
 
 
-def list_documents(paths: list[Path], unsup: bool, spool_dir: Path | None = None,
-                   on_read=lambda n: None) -> list[Document]:
+def list_documents(
+    paths: list[Path], unsup: bool, spool_dir: Path | None = None, on_read=lambda n: None
+) -> list[Document]:
     """The documents of all paths, in order (archives are spooled into
     spool_dir)."""
     docs: list[Document] = []
@@ -302,7 +302,7 @@ def pieces(doc: Document, block: int = 1 << 20, on_read=lambda n: None, spools: 
                 rest = buf
                 continue
             yield _valid(buf[:cut])
-            rest = buf[cut + 1:]
+            rest = buf[cut + 1 :]
         yield _valid(rest)
     finally:
         f.close()

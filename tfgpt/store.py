@@ -114,7 +114,7 @@ class Store:
     def split(self, name: str) -> dict:
         return self.manifest["splits"][name]
 
-    def windows(self, split: str, maxlen: int, packing: str) -> "StoreWindows":
+    def windows(self, split: str, maxlen: int, packing: str) -> StoreWindows:
         return StoreWindows(self, split, maxlen, packing)
 
 
@@ -192,7 +192,7 @@ class StoreWindows:
             starts = self.stream.starts(rows)
         for i, start in enumerate(starts.tolist()):
             ids = self.stream.tokens(start, self.width)
-            out[i, :len(ids)] = ids
+            out[i, : len(ids)] = ids
         if self.packing == "truncate":
             # The line ends at its first 0: what follows belongs to the next line.
             out *= np.cumsum(out == 0, axis=1) == 0

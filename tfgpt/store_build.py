@@ -186,7 +186,7 @@ class _Ids:
         top = int(self.next.numpy())
         if top > len(self.counts):
             grown = np.zeros(max(top, 2 * len(self.counts)), np.int64)
-            grown[:len(self.counts)] = self.counts
+            grown[: len(self.counts)] = self.counts
             self.counts = grown
         self.counts[ids] += train_counts
         return ids.astype(np.uint32)
@@ -299,10 +299,23 @@ def _remap(folder: Path, names: list[str], lut: np.ndarray, block: int = 1 << 22
     return out
 
 
-def build(folder: Path, paths: list[Path], *, imdb_unsup: bool, vocab_size: int, val_fraction: float, seed: int,
-          params: dict, key: str, given_vocab: list[str] | None = None, alt: tuple | None = None,
-          shard_tokens: int = SHARD_TOKENS, workers: int | None = None, chunk_bytes: int | None = None,
-          log=print) -> dict:
+def build(
+    folder: Path,
+    paths: list[Path],
+    *,
+    imdb_unsup: bool,
+    vocab_size: int,
+    val_fraction: float,
+    seed: int,
+    params: dict,
+    key: str,
+    given_vocab: list[str] | None = None,
+    alt: tuple | None = None,
+    shard_tokens: int = SHARD_TOKENS,
+    workers: int | None = None,
+    chunk_bytes: int | None = None,
+    log=print,
+) -> dict:
     """Builds a store into the empty folder `folder`; returns its manifest
     (written last, as folder/manifest.json), with `key` and `params`.
 
@@ -391,8 +404,14 @@ def build(folder: Path, paths: list[Path], *, imdb_unsup: bool, vocab_size: int,
     splits = {}
     for s in ("train", "val"):
         length = streams[s].length
-        splits[s] = dict(lines=lines[s], tokens=length - lines[s], stream=length, line_starts=starts[s].count,
-                         shards=shards[s], starts=f"{s}.starts")
+        splits[s] = dict(
+            lines=lines[s],
+            tokens=length - lines[s],
+            stream=length,
+            line_starts=starts[s].count,
+            shards=shards[s],
+            starts=f"{s}.starts",
+        )
     files = {}
     for name in ["vocab.txt"] + [n for s in splits.values() for n in s["shards"] + [s["starts"]]]:
         st = (folder / name).stat()
@@ -400,11 +419,23 @@ def build(folder: Path, paths: list[Path], *, imdb_unsup: bool, vocab_size: int,
     seconds = time.perf_counter() - t0
     if not own_vocab:
         params, key = alt[0], alt[1]
-    manifest = dict(format=FORMAT, version=VERSION, key=key, params=params, created=time.strftime("%Y-%m-%d %H:%M:%S"),
-                    documents=len(docs), bad_utf8=stats.bad_utf8, text_bytes=stats.text_bytes,
-                    vocab_entries=len(vocab), dtype=np.dtype(dtype).name, shard_tokens=shard_tokens,
-                    own_vocab=own_vocab, splits=splits, files=files,
-                    seconds=dict(read_and_tokenize=round(read_s, 3), total=round(seconds, 3)))
+    manifest = dict(
+        format=FORMAT,
+        version=VERSION,
+        key=key,
+        params=params,
+        created=time.strftime("%Y-%m-%d %H:%M:%S"),
+        documents=len(docs),
+        bad_utf8=stats.bad_utf8,
+        text_bytes=stats.text_bytes,
+        vocab_entries=len(vocab),
+        dtype=np.dtype(dtype).name,
+        shard_tokens=shard_tokens,
+        own_vocab=own_vocab,
+        splits=splits,
+        files=files,
+        seconds=dict(read_and_tokenize=round(read_s, 3), total=round(seconds, 3)),
+    )
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     _fsync_dir(folder)
     return manifest

@@ -52,8 +52,9 @@ class NonFiniteLoss(RuntimeError):
 
     def __init__(self, step: int, loss: float, grad_norm: float, scale: float | None = None):
         detail = f"; float16 gradients overflow even at loss scale {scale:g}" if scale is not None else ""
-        super().__init__(f"the loss or the gradients are not finite at step {step} "
-                         f"(loss {loss}, gradient norm {grad_norm}){detail}")
+        super().__init__(
+            f"the loss or the gradients are not finite at step {step} (loss {loss}, gradient norm {grad_norm}){detail}"
+        )
         self.step = step
 
 
@@ -98,8 +99,9 @@ class Trainer:
     """Builds the model, optimizer and step functions under a strategy and runs
     the loop over prepared windows."""
 
-    def __init__(self, model_cfg: GPTConfig, cfg: TrainConfig, strategy, run_dir: str | Path,
-                 total_steps: int | None = None):
+    def __init__(
+        self, model_cfg: GPTConfig, cfg: TrainConfig, strategy, run_dir: str | Path, total_steps: int | None = None
+    ):
         self.model_cfg, self.cfg, self.strategy = model_cfg, cfg, strategy
         self.run_dir = Path(run_dir)
         self.chief = is_chief(strategy)
@@ -111,17 +113,28 @@ class Trainer:
         self.steps_per_call = auto_steps_per_call(cfg.steps_per_call, strategy, cfg.log_every)
         rows = cfg.batch_size // self.replicas * model_cfg.maxlen  # loss rows per replica
         self.loss_chunk = cfg.loss_chunk or auto_chunk(
-            rows, model_cfg.vocab_size, CHUNK_BUDGET["GPU" if all_gpus(strategy) else "CPU"])
+            rows, model_cfg.vocab_size, CHUNK_BUDGET["GPU" if all_gpus(strategy) else "CPU"]
+        )
         with strategy.scope():
             self.model = GPT(model_cfg, seed=cfg.seed, compute_dtype=compute_dtype(self.precision))
             schedule = make_schedule(cfg.lr_schedule, cfg.lr, cfg.warmup_steps, total_steps)
-            self.optimizer = Adam(self.model.trainable_variables, lr=schedule, beta1=cfg.beta1,
-                                  beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+            self.optimizer = Adam(
+                self.model.trainable_variables,
+                lr=schedule,
+                beta1=cfg.beta1,
+                beta2=cfg.beta2,
+                eps=cfg.eps,
+                weight_decay=cfg.weight_decay,
+            )
             self.state = TrainState()
             self.loss_scale = LossScale()  # used in float16 only; checkpointed always
         self.checkpoints = Checkpoints(
             dict(model=self.model, optimizer=self.optimizer, state=self.state, loss_scale=self.loss_scale),
-            self.run_dir, self.state.step, keep=cfg.keep_checkpoints, chief=self.chief)
+            self.run_dir,
+            self.state.step,
+            keep=cfg.keep_checkpoints,
+            chief=self.chief,
+        )
         self.stop_signal = None  # set by a signal handler: stop after the current step
         self._stepped = False  # whether train_step has run in this process
         self._build_steps()
@@ -147,8 +160,16 @@ class Trainer:
 
         def grads_fn(x, y, w, seed, scale):
             with tf.GradientTape() as tape:
-                loss_sum = model.loss_sum(x, y, w, seed=seed, training=True, chunk=chunk, branch_free=branch_free,
-                                          smoothing=cfg.label_smoothing)
+                loss_sum = model.loss_sum(
+                    x,
+                    y,
+                    w,
+                    seed=seed,
+                    training=True,
+                    chunk=chunk,
+                    branch_free=branch_free,
+                    smoothing=cfg.label_smoothing,
+                )
                 target = loss_sum * (scale / rows) if scaled else loss_sum
             raw = tape.gradient(target, variables)
             grads = [tf.convert_to_tensor(g) for g in raw]
@@ -171,8 +192,11 @@ class Trainer:
             if branch_free:
                 lr = optimizer.apply(grads, variables, factor, where=finite, rows=by_row)
             else:
-                lr = tf.cond(finite, lambda: optimizer.apply(grads, variables, factor, rows=by_row),
-                             lambda: optimizer.learning_rate(optimizer.step + 1))
+                lr = tf.cond(
+                    finite,
+                    lambda: optimizer.apply(grads, variables, factor, rows=by_row),
+                    lambda: optimizer.learning_rate(optimizer.step + 1),
+                )
             if scaled:
                 loss_scale.update(finite)
             return norm, lr, finite
@@ -314,8 +338,11 @@ class Trainer:
             if self.stop_signal is not None:
                 raise Interrupted(self.stop_signal, step, self.checkpoints.save())
             epoch, batch = int(self.state.epoch.numpy()), int(self.state.batch.numpy())
-            dist = self.distribute(lambda ctx: data.train_dataset(
-                train_windows, cfg.batch_size, cfg.seed, epoch, cfg.packing, ctx, skip=batch))
+            dist = self.distribute(
+                lambda ctx, epoch=epoch, skip=batch: data.train_dataset(
+                    train_windows, cfg.batch_size, cfg.seed, epoch, cfg.packing, ctx, skip=skip
+                )
+            )
             iterator = iter(dist)
             epoch_start, losses = time.perf_counter(), []
             while batch < per_epoch and not done:
@@ -337,10 +364,20 @@ class Trainer:
                     if not finite and scale < 1.0:
                         raise NonFiniteLoss(step, float(loss), float(norm), scale=float(scale))
                     losses.append(float(loss))
-                    info = dict(step=step, epoch=epoch, batch=batch, batches=per_epoch, loss=float(loss),
-                                grad_norm=float(norm), lr=float(lr), tokens=float(count), step_time=dt,
-                                tokens_per_second=tokens_per_step / dt, skipped=not finite,
-                                loss_scale=float(scale) if self.precision == "float16" else None)
+                    info = dict(
+                        step=step,
+                        epoch=epoch,
+                        batch=batch,
+                        batches=per_epoch,
+                        loss=float(loss),
+                        grad_norm=float(norm),
+                        lr=float(lr),
+                        tokens=float(count),
+                        step_time=dt,
+                        tokens_per_second=tokens_per_step / dt,
+                        skipped=not finite,
+                        loss_scale=float(scale) if self.precision == "float16" else None,
+                    )
                     if hooks:
                         hooks.on_step(info)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -353,9 +390,16 @@ class Trainer:
                 self.state.epoch.assign_add(1)
                 self.state.batch.assign(0)
             val_loss = self.evaluate(val_windows) if val_windows is not None and len(val_windows) else None
-            info = dict(step=step, epoch=epoch, batches=per_epoch, seconds=time.perf_counter() - epoch_start,
-                        steps_run=len(losses), loss=float(np.mean(losses)) if losses else float("nan"),
-                        val_loss=val_loss, finished=finished_epoch)
+            info = dict(
+                step=step,
+                epoch=epoch,
+                batches=per_epoch,
+                seconds=time.perf_counter() - epoch_start,
+                steps_run=len(losses),
+                loss=float(np.mean(losses)) if losses else float("nan"),
+                val_loss=val_loss,
+                finished=finished_epoch,
+            )
             history.append(info)
             self.checkpoints.save()
             if hooks:
