@@ -34,7 +34,7 @@ comma := ,
 EXTRAS := $(if $(filter 1,$(GPU_CHOICE)),test$(comma)lint$(comma)gpu,test$(comma)lint)
 STAMP := $(VENV)/.installed-gpu$(GPU_CHOICE)
 
-.PHONY: venv train test lint format test-gpu gpu-check bench clean
+.PHONY: venv train test test-fast lint format test-gpu gpu-check bench clean
 
 venv: $(STAMP)
 
@@ -59,6 +59,10 @@ train: venv
 # the ten slowest tests listed.
 test: venv
 	$(PY) -m pytest -q -m "not gpu" --durations=10 $(ARGS)
+
+# The same without the `slow` tests (end-to-end runs and subprocesses).
+test-fast: venv
+	$(PY) -m pytest -q -m "not gpu and not slow" --durations=10 $(ARGS)
 
 # ruff's checks and its formatting check (settings in pyproject.toml); CI runs
 # this before the tests. `make format` rewrites the files instead.

@@ -53,12 +53,12 @@ def test_changing_a_later_position_leaves_earlier_outputs_unchanged():
     q, k, v = _qkv(seed=1)
     t = 2
     k2, v2 = k.copy(), v.copy()
-    k2[:, :, t + 1:] += 3.0
-    v2[:, :, t + 1:] -= 2.0
+    k2[:, :, t + 1 :] += 3.0
+    v2[:, :, t + 1 :] -= 2.0
     a = attend(tf.constant(q), tf.constant(k), tf.constant(v), causal_mask(5)).numpy()
     b = attend(tf.constant(q), tf.constant(k2), tf.constant(v2), causal_mask(5)).numpy()
-    np.testing.assert_array_equal(a[:, :, :t + 1], b[:, :, :t + 1])
-    assert np.abs(a[:, :, t + 1:] - b[:, :, t + 1:]).min() > 1e-3
+    np.testing.assert_array_equal(a[:, :, : t + 1], b[:, :, : t + 1])
+    assert np.abs(a[:, :, t + 1 :] - b[:, :, t + 1 :]).min() > 1e-3
 
 
 @pytest.mark.parametrize("small", [0, 1 << 16])  # batched products, elementwise sums
@@ -74,7 +74,7 @@ def test_one_query_against_a_cache_equals_the_full_pass(small):
     k_cache = rng.normal(size=(3, 3, slots, 4)).astype(np.float32) * 10.0
     v_cache = rng.normal(size=(3, 3, slots, 4)).astype(np.float32) * 10.0
     for b, p in enumerate(pos):
-        k_cache[b, :, :p + 1], v_cache[b, :, :p + 1] = k[b, :, :p + 1], v[b, :, :p + 1]
+        k_cache[b, :, : p + 1], v_cache[b, :, : p + 1] = k[b, :, : p + 1], v[b, :, : p + 1]
     q_one = q[np.arange(3), :, pos][:, :, None, :]  # [B, H, 1, K]
     blocked = np.where(np.arange(slots)[None, :] <= pos[:, None], 0.0, -1e9).astype(np.float32)  # [B, S]
     q_scaled = tf.constant((q_one[:, :, 0] / np.sqrt(4.0)).astype(np.float32))  # [B, H, K]

@@ -1,9 +1,12 @@
-"""The command line's configs: the training options and their
-one-line errors (no TensorFlow needed for any of it)."""
+"""The command line (tfgpt.cli): the training options' defaults, and every
+kind of bad input as one line on stderr and exit status 2."""
+
+import re
 
 import pytest
+from helpers import write_corpus
 
-from tfgpt.cli import UsageError, build_parser, configs_from_args, validate
+from tfgpt.cli import build_parser, configs_from_args, main, validate
 
 
 def parse(*argv):
@@ -17,19 +20,103 @@ def test_the_defaults_are_the_examples_recipe():
     assert (train.weight_decay, train.label_smoothing, model.tie_embeddings) == (0.0, 0.0, False)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--label-smoothing", "1.0"], "--label-smoothing must be in [0, 1)"),
-    (["--weight-decay", "-0.1"], "--weight-decay must be 0 or positive"),
-    (["--tie-embeddings"], "--embedding-update per-token needs a token table of its own"),
-    (["--steps-per-call", "-1"], "--steps-per-call must be 0 (automatic) or positive"),
-    (["--cpu-replicas", "0"], "--cpu-replicas must be at least 1"),
-])
-def test_bad_values_are_one_line_usage_errors(argv, message):
-    with pytest.raises(UsageError, match=r"^" + message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        validate(*parse(*argv))
-
-
 def test_tied_embeddings_with_dense_embedding_updates_are_fine():
     model, train = parse("--tie-embeddings", "--embedding-update", "dense")
     validate(model, train)
     assert model.tie_embeddings and train.embedding_update == "dense"
+
+
+def test_a_recipe_fills_what_the_flags_leave_out():
+    from tfgpt.cli import RECIPES
+
+    assert parse("--recipe", "example") == parse()  # the example's recipe is the defaults
+    _, example = parse()
+    _, tuned = parse("--recipe", "tuned")
+    assert tuned.recipe == "tuned" and RECIPES["tuned"]
+    for key, value in RECIPES["tuned"].items():
+        assert getattr(tuned, key) == value != getattr(example, key)
+    _, mine = parse("--recipe", "tuned", "--lr", "5e-4")
+    assert mine.lr == 5e-4  # an explicit flag wins
+
+
+def test_resume_refuses_another_recipe(tmp_path, capsys):
+    import dataclasses
+
+    from tfgpt.config import save_config
+
+    model, train = parse("--recipe", "tuned")
+    run = tmp_path / "logs" / "r"
+    run.mkdir(parents=True)
+    save_config(run / "config.json", model, dataclasses.replace(train, run_name="r", logdir=str(tmp_path / "logs")))
+    assert main(["--logdir", str(tmp_path / "logs"), "--run-name", "r", "--resume", "--recipe", "example"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--recipe example conflicts" in err, err
+
+
+def test_help_lists_flags(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--data", "--packing", "--gpus", "--xla", "--resume", "--max-steps", "--prompt"):
+        assert flag in out
+    flat = " ".join(out.split())
+    assert re.search(r"--vocab-size VOCAB_SIZE [^-]*\(default: 20000\)", flat)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """{corpus}: 120 lines; {short}: 3 lines; {empty}: a folder without .txt files;
+    {missing}: nothing there."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "empty").mkdir()
+    return {
+        "corpus": str(write_corpus(root / "reviews.txt", 120)),
+        "short": str(write_corpus(root / "short.txt", 3)),
+        "empty": str(root / "empty"),
+        "missing": str(root / "missing"),
+    }
+
+
+# (flags, words in the message, |-separated); --data is {corpus} unless the flags name another.
+BAD_INPUT = [
+    (["--data", "{missing}"], "no such file"),
+    (["--data", "{empty}"], "no .txt files"),
+    (["--data", "{short}", "--batch-size", "64"], "fewer than one global batch"),
+    (["--vocab-size", "2"], "--vocab-size"),
+    (["--maxlen", "1"], "--maxlen"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-4"], "--batch-size"),
+    (["--epochs", "-1"], "--epochs"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--gen-tokens", "0"], "--gen-tokens"),
+    (["--dropout", "1.0"], "--dropout"),
+    (["--dropout", "1.5"], "--dropout"),
+    (["--resume"], "--run-name"),
+    (["--cpu-replicas", "2", "--batch-size", "15"], "not divisible"),
+    (["--cpu-replicas", "2", "--batch-size", "7", "--max-steps", "1"], "--batch-size 7|2 replicas"),
+    (["--profile-steps", "5"], "--profile-steps"),
+    (["--profile-steps", "4:2"], "A <= B"),
+    (["--profile-steps", "0:2"], "1 <= A"),
+    (["--peak-flops", "0"], "--peak-flops"),
+    # The messages of tfgpt.cli.validate, whole.
+    (["--label-smoothing", "1.0"], "train.py: error: --label-smoothing must be in [0, 1)"),
+    (["--weight-decay", "-0.1"], "train.py: error: --weight-decay must be 0 or positive"),
+    (["--tie-embeddings"], "train.py: error: --embedding-update per-token needs a token table of its own"),
+    (["--steps-per-call", "-1"], "train.py: error: --steps-per-call must be 0 (automatic) or positive"),
+    (["--cpu-replicas", "0"], "train.py: error: --cpu-replicas must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("flags, words", BAD_INPUT)
+def test_bad_input_is_one_line_and_status_2(data, tmp_path, capsys, flags, words):
+    flags = [f.format(**data) for f in flags]
+    argv = ([] if "--data" in flags else ["--data", data["corpus"]]) + flags
+    assert main(argv + ["--logdir", str(tmp_path / "logs"), "--quiet", "--no-export"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error: "), (flags, err)
+    assert all(w in err for w in words.split("|")), (flags, err)
+    assert not list((tmp_path / "logs").rglob("config.json"))  # stopped before the run began

@@ -10,8 +10,8 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import tar_folder, write_imdb_tree
 
-from conftest import tar_folder, write_imdb_tree
 from tfgpt import data
 
 
@@ -26,12 +26,15 @@ def tf_words(text: str) -> list[str]:
     return [w.decode() for w in data.split_words(tf.constant([text]))[0].numpy()]
 
 
-@pytest.mark.parametrize("text", [
-    "Don't STOP!<br /><br />It was (really) \"great\"...",
-    "a-b_c{d}e[f]g\\h|i~j`k^l@m#n$o%p&q*r+s=t<u>v?w/x;y:z,",
-    "  spaces   and\ttabs  ",
-    "Émile's café",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        'Don\'t STOP!<br /><br />It was (really) "great"...',
+        "a-b_c{d}e[f]g\\h|i~j`k^l@m#n$o%p&q*r+s=t<u>v?w/x;y:z,",
+        "  spaces   and\ttabs  ",
+        "Émile's café",
+    ],
+)
 def test_standardize_matches_python_reference(text):
     assert tf_words(text) == reference_words(text)
 
@@ -88,14 +91,17 @@ def test_imdb_folder_reads_four_splits_and_unsup_only_on_request(tmp_path):
 
 def test_official_and_shared_archive_layouts(tmp_path):
     base = write_imdb_tree(tmp_path / "src", per_split=2, unsup=3)
-    official = tar_folder(base, tmp_path / "aclImdb_v1.tar.gz",
-                          extra={"aclImdb/imdb.vocab": "the\n", "aclImdb/README": "x",
-                                 "aclImdb/train/labeledBow.feat": "0:1"})
+    official = tar_folder(
+        base,
+        tmp_path / "aclImdb_v1.tar.gz",
+        extra={"aclImdb/imdb.vocab": "the\n", "aclImdb/README": "x", "aclImdb/train/labeledBow.feat": "0:1"},
+    )
     docs = data.read_corpus(official)
     assert len(docs) == 8 and all("unsup" not in d.name for d in docs)
     assert len(data.read_corpus(official, imdb_unsup=True)) == 11
     # The development archive: the same four folders and nothing else.
     import shutil
+
     shutil.rmtree(base / "train" / "unsup")
     shared = tar_folder(base, tmp_path / "aclImdb.tar.gz")
     assert _names(data.read_corpus(shared)) == _names(docs)
@@ -131,7 +137,7 @@ def test_gzip_text_files_alone_in_folders_and_in_archives(tmp_path):
         tar.add(folder, arcname="f")
     assert [d.text for d in data.read_corpus(tmp_path / "t.tar")] == ["packed\n", "plain\n"]
     whole = gzip.compress(" ".join(str(i) for i in range(5000)).encode())
-    (tmp_path / "broken.txt.gz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "broken.txt.gz").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(data.DataError, match="not a readable gzip file"):
         data.read_corpus(tmp_path / "broken.txt.gz")
 

@@ -14,8 +14,7 @@ from tfgpt import decode
 from tfgpt.config import GPTConfig
 from tfgpt.model import GPT
 
-CONFIG = GPTConfig(vocab_size=40, maxlen=8, embed_dim=16, num_heads=2, ff_dim=32, num_layers=2, dropout=0.0,
-                   head_dim=8)
+CONFIG = GPTConfig(vocab_size=40, maxlen=8, embed_dim=16, num_heads=2, ff_dim=32, num_layers=2, dropout=0.0, head_dim=8)
 
 
 def model_of(dtype=tf.float32) -> GPT:
@@ -46,17 +45,19 @@ def run_decode(model, prompts, lengths, steps_tokens, in_place):
 # 1 / sqrt(K) before their rounding to bfloat16; hidden states are layer-normed
 # (entries up to ~6), and the bfloat16 model itself is about 0.01-0.03 per
 # entry from float32.
-@pytest.mark.parametrize("dtype, in_place, tol, mean_tol", [(tf.float32, True, 1e-5, 5e-6),
-                                                            (tf.float32, False, 1e-5, 5e-6),
-                                                            (tf.bfloat16, True, 0.15, 0.05)])
+@pytest.mark.parametrize(
+    "dtype, in_place, tol, mean_tol",
+    [(tf.float32, True, 1e-5, 5e-6), (tf.float32, False, 1e-5, 5e-6), (tf.bfloat16, True, 0.15, 0.05)],
+)
 def test_prefill_and_decode_steps_equal_the_full_model(dtype, in_place, tol, mean_tol):
     model = model_of(dtype)
     rows = [[5, 9, 2], [7], [3, 4, 5, 6, 8]]  # different lengths: right-padded
     extra = [[11, 12, 13], [14, 15, 16], [17, 18, 19]]  # three decoded tokens per row
     width = max(map(len, rows))
     prompts = tf.constant([r + [0] * (width - len(r)) for r in rows])
-    got = run_decode(model, prompts, tf.constant([len(r) for r in rows]),
-                     tf.constant(np.array(extra).T, tf.int32), in_place).numpy()  # [4, B, D]
+    got = run_decode(
+        model, prompts, tf.constant([len(r) for r in rows]), tf.constant(np.array(extra).T, tf.int32), in_place
+    ).numpy()  # [4, B, D]
     for b, (row, more) in enumerate(zip(rows, extra)):
         for step in range(4):
             seq = row + more[:step]
@@ -71,6 +72,6 @@ def test_window_hidden_reads_each_rows_last_maxlen_tokens():
     n = np.array([5, 12], np.int32)  # the second row slides: its window is tokens 4..11
     got = decode.window_hidden(model, tf.constant(history, tf.int32), tf.constant(n)).numpy()
     for b in range(2):
-        window = history[b, max(0, n[b] - CONFIG.maxlen):n[b]]
+        window = history[b, max(0, n[b] - CONFIG.maxlen) : n[b]]
         want = model.hidden(tf.constant([window], tf.int32))[0, -1].numpy()
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-5)

@@ -7,14 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import tensorflow as tf
+from helpers import run_train_py, train_env
 
 from tfgpt import devices
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeGPUs:
@@ -24,16 +22,28 @@ class FakeGPUs:
         self.gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(count)]
         self.visible, self.growth = list(self.gpus), []
         real = tf.config.list_physical_devices
-        monkeypatch.setattr(tf.config, "list_physical_devices",
-                            lambda kind=None: list(self.gpus) if kind == "GPU" else real(kind))
+        monkeypatch.setattr(
+            tf.config, "list_physical_devices", lambda kind=None: list(self.gpus) if kind == "GPU" else real(kind)
+        )
         monkeypatch.setattr(tf.config, "set_visible_devices", self.set_visible)
-        monkeypatch.setattr(tf.config, "get_visible_devices",
-                            lambda kind=None: list(self.visible) if kind == "GPU" else [])
+        monkeypatch.setattr(
+            tf.config, "get_visible_devices", lambda kind=None: list(self.visible) if kind == "GPU" else []
+        )
         monkeypatch.setattr(tf.config.experimental, "set_memory_growth", lambda d, on: self.growth.append((d, on)))
-        monkeypatch.setattr(tf.config.experimental, "get_device_details",
-                            lambda d: {"device_name": name, "compute_capability": capability})
-        monkeypatch.setattr(devices, "nvidia_smi", lambda *a: [f"{name}, 81559"] if "--query-gpu" in a[0] else
-                            [f"GPU {i}: {name} (UUID: GPU-{i})" for i in range(count)])
+        monkeypatch.setattr(
+            tf.config.experimental,
+            "get_device_details",
+            lambda d: {"device_name": name, "compute_capability": capability},
+        )
+        monkeypatch.setattr(
+            devices,
+            "nvidia_smi",
+            lambda *a: (
+                [f"{name}, 81559"]
+                if "--query-gpu" in a[0]
+                else [f"GPU {i}: {name} (UUID: GPU-{i})" for i in range(count)]
+            ),
+        )
 
     def set_visible(self, chosen, kind=None):
         self.visible = list(chosen)
@@ -65,14 +75,29 @@ def test_too_few_gpus_is_one_line_saying_what_tensorflow_sees(monkeypatch):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("cuda_build, listed, hidden, libraries, expect", [
-    (False, 2, None, False, "this TensorFlow build has no CUDA support; install the GPU build with `make venv GPU=1`"),
-    (True, 0, None, False, "nvidia-smi lists none (no NVIDIA driver or GPU on this machine); to train several "
-                           "replicas on the CPU use --cpu-replicas N"),
-    (True, 2, "-1", True, "CUDA_VISIBLE_DEVICES='-1' hides all 2 GPUs that nvidia-smi lists; unset it"),
-    (True, 2, None, False, "while nvidia-smi lists 2: TensorFlow's CUDA libraries are not installed"),
-    (True, 2, None, True, "could not load its CUDA libraries or they do not match the driver"),
-])
+@pytest.mark.parametrize(
+    "cuda_build, listed, hidden, libraries, expect",
+    [
+        (
+            False,
+            2,
+            None,
+            False,
+            "this TensorFlow build has no CUDA support; install the GPU build with `make venv GPU=1`",
+        ),
+        (
+            True,
+            0,
+            None,
+            False,
+            "nvidia-smi lists none (no NVIDIA driver or GPU on this machine); to train several "
+            "replicas on the CPU use --cpu-replicas N",
+        ),
+        (True, 2, "-1", True, "CUDA_VISIBLE_DEVICES='-1' hides all 2 GPUs that nvidia-smi lists; unset it"),
+        (True, 2, None, False, "while nvidia-smi lists 2: TensorFlow's CUDA libraries are not installed"),
+        (True, 2, None, True, "could not load its CUDA libraries or they do not match the driver"),
+    ],
+)
 def test_the_reason_for_no_gpu(monkeypatch, cuda_build, listed, hidden, libraries, expect):
     monkeypatch.setattr(tf.test, "is_built_with_cuda", lambda: cuda_build)
     monkeypatch.setattr(devices, "driver_gpus", lambda: [f"GPU {i}: X" for i in range(listed)])
@@ -88,8 +113,13 @@ def test_the_reason_for_no_gpu(monkeypatch, cuda_build, listed, hidden, librarie
 
 def test_precision_follows_the_gpus_compute_capability(monkeypatch):
     strategy = tf.distribute.get_strategy()
-    for capability, fastest in (((9, 0), "bfloat16"), ((8, 0), "bfloat16"), ((7, 0), "float16"),
-                                ((7, 5), "float16"), ((6, 1), "float32")):
+    for capability, fastest in (
+        ((9, 0), "bfloat16"),
+        ((8, 0), "bfloat16"),
+        ((7, 0), "float16"),
+        ((7, 5), "float16"),
+        ((6, 1), "float32"),
+    ):
         with monkeypatch.context() as m:
             FakeGPUs(m, 1, capability=capability)
             assert devices.all_gpus(strategy)
@@ -102,8 +132,9 @@ def test_precision_follows_the_gpus_compute_capability(monkeypatch):
 
 def test_the_device_line_names_model_capability_and_memory(monkeypatch):
     FakeGPUs(monkeypatch, 2)
-    assert devices.describe(tf.distribute.get_strategy()) == \
-        "1 x NVIDIA H100 80GB HBM3 (compute capability 9.0, 80 GiB)"
+    assert (
+        devices.describe(tf.distribute.get_strategy()) == "1 x NVIDIA H100 80GB HBM3 (compute capability 9.0, 80 GiB)"
+    )
     monkeypatch.undo()
     cpu = devices.describe(tf.distribute.get_strategy())
     assert devices.cpu_info()[0] in cpu and f"{os.cpu_count()} cores" in cpu
@@ -115,17 +146,19 @@ def test_compute_dtypes():
 
 # --- the command line, in real processes ------------------------------------------------
 
+
 def run_train(args, tmp_path, path_dir=None, **env):
-    environ = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env)
+    environ = train_env(**env)
     if path_dir is not None:
         environ["PATH"] = f"{path_dir}:{environ['PATH']}"
     corpus = tmp_path / "c.txt"
     corpus.write_text("this movie is good\n" * 50)
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(corpus), "--logdir",
-                           str(tmp_path / "logs"), "--max-steps", "1", *args],
-                          capture_output=True, text=True, env=environ, timeout=300)
+    return run_train_py(
+        ["--data", str(corpus), "--logdir", str(tmp_path / "logs"), "--max-steps", "1", *args], env=environ
+    )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="about machines without a GPU")
 def test_gpus_on_a_machine_without_gpu_is_one_line_not_a_cpu_fallback(tmp_path):
     out = run_train(["--gpus", "2"], tmp_path, CUDA_VISIBLE_DEVICES="")
@@ -136,38 +169,69 @@ def test_gpus_on_a_machine_without_gpu_is_one_line_not_a_cpu_fallback(tmp_path):
     assert not list((tmp_path / "logs").rglob("config.json"))  # stopped before the run began
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="about machines without a GPU")
 def test_a_driver_without_cuda_libraries_names_the_fix(tmp_path):
     """nvidia-smi lists GPUs (a fake one on PATH) but TensorFlow has no CUDA
     libraries, as with the plain tensorflow wheel on a GPU machine."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-0)'\n"
-                                     "echo 'GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-1)'\n")
+    (fake / "nvidia-smi").write_text(
+        "#!/bin/sh\necho 'GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-0)'\n"
+        "echo 'GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-1)'\n"
+    )
     (fake / "nvidia-smi").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    out = subprocess.run([sys.executable, "-c", "from tfgpt import devices; print(devices.why_no_gpus(2, 0))"],
-                         capture_output=True, text=True, env=dict(env, PATH=f"{fake}:{env['PATH']}",
-                                                                  TF_CPP_MIN_LOG_LEVEL="2"), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "from tfgpt import devices; print(devices.why_no_gpus(2, 0))"],
+        capture_output=True,
+        text=True,
+        env=dict(env, PATH=f"{fake}:{env['PATH']}", TF_CPP_MIN_LOG_LEVEL="2"),
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "while nvidia-smi lists 2" in out.stdout
     assert "make venv GPU=1" in out.stdout
 
 
+@pytest.mark.slow
 def test_gpus_and_cpu_replicas_exclude_each_other(tmp_path):
     out = run_train(["--gpus", "1", "--cpu-replicas", "2"], tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == \
-        "train.py: error: --gpus and --cpu-replicas exclude each other: train on GPUs or on the CPU"
+    assert (
+        out.stderr.strip().splitlines()[-1]
+        == "train.py: error: --gpus and --cpu-replicas exclude each other: train on GPUs or on the CPU"
+    )
 
 
+@pytest.mark.slow
 def test_a_deterministic_float16_run_from_the_command_line(tmp_path):
     """--precision float16 --deterministic through train.py: the first line
     names the devices and settings, config.json records what was resolved,
     and the float16 export generates."""
-    out = run_train(["--precision", "float16", "--deterministic", "--run-name", "r", "--batch-size", "8",
-                     "--maxlen", "8", "--embed-dim", "16", "--ff-dim", "16", "--gen-tokens", "4",
-                     "--peak-flops", "1e11", "--quiet"], tmp_path)
+    out = run_train(
+        [
+            "--precision",
+            "float16",
+            "--deterministic",
+            "--run-name",
+            "r",
+            "--batch-size",
+            "8",
+            "--maxlen",
+            "8",
+            "--embed-dim",
+            "16",
+            "--ff-dim",
+            "16",
+            "--gen-tokens",
+            "4",
+            "--peak-flops",
+            "1e11",
+            "--quiet",
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     first = out.stdout.splitlines()[0]
     assert first.startswith("devices: ") and "precision float16" in first and "deterministic ops" in first
@@ -194,8 +258,7 @@ def test_resume_checks_the_precision_against_the_devices(monkeypatch):
     assert saved.compute_precision == "bfloat16"  # a new config, the saved one untouched
     cfg, notes = resolve_devices(TrainConfig(precision="bfloat16", compute_precision="bfloat16"), strategy, True)
     assert cfg.compute_precision == "bfloat16"
-    assert notes == ["warning: --precision bfloat16 is not native on these devices: slower than float32, "
-                     "or emulated"]
+    assert notes == ["warning: --precision bfloat16 is not native on these devices: slower than float32, or emulated"]
     assert resolve_devices(TrainConfig(precision="auto"), strategy, resume=False)[1] == []
 
 
@@ -209,7 +272,34 @@ def test_a_run_without_gpus_flag_warns_when_the_driver_lists_gpus_tensorflow_can
     real = tf.config.list_physical_devices
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [] if kind == "GPU" else real(kind))
     message = devices.unused_gpus_warning()
-    assert message.startswith("warning: nvidia-smi lists 1 GPU but TensorFlow sees none, so this run trains on "
-                              "the CPU (TensorFlow's CUDA libraries are not installed")
+    assert message.startswith(
+        "warning: nvidia-smi lists 1 GPU but TensorFlow sees none, so this run trains on "
+        "the CPU (TensorFlow's CUDA libraries are not installed"
+    )
     monkeypatch.setattr(devices, "driver_gpus", lambda: [])
     assert devices.unused_gpus_warning() is None
+
+
+# --- precision ------------------------------------------------------------------
+
+
+def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\n"
+        "processor\t: 1\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
+    )
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open", lambda path, *a, **k: real_open(cpuinfo if str(path) == "/proc/cpuinfo" else path, *a, **k)
+    )
+    assert devices.cpu_info() == ("Some CPU", {"fpu", "sse", "avx2", "avx512f", "avx512_bf16"})
+    strategy = tf.distribute.get_strategy()
+    if not tf.config.list_physical_devices("GPU"):
+        assert devices.fastest_precision(strategy) == "bfloat16"
+        for flags, want in (("fpu avx2 amx_bf16", "bfloat16"), ("fpu avx2 avx512f", "float32")):
+            cpuinfo.write_text(f"flags\t: {flags}\n")
+            assert devices.fastest_precision(strategy) == want
+        cpuinfo.unlink()  # no /proc/cpuinfo at all
+        assert devices.cpu_info() == ("unknown CPU", set())
+        assert devices.fastest_precision(strategy) == "float32"

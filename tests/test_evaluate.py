@@ -33,7 +33,7 @@ def reference_loss(model: GPT, texts: list[str], max_tokens: int | None) -> tupl
         first = tf.nn.log_softmax(model(tf.constant([ids[:n]]))[0]).numpy()
         total -= sum(first[i - 1, ids[i]] for i in range(1, min(len(ids), n + 1)))
         for i in range(n + 1, len(ids)):
-            total -= float(tf.nn.log_softmax(model(tf.constant([ids[i - n:i]]))[0, -1])[ids[i]])
+            total -= float(tf.nn.log_softmax(model(tf.constant([ids[i - n : i]]))[0, -1])[ids[i]])
         count += len(ids) - 1
     return total / count, count
 
@@ -73,8 +73,7 @@ def test_loss_per_token_matches_the_full_model(run, corpus, tmp_path, windows, t
     assert any(len(t.split()) > CONFIG.maxlen + 1 for t in texts)  # truncation and sliding both matter
     out_json = tmp_path / "out.json"
     model_dir = root if target == "run" else root / "export" / "1"
-    assert evaluate_cli.main([str(model_dir), "--data", str(path), "--windows", windows,
-                              "--json", str(out_json)]) == 0
+    assert evaluate_cli.main([str(model_dir), "--data", str(path), "--windows", windows, "--json", str(out_json)]) == 0
     got = json.loads(out_json.read_text())
     assert got["tokens"] == count and got["texts"] == len(texts) == len(lines) - 2
     np.testing.assert_allclose(got["loss"], want, rtol=1e-5)
@@ -83,17 +82,19 @@ def test_loss_per_token_matches_the_full_model(run, corpus, tmp_path, windows, t
 
 
 def test_cut_texts_standardizes_and_truncates():
-    assert evaluate_cli.cut_texts(["Don't STOP<br />now, ok", "one", "a b c d"], 4) == \
-        ["don 't stop now", "a b c d"]
+    assert evaluate_cli.cut_texts(["Don't STOP<br />now, ok", "one", "a b c d"], 4) == ["don 't stop now", "a b c d"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["/no/such/run"], "no such file or directory"),
-    (["{tmp}"], "neither a run directory (no config.json) nor a SavedModel"),
-    (["{run}", "--limit", "0"], "--limit must be positive"),
-    (["{export}", "--step", "3"], "--step applies to a run directory"),
-    (["{run}", "--step", "3"], "no checkpoint for step 3"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/no/such/run"], "no such file or directory"),
+        (["{tmp}"], "neither a run directory (no config.json) nor a SavedModel"),
+        (["{run}", "--limit", "0"], "--limit must be positive"),
+        (["{export}", "--step", "3"], "--step applies to a run directory"),
+        (["{run}", "--step", "3"], "no checkpoint for step 3"),
+    ],
+)
 def test_bad_input_is_one_line(run, corpus, tmp_path, capsys, args, message):
     root, _ = run
     args = [a.format(tmp=tmp_path, run=root, export=root / "export" / "1") for a in args]

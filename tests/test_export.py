@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import reference_greedy
 
 from tfgpt import export as export_cli
 from tfgpt import generate as generate_cli
@@ -25,8 +26,9 @@ from tfgpt.model import GPT
 from tfgpt.sampler import SIGNATURES
 
 WORDS = [PAD, UNK] + [f"w{i}" for i in range(2, 40)]
-CONFIG = GPTConfig(vocab_size=len(WORDS), maxlen=8, embed_dim=16, num_heads=2, ff_dim=32,
-                   num_layers=1, dropout=0.0, head_dim=8)
+CONFIG = GPTConfig(
+    vocab_size=len(WORDS), maxlen=8, embed_dim=16, num_heads=2, ff_dim=32, num_layers=1, dropout=0.0, head_dim=8
+)
 PROMPT = "w5 w9 w2"
 
 
@@ -39,25 +41,31 @@ def make_model(seed=1, scale=4.0) -> GPT:
     return model
 
 
-def reference_greedy(model: GPT, text: str, steps: int) -> str:
-    """Greedy continuation by the full model on the sliding sequence, no cache."""
-    seq = [WORDS.index(w) for w in text.split()]
-    for _ in range(steps):
-        seq.append(int(np.argmax(model(tf.constant([seq[-CONFIG.maxlen:]]))[0, -1])))
-    return " ".join(WORDS[i] for i in seq)
+def greedy_text(model: GPT, text: str, steps: int) -> str:
+    """The prompt and its greedy continuation by the full model on the sliding sequence, no cache."""
+    ids = [WORDS.index(w) for w in text.split()]
+    return " ".join(WORDS[i] for i in ids + reference_greedy(model, ids, steps, stop_at_padding=False))
 
 
 def reference_log_prob(model: GPT, text: str) -> float:
     ids = [WORDS.index(w) for w in text.split()]
-    return sum(float(tf.nn.log_softmax(model(tf.constant([ids[max(0, i - CONFIG.maxlen):i]]))[0, -1])[ids[i]])
-               for i in range(1, len(ids)))
+    return sum(
+        float(tf.nn.log_softmax(model(tf.constant([ids[max(0, i - CONFIG.maxlen) : i]]))[0, -1])[ids[i]])
+        for i in range(1, len(ids))
+    )
 
 
 def greedy_inputs(max_tokens: int, prompt: str = PROMPT) -> dict:
     """`generate`'s inputs for one greedy row."""
-    return dict(prompt=tf.constant([prompt]), max_tokens=tf.constant([max_tokens]), top_k=tf.constant([5]),
-                top_p=tf.constant([1.0]), temperature=tf.constant([0.0]), repetition_penalty=tf.constant([1.0]),
-                seed=tf.constant([0], tf.int64))
+    return dict(
+        prompt=tf.constant([prompt]),
+        max_tokens=tf.constant([max_tokens]),
+        top_k=tf.constant([5]),
+        top_p=tf.constant([1.0]),
+        temperature=tf.constant([0.0]),
+        repetition_penalty=tf.constant([1.0]),
+        seed=tf.constant([0], tf.int64),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -128,18 +136,41 @@ def _env():
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def test_a_tensorflow_only_process_serves_the_export(exported, tmp_path):
-    model, _, path = exported
-    texts = ["w3 w4", " ".join(f"w{2 + (5 * i) % 37}" for i in range(14))]  # the second slides past maxlen
-    done = subprocess.run([sys.executable, "-c", SERVE, str(path), PROMPT, *texts], cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+SCORED = ["w3 w4", " ".join(f"w{2 + (5 * i) % 37}" for i in range(14))]  # the second slides past maxlen
+
+
+@pytest.fixture(scope="module")
+def served(exported, tmp_path_factory):
+    """The output of one process that imports TensorFlow and the serving
+    protos only and runs SERVE, then REPLAY, on the export: {"serve": ..., "replay": ...}."""
+    _, _, path = exported
+    done = subprocess.run(
+        [sys.executable, "-c", SERVE + REPLAY, str(path), PROMPT, *SCORED],
+        cwd=tmp_path_factory.mktemp("served"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.split("RESULT ", 1)[1])
+    lines = {
+        line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
+        for line in done.stdout.splitlines()
+        if line.startswith(("RESULT ", "REPLAY "))
+    }
+    return {"serve": lines["RESULT"], "replay": lines["REPLAY"]}
+
+
+@pytest.mark.slow
+def test_a_tensorflow_only_process_serves_the_export(exported, served):
+    model = exported[0]
+    texts = SCORED
+    out = served["serve"]
     assert out["tfgpt_modules"] == []
     assert out["signatures"] == sorted(SIGNATURES)
     for text in out["serving_default"]:
         assert text.startswith(PROMPT + " ") and len(text.split()) == 3 + 40
-    assert out["generate"] == reference_greedy(model, PROMPT, 12)
+    assert out["generate"] == greedy_text(model, PROMPT, 12)
     assert out["lengths"] == [12]
     assert out["num_tokens"] == [1, 13]
     np.testing.assert_allclose(out["log_prob"], [reference_log_prob(model, t) for t in texts], rtol=1e-4)
@@ -147,20 +178,51 @@ def test_a_tensorflow_only_process_serves_the_export(exported, tmp_path):
     assert "temperature must be a finite number; row 1 has nan" in out["nan"]
 
 
+@pytest.mark.slow
 def test_saved_model_cli_lists_and_runs_the_signatures(exported):
     _, _, path = exported
     cli = str(Path(sys.executable).with_name("saved_model_cli"))
-    show = subprocess.run([cli, "show", "--dir", str(path), "--all"], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    show = subprocess.run(
+        [cli, "show", "--dir", str(path), "--all"], env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert show.returncode == 0, show.stderr[-3000:]
     for name in SIGNATURES:
         assert f"signature_def['{name}']" in show.stdout
-    for field in ("prompt", "max_tokens", "top_k", "top_p", "temperature", "repetition_penalty", "seed", "text",
-                  "completion", "token_ids", "lengths", "log_prob", "num_tokens", "perplexity"):
+    for field in (
+        "prompt",
+        "max_tokens",
+        "top_k",
+        "top_p",
+        "temperature",
+        "repetition_penalty",
+        "seed",
+        "text",
+        "completion",
+        "token_ids",
+        "lengths",
+        "log_prob",
+        "num_tokens",
+        "perplexity",
+    ):
         assert f"['{field}']" in show.stdout, field
-    run = subprocess.run([cli, "run", "--dir", str(path), "--tag_set", "serve",
-                          "--signature_def", "serving_default", "--input_exprs", f'prompt=["{PROMPT}"]'],
-                         env=_env(), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            cli,
+            "run",
+            "--dir",
+            str(path),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--input_exprs",
+            f'prompt=["{PROMPT}"]',
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Result for output key text:" in run.stdout
     assert f"b'{PROMPT} w" in run.stdout
@@ -168,7 +230,7 @@ def test_saved_model_cli_lists_and_runs_the_signatures(exported):
 
 # TensorFlow Serving's warmup, as the server does it: every PredictionLog of
 # assets.extra/tf_serving_warmup_requests through its signature, in a process
-# with TensorFlow and the serving protos only.
+# with TensorFlow and the serving protos only (the `served` fixture's, after SERVE).
 REPLAY = r"""
 import json, sys
 import tensorflow as tf
@@ -188,16 +250,14 @@ for record in tf.data.TFRecordDataset(sys.argv[1] + "/assets.extra/tf_serving_wa
         "outputs": {k: v.numpy().tolist() if v.dtype != tf.string else [x.decode() for x in v.numpy()]
                     for k, v in out.items()}})
 results.append(sorted(m for m in sys.modules if m == "tfgpt" or m.startswith("tfgpt.")))
-print("RESULT " + json.dumps(results))
+print("REPLAY " + json.dumps(results))
 """
 
 
-def test_warmup_requests_replay_through_every_signature(exported, tmp_path):
-    model, _, path = exported
-    done = subprocess.run([sys.executable, "-c", REPLAY, str(path)], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    *records, modules = json.loads(done.stdout.split("RESULT ", 1)[1])
+@pytest.mark.slow
+def test_warmup_requests_replay_through_every_signature(exported, served):
+    model = exported[0]
+    *records, modules = served["replay"]
     assert modules == []
     assert {r["model"] for r in records} == {MODEL_NAME}
     batches = {(r["signature"], len(next(iter(r["inputs"].values())))) for r in records}
@@ -215,8 +275,9 @@ def test_warmup_requests_replay_through_every_signature(exported, tmp_path):
             continue
         want = inputs.get("max_tokens", [40] * n)
         assert outputs["lengths"] == want  # make_model never ends a row early
-        for prompt, text, completion, ids, length in zip(inputs["prompt"], outputs["text"], outputs["completion"],
-                                                         outputs["token_ids"], outputs["lengths"]):
+        for prompt, text, completion, ids, length in zip(
+            inputs["prompt"], outputs["text"], outputs["completion"], outputs["token_ids"], outputs["lengths"]
+        ):
             assert text == " ".join(["[UNK]"] * len(prompt.split()) + ([completion] if completion else []))
             assert len(completion.split()) == length and all(i > 0 for i in ids[:length])
         if r["signature"] == "generate":
@@ -225,8 +286,8 @@ def test_warmup_requests_replay_through_every_signature(exported, tmp_path):
                 if inputs["temperature"][i] <= 0 and inputs["repetition_penalty"][i] == 1.0:
                     seq = unk * len(inputs["prompt"][i].split())
                     for _ in range(want[i]):
-                        seq.append(int(np.argmax(model(tf.constant([seq[-CONFIG.maxlen:]]))[0, -1])))
-                    assert outputs["token_ids"][i][:want[i]] == seq[-want[i]:]
+                        seq.append(int(np.argmax(model(tf.constant([seq[-CONFIG.maxlen :]]))[0, -1])))
+                    assert outputs["token_ids"][i][: want[i]] == seq[-want[i] :]
 
 
 def test_server_configuration_beside_the_versions(exported):
@@ -253,6 +314,7 @@ def test_server_configuration_beside_the_versions(exported):
 
 # --- python -m tfgpt.export -------------------------------------------------------
 
+
 def _run_dir(root: Path) -> Path:
     """A run directory as training leaves it: config, vocabulary, and
     checkpoints at steps 30 (weights of make_model(seed=5)) and 60 (changed)."""
@@ -262,8 +324,9 @@ def _run_dir(root: Path) -> Path:
     write_vocab(WORDS, run / "vocab.txt")
     model = make_model(seed=5)
     step = tf.Variable(0, dtype=tf.int64)
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=step), run / "ckpt",
-                                         max_to_keep=3, checkpoint_name="ckpt")
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model, step=step), run / "ckpt", max_to_keep=3, checkpoint_name="ckpt"
+    )
     step.assign(30)
     manager.save(checkpoint_number=30)
     model.head.b.assign(model.head.b + tf.random.stateless_normal(model.head.b.shape, seed=[9, 9]) * 50.0)
@@ -279,7 +342,7 @@ def test_export_command_restores_the_chosen_checkpoint(tmp_path, capsys):
     assert "exported SavedModel" in capsys.readouterr().out
     loaded = tf.saved_model.load(str(run / "export" / "3"))
     out = loaded.generate(**greedy_inputs(10))
-    assert out["text"].numpy()[0].decode() == reference_greedy(make_model(seed=5), PROMPT, 10)
+    assert out["text"].numpy()[0].decode() == greedy_text(make_model(seed=5), PROMPT, 10)
 
 
 def test_export_computes_in_the_runs_precision_unless_told(tmp_path, capsys):
@@ -300,11 +363,14 @@ def test_export_computes_in_the_runs_precision_unless_told(tmp_path, capsys):
     assert abs(scores[1] - scores[2]) > 1e-4 * abs(scores[2])
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"),
-    ("no_checkpoint", "no checkpoint in"),
-    ("no_step", "no checkpoint for step 99"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("no_checkpoint", "no checkpoint in"),
+        ("no_step", "no checkpoint for step 99"),
+    ],
+)
 def test_export_command_errors_are_one_line(tmp_path, capsys, case, message):
     if case == "missing":
         args = [str(tmp_path / "nowhere")]
@@ -324,10 +390,28 @@ def test_export_command_errors_are_one_line(tmp_path, capsys, case, message):
 
 # --- python -m tfgpt.generate ------------------------------------------------------
 
+
 def test_generate_command(exported, capsys):
     model, _, path = exported
-    args = [str(path), "--prompt", PROMPT, "--max-tokens", "6", "--top-k", "10", "--top-p", "0.9",
-            "--temperature", "1.0", "--repetition-penalty", "1.3", "--seed", "7", "--num-samples", "4"]
+    args = [
+        str(path),
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "6",
+        "--top-k",
+        "10",
+        "--top-p",
+        "0.9",
+        "--temperature",
+        "1.0",
+        "--repetition-penalty",
+        "1.3",
+        "--seed",
+        "7",
+        "--num-samples",
+        "4",
+    ]
     assert generate_cli.main(args) == 0
     first = capsys.readouterr().out.strip().split("\n")
     assert [line[:4] for line in first] == ["[1] ", "[2] ", "[3] ", "[4] "]
@@ -347,8 +431,21 @@ def test_generate_command(exported, capsys):
 
 def test_generate_command_streams_the_text_of_one_call(exported, capsys):
     _, _, path = exported
-    common = [str(path), "--prompt", PROMPT, "--max-tokens", "12", "--top-p", "0.9", "--temperature", "1.0",
-              "--repetition-penalty", "1.2", "--seed", "11"]
+    common = [
+        str(path),
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "12",
+        "--top-p",
+        "0.9",
+        "--temperature",
+        "1.0",
+        "--repetition-penalty",
+        "1.2",
+        "--seed",
+        "11",
+    ]
     assert generate_cli.main(common) == 0
     whole = capsys.readouterr().out
 
@@ -386,4 +483,4 @@ def test_export_a_mirrored_model(tmp_path):
     path = export_model(mirrored, tmp_path / "vocab.txt", tmp_path / "export")
     loaded = tf.saved_model.load(str(path))
     out = loaded.generate(**greedy_inputs(10))
-    assert out["text"].numpy()[0].decode() == reference_greedy(make_model(seed=6), PROMPT, 10)
+    assert out["text"].numpy()[0].decode() == greedy_text(make_model(seed=6), PROMPT, 10)

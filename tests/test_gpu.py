@@ -11,16 +11,14 @@ Each compares with a run of the same tiny model from the same initial weights
 (the same seed) on the same windows, dropout 0. float32 runs keep TF32 off,
 so that float32 means float32 (see `exact_float32`).
 
-Not marked `gpu`, and run by the CPU suite: `python -m tfgpt.gpu_check`
-without a GPU, and its CPU smoke run.
+`python -m tfgpt.gpu_check` on any machine (the CPU suite runs it) is
+tests/test_gpu_check.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,19 +26,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import TRAINER_MODEL as MODEL
+from helpers import Recorder, make_windows, max_diff, report, weights
 
-from test_distribute import MODEL, Recorder, make_windows, max_diff, report, weights
 from tfgpt import gpu_check
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.flops import flops_per_token
 from tfgpt.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 GPUS = tf.config.list_physical_devices("GPU")
 gpu = pytest.mark.gpu
-needs_gpu = pytest.mark.skipif(not GPUS, reason="no GPU visible to TensorFlow" + (
-    "" if os.environ.get("TFGPT_TEST_GPU") == "1" else " (tests/conftest.py hides GPUs unless TFGPT_TEST_GPU=1: "
-                                                       "make test-gpu)"))
+needs_gpu = pytest.mark.skipif(
+    not GPUS,
+    reason="no GPU visible to TensorFlow"
+    + (
+        ""
+        if os.environ.get("TFGPT_TEST_GPU") == "1"
+        else " (tests/conftest.py hides GPUs unless TFGPT_TEST_GPU=1: make test-gpu)"
+    ),
+)
 BATCH, STEPS, LR = 8, 6, 3e-3
 
 
@@ -59,8 +63,9 @@ def exact_float32():
     tf.config.experimental.enable_tensor_float_32_execution(before)
 
 
-def train_on_gpu(run_dir: Path, windows: np.ndarray, xla: str = "off", precision: str = "float32",
-                 steps: int = STEPS) -> tuple[Trainer, Recorder]:
+def train_on_gpu(
+    run_dir: Path, windows: np.ndarray, xla: str = "off", precision: str = "float32", steps: int = STEPS
+) -> tuple[Trainer, Recorder]:
     """The tiny model trained for `steps` steps on the default strategy (the first GPU)."""
     cfg = TrainConfig(batch_size=BATCH, epochs=10, max_steps=steps, xla=xla, lr=LR, precision=precision, seed=0)
     trainer = Trainer(GPTConfig(dropout=0.0, **MODEL), cfg, tf.distribute.get_strategy(), run_dir)
@@ -73,6 +78,7 @@ def train_on_gpu(run_dir: Path, windows: np.ndarray, xla: str = "off", precision
 
 
 # --- XLA -------------------------------------------------------------------------
+
 
 @gpu
 @needs_gpu
@@ -90,8 +96,12 @@ def test_xla_training_matches_the_plain_steps_on_a_gpu(tmp_path, exact_float32):
     weight_diff = max_diff(weights(xla), weights(plain))
     report("GPU: XLA vs plain, max |weight diff| after 6 steps", weight_diff)
     assert weight_diff <= 1e-4
-    fresh = Trainer(GPTConfig(dropout=0.0, **MODEL), TrainConfig(batch_size=BATCH, precision="float32", seed=0),
-                    tf.distribute.get_strategy(), tmp_path / "fresh")
+    fresh = Trainer(
+        GPTConfig(dropout=0.0, **MODEL),
+        TrainConfig(batch_size=BATCH, precision="float32", seed=0),
+        tf.distribute.get_strategy(),
+        tmp_path / "fresh",
+    )
     assert max_diff(weights(fresh), weights(plain)) > 5e-3  # the weights moved: the comparison is not vacuous
 
 
@@ -163,11 +173,17 @@ def test_two_logical_gpus_train_like_one_gpu(tmp_path):
     every variable bit for bit equal."""
     windows = make_windows()  # padding differs per window: a per-replica mean would differ from the global one
     np.save(tmp_path / "windows.npy", windows)
-    spec = dict(windows=str(tmp_path / "windows.npy"), batch=BATCH, steps=STEPS, lr=LR, model=MODEL, xla="on",
-                dir=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", TWO_LOGICAL_GPUS, json.dumps(spec)], cwd=tmp_path,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True,
-                          timeout=600)
+    spec = dict(
+        windows=str(tmp_path / "windows.npy"), batch=BATCH, steps=STEPS, lr=LR, model=MODEL, xla="on", dir=str(tmp_path)
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_LOGICAL_GPUS, json.dumps(spec)],
+        cwd=tmp_path,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.split("RESULT ", 1)[1])
     assert out["replicas"] == 2 and len(out["devices"]) == 2
@@ -204,8 +220,9 @@ def float32_runs():
 def test_low_precision_training_tracks_float32(tmp_path, exact_float32, float32_runs, precision, xla):
     need = gpu_check.MIN_CAPABILITY[precision]
     if capability() < need:
-        pytest.skip(f"{precision} needs compute capability {need[0]}.{need[1]}, this GPU has "
-                    f"{'.'.join(map(str, capability()))}")
+        pytest.skip(
+            f"{precision} needs compute capability {need[0]}.{need[1]}, this GPU has {'.'.join(map(str, capability()))}"
+        )
     windows = make_windows()
     if xla not in float32_runs:
         float32_runs[xla] = train_on_gpu(tmp_path / "float32", windows, xla=xla)[1].losses
@@ -231,7 +248,8 @@ import json, sys
 import tensorflow as tf
 
 model = tf.saved_model.load(sys.argv[1])
-out = model.signatures["generate"](prompt=tf.constant([sys.argv[2]]), max_tokens=tf.constant([12]), top_k=tf.constant([10]),
+out = model.signatures["generate"](prompt=tf.constant([sys.argv[2]]), max_tokens=tf.constant([12]),
+                                   top_k=tf.constant([10]),
                                    top_p=tf.constant([1.0]), temperature=tf.constant([0.0]),
                                    repetition_penalty=tf.constant([1.0]), seed=tf.constant([1], tf.int64))
 print("RESULT " + json.dumps(dict(text=out["text"].numpy()[0].decode(),
@@ -242,7 +260,8 @@ print("RESULT " + json.dumps(dict(text=out["text"].numpy()[0].decode(),
 @gpu
 @needs_gpu
 def test_an_export_written_on_a_gpu_generates_the_same_text_on_the_cpu(tmp_path):
-    from test_export import PROMPT, WORDS, make_model, reference_greedy
+    from test_export import PROMPT, WORDS, greedy_text, make_model
+
     from tfgpt.data import write_vocab
     from tfgpt.export import export_model
 
@@ -251,127 +270,29 @@ def test_an_export_written_on_a_gpu_generates_the_same_text_on_the_cpu(tmp_path)
     write_vocab(WORDS, tmp_path / "vocab.txt")
     path = export_model(model, tmp_path / "vocab.txt", tmp_path / "export")
     loaded = tf.saved_model.load(str(path))
-    on_gpu = loaded.signatures["generate"](
-        prompt=tf.constant([PROMPT]), max_tokens=tf.constant([12]), top_k=tf.constant([10]), top_p=tf.constant([1.0]),
-        temperature=tf.constant([0.0]), repetition_penalty=tf.constant([1.0]),
-        seed=tf.constant([1], tf.int64))["text"].numpy()[0].decode()
-    assert on_gpu == reference_greedy(model, PROMPT, 12)
-    done = subprocess.run([sys.executable, "-c", SERVE_ON_CPU, str(path), PROMPT], cwd=tmp_path,
-                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2"),
-                          capture_output=True, text=True, timeout=300)
+    on_gpu = (
+        loaded.signatures["generate"](
+            prompt=tf.constant([PROMPT]),
+            max_tokens=tf.constant([12]),
+            top_k=tf.constant([10]),
+            top_p=tf.constant([1.0]),
+            temperature=tf.constant([0.0]),
+            repetition_penalty=tf.constant([1.0]),
+            seed=tf.constant([1], tf.int64),
+        )["text"]
+        .numpy()[0]
+        .decode()
+    )
+    assert on_gpu == greedy_text(model, PROMPT, 12)
+    done = subprocess.run(
+        [sys.executable, "-c", SERVE_ON_CPU, str(path), PROMPT],
+        cwd=tmp_path,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.split("RESULT ", 1)[1])
     assert out["gpus"] == 0
     assert out["text"] == on_gpu
-
-
-# --- python -m tfgpt.gpu_check, on any machine -----------------------------------------
-
-def cpu_env(**extra) -> dict:
-    return dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2", **extra)
-
-
-def driver_lists_gpus(path: str | None = None) -> bool:
-    exe = shutil.which("nvidia-smi", path=path)
-    if exe is None:
-        return False
-    done = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=60)
-    return done.returncode == 0 and any(line.startswith("GPU ") for line in done.stdout.splitlines())
-
-
-def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "tfgpt.gpu_check"], cwd=tmp_path, env=cpu_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert len(lines) == 1, done.stdout
-    assert lines[0].startswith("gpu-check: no GPU visible to TensorFlow (") and lines[0].endswith("; nothing to check")
-    # The reason: no driver listing a GPU here, else the hiding variable.
-    assert ("CUDA_VISIBLE_DEVICES='-1' hides" if driver_lists_gpus() else "nvidia-smi lists no GPU") in lines[0]
-
-
-def test_gpu_check_names_a_hidden_gpu(tmp_path):
-    """With a (fake) driver listing a GPU and CUDA_VISIBLE_DEVICES=-1, the reason is the variable."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    fake = folder / "nvidia-smi"
-    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA L4 (UUID: GPU-0)'\n")
-    fake.chmod(0o755)
-    env = cpu_env(PATH=f"{folder}{os.pathsep}{os.environ['PATH']}")
-    done = subprocess.run([sys.executable, "-m", "tfgpt.gpu_check"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines() == ["gpu-check: no GPU visible to TensorFlow (CUDA_VISIBLE_DEVICES='-1' hides the "
-                                        "1 GPU(s) nvidia-smi lists); nothing to check"]
-
-
-@pytest.mark.parametrize("name, precision, peak", [
-    # NVIDIA's data-sheet figures, dense: H100 SXM, H200, A100, L4, V100 SXM2, T4.
-    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
-    ("NVIDIA H100 80GB HBM3", "float32", 67e12),
-    ("NVIDIA H200", "float16", 989e12),
-    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
-    ("NVIDIA A100-PCIE-40GB", "float32", 19.5e12),
-    ("NVIDIA L4", "float16", 121e12),
-    ("NVIDIA L4", "float32", 30.3e12),
-    ("Tesla V100-SXM2-16GB", "float16", 125e12),
-    ("Tesla V100-SXM2-16GB", "float32", 15.7e12),
-    ("Tesla T4", "float16", 65e12),
-    ("Tesla T4", "float32", 8.1e12),
-    # Not in the table: measured instead.
-    ("Tesla V100-SXM2-16GB", "bfloat16", None),  # no bfloat16 on compute capability 7.0
-    ("Tesla T4", "bfloat16", None),
-    ("NVIDIA H100 PCIe", "bfloat16", None),  # other clocks than the SXM module
-    ("NVIDIA H200 NVL", "bfloat16", None),
-    ("NVIDIA L40S", "bfloat16", None),  # "L4" must not match "L40S"
-    ("NVIDIA GeForce RTX 4090", "float16", None),
-])
-def test_known_gpu_peaks(name, precision, peak):
-    assert gpu_check.known_peak(name, precision) == peak
-
-
-@pytest.mark.parametrize("precision, capability, skipped", [
-    ("bfloat16", (7, 5), True), ("bfloat16", (8, 0), False), ("bfloat16", (9, 0), False),
-    ("float16", (6, 1), True), ("float16", (7, 0), False), ("float32", (3, 5), False),
-])
-def test_precisions_skipped_below_their_compute_capability(precision, capability, skipped):
-    reason = gpu_check.skip_reason(precision, capability)
-    assert (reason is not None) == skipped
-    if skipped:
-        assert f"compute capability {capability[0]}.{capability[1]} <" in reason
-
-
-def test_a_failing_variant_is_reported_in_one_line(tmp_path):
-    windows = gpu_check.write_windows(tmp_path / "w.npy", 8, 8, 40)
-    spec = dict(precision="float64", xla=False, replicas=1, steps=1, warmup=1, windows=str(windows), batch_size=8,
-                gpus=None)
-    row, why = gpu_check.run_variant(spec, timeout=300)
-    assert row is None and why.startswith("failed: ") and "\n" not in why
-    assert "float64" in why
-
-
-def test_gpu_check_cpu_smoke_prints_consistent_rows(tmp_path):
-    """--cpu-smoke: the check's whole path on the CPU with one small variant.
-    Its row's figures must agree with each other: tokens/s = batch x 80 /
-    step time, TFLOP/s = tokens/s x FLOPs per token, MFU = TFLOP/s / peak."""
-    done = subprocess.run([sys.executable, "-m", "tfgpt.gpu_check", "--cpu-smoke"], cwd=tmp_path, env=cpu_env(),
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    out = done.stdout
-    assert re.search(rf"^gpu-check: training on .+\({os.cpu_count()} cores\)$", out, re.M), out
-    number = r"([\d.,]+)"
-    row = re.search(rf"^float32\s+off\s+8\s+1\s+{number}\s+{number}\s+{number}\s+{number}\s+\(measured\)\s+"
-                    rf"{number}%\s+{number}$", out, re.M)
-    assert row, out
-    ms, tokens_s, tflops, peak, mfu, warmup_s = (float(g.replace(",", "")) for g in row.groups())
-    assert tokens_s == pytest.approx(8 * 80 / (ms / 1000), rel=2e-3, abs=1)
-    assert tflops == pytest.approx(tokens_s * flops_per_token(GPTConfig()) / 1e12, rel=2e-3)
-    assert mfu == pytest.approx(100 * tflops / peak, rel=2e-3, abs=0.06)
-    assert 0 < mfu and warmup_s > 0
-    assert "two GPUs: skipped (0 visible)" in out
-    # The sampler's table: tokens/s at batch 32 = 32 x 1000 / ms per token.
-    sampled = dict((int(b), (float(ms_t), float(tps))) for b, ms_t, tps in
-                   re.findall(r"^cache\s+(\d+)\s+4\s+([\d.]+)\s+(\d+)$", out, re.M))
-    assert set(sampled) == {1, 32}, out
-    ms_t, tps = sampled[32]
-    assert tps == pytest.approx(32 * 1000 / ms_t, rel=2e-3, abs=1)

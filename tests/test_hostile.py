@@ -7,12 +7,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tfgpt.config import GPTConfig
 from tfgpt.data import PAD, UNK, write_vocab
 from tfgpt.export import export_model
 from tfgpt.model import GPT
 
-CLIENT = textwrap.dedent(r'''
+CLIENT = textwrap.dedent(r"""
     import json, random, sys
     import tensorflow as tf
     model = tf.saved_model.load(sys.argv[1])
@@ -75,10 +77,12 @@ CLIENT = textwrap.dedent(r'''
         call("score empty", model.signatures["score"], text=tf.constant([""])),
     ]
     after = call("still serving", gen, **args(["this movie is"]))
-    print(json.dumps({"results": results, "after": after, "tfgpt": [m for m in sys.modules if m.split(".")[0] == "tfgpt"]}))
-''')
+    loaded = [m for m in sys.modules if m.split(".")[0] == "tfgpt"]
+    print(json.dumps({"results": results, "after": after, "tfgpt": loaded}))
+""")
 
 
+@pytest.mark.slow
 def test_export_survives_hostile_input(tmp_path):
     vocab = tmp_path / "vocab.txt"
     words = [PAD, UNK, "this", "movie", "is", "good", "!", ".", "the"]
@@ -93,24 +97,42 @@ def test_export_survives_hostile_input(tmp_path):
     for r in report["results"]:
         # Served, or refused as an InvalidArgumentError that says what is wrong.
         assert r["ok"] or (r["error"] == "InvalidArgumentError" and len(r["message"]) > 10), r
-    for case in ("random unicode", "control characters", "10,000-word prompt", "256 prompts", "top_k 0",
-                 "top_k 10^9", "top_k per row", "top_p extremes", "penalty extremes", "temperature extremes",
-                 "seed extremes", "max_tokens 1024", "serving unicode", "score long", "empty batch"):
+    for case in (
+        "random unicode",
+        "control characters",
+        "10,000-word prompt",
+        "256 prompts",
+        "top_k 0",
+        "top_k 10^9",
+        "top_k per row",
+        "top_p extremes",
+        "penalty extremes",
+        "temperature extremes",
+        "seed extremes",
+        "max_tokens 1024",
+        "serving unicode",
+        "score long",
+        "empty batch",
+    ):
         assert by_case[case]["ok"], by_case[case]
     assert by_case["256 prompts"]["shapes"]["text"] == [256]
     assert by_case["max_tokens 1024"]["shapes"]["token_ids"][1] <= 1024  # the random model may end early
     assert by_case["empty batch"]["shapes"]["text"] == [0]
     assert by_case["punctuation only"]["ok"]  # punctuation marks are tokens
     # Refused, naming the input and the row.
-    for case, words in [("temperature NaN", "temperature must be a finite number; row 1 has nan"),
-                        ("temperature inf", "temperature must be a finite number; row 0 has inf"),
-                        ("top_p NaN", "top_p must be a finite number"),
-                        ("penalty 0", "repetition_penalty must be a finite number above 0"),
-                        ("penalty -1", "row 0 has -1"), ("penalty inf", "row 0 has inf"),
-                        ("max_tokens -1", "max_tokens must be between 0 and 1024; row 0 has -1"),
-                        ("max_tokens 10^9", "row 1 has 1000000000"),
-                        ("rows differ", "max_tokens has 1 rows and prompt 2"),
-                        ("no rows of settings", "has 0 rows and prompt 1"),
-                        ("empty prompt", "at least one word"), ("whitespace only", "row 0")]:
+    for case, words in [
+        ("temperature NaN", "temperature must be a finite number; row 1 has nan"),
+        ("temperature inf", "temperature must be a finite number; row 0 has inf"),
+        ("top_p NaN", "top_p must be a finite number"),
+        ("penalty 0", "repetition_penalty must be a finite number above 0"),
+        ("penalty -1", "row 0 has -1"),
+        ("penalty inf", "row 0 has inf"),
+        ("max_tokens -1", "max_tokens must be between 0 and 1024; row 0 has -1"),
+        ("max_tokens 10^9", "row 1 has 1000000000"),
+        ("rows differ", "max_tokens has 1 rows and prompt 2"),
+        ("no rows of settings", "has 0 rows and prompt 1"),
+        ("empty prompt", "at least one word"),
+        ("whitespace only", "row 0"),
+    ]:
         assert not by_case[case]["ok"] and words in by_case[case]["message"], (case, by_case[case])
     assert report["after"]["ok"]

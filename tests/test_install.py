@@ -46,14 +46,23 @@ def bare_tools(folder: Path) -> Path:
 def make_dry_run(tmp_path: Path, path: list[Path] | None, *args: str, target: str = "venv") -> list[str]:
     """The command lines `make -n target VENV=<tmp>/venv args` prints. path: the
     PATH folders; None keeps this process's PATH."""
-    env = {k: v for k, v in os.environ.items()
-           # make passes its own command-line variables (e.g. GPU=1 of an
-           # enclosing `make test GPU=1`) to sub-makes through these.
-           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "GPU", "VENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        # make passes its own command-line variables (e.g. GPU=1 of an
+        # enclosing `make test GPU=1`) to sub-makes through these.
+        if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "GPU", "VENV")
+    }
     if path is not None:
         env["PATH"] = os.pathsep.join(map(str, path))
-    done = subprocess.run([MAKE, "-n", "--no-print-directory", target, f"VENV={tmp_path / 'venv'}", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [MAKE, "-n", "--no-print-directory", target, f"VENV={tmp_path / 'venv'}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
@@ -90,11 +99,14 @@ def test_no_nvidia_smi_installs_the_cpu_extras_only(tmp_path):
     assert lines[-1] == f"touch {tmp_path / 'venv'}/.installed-gpu0"
 
 
-@pytest.mark.parametrize("output, status", [
-    ("Failed to initialize NVML: Driver/library version mismatch", 9),  # a broken driver
-    ("No devices were found", 6),  # a driver, but no GPU
-    ("", 0),  # succeeds, lists nothing
-])
+@pytest.mark.parametrize(
+    "output, status",
+    [
+        ("Failed to initialize NVML: Driver/library version mismatch", 9),  # a broken driver
+        ("No devices were found", 6),  # a driver, but no GPU
+        ("", 0),  # succeeds, lists nothing
+    ],
+)
 def test_a_failing_or_empty_nvidia_smi_installs_no_gpu_extra(tmp_path, output, status):
     fake = fake_nvidia_smi(tmp_path / "bin", output, status)
     assert installed_extras(make_dry_run(tmp_path, [fake] + system_path())) == ["test", "lint"]
@@ -128,18 +140,27 @@ def test_the_stamp_keeps_the_installed_choice_and_a_new_one_reinstalls(tmp_path)
 
 
 def test_a_bad_gpu_value_is_a_one_line_error(tmp_path):
-    done = subprocess.run([MAKE, "-n", "venv", f"VENV={tmp_path / 'venv'}", "GPU=yes"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [MAKE, "-n", "venv", f"VENV={tmp_path / 'venv'}", "GPU=yes"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert "GPU must be auto, 0 or 1, got 'yes'" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("target, command", [
-    ("test", "{py} -m pytest -q -m \"not gpu\" --durations=10 -x"),
-    ("test-gpu", "TFGPT_TEST_GPU=1 {py} -m pytest -q -m gpu tests/test_gpu.py -x"),
-    ("gpu-check", "{py} -m tfgpt.gpu_check -x"),
-])
+@pytest.mark.parametrize(
+    "target, command",
+    [
+        ("test", '{py} -m pytest -q -m "not gpu" --durations=10 -x'),
+        ("test-fast", '{py} -m pytest -q -m "not gpu and not slow" --durations=10 -x'),
+        ("test-gpu", "TFGPT_TEST_GPU=1 {py} -m pytest -q -m gpu tests/test_gpu.py -x"),
+        ("gpu-check", "{py} -m tfgpt.gpu_check -x"),
+    ],
+)
 def test_the_test_and_check_targets_run_these_commands(tmp_path, target, command):
     venv = tmp_path / "venv"
     venv.mkdir()
@@ -160,9 +181,10 @@ def test_setup_cfg_has_the_extras_and_the_marker_the_makefile_uses():
     # The same TensorFlow range as the CPU install.
     assert "tensorflow>=2.16,<2.22" in cfg["options"]["install_requires"].split()
     markers = cfg["tool:pytest"]["markers"]
-    assert re.search(r"^\s*gpu:", markers, re.M)
+    assert re.search(r"^\s*gpu:", markers, re.M) and re.search(r"^\s*slow:", markers, re.M)
 
 
+@pytest.mark.slow
 def test_the_version_has_one_source_and_the_commands_are_installed():
     import importlib.metadata
 
@@ -173,12 +195,32 @@ def test_the_version_has_one_source_and_the_commands_are_installed():
     assert cfg["metadata"]["version"] == "attr: tfgpt.__version__"
     # .venv holds the package installed from this checkout (make's stamp depends on setup.cfg).
     assert importlib.metadata.version("tfgpt") == tfgpt.__version__
-    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")
-               if e.name.startswith("tfgpt-")}
-    assert scripts == {"tfgpt-train": "tfgpt.cli:main", "tfgpt-prepare": "tfgpt.prepare:main",
-                       "tfgpt-export": "tfgpt.export:main", "tfgpt-generate": "tfgpt.generate:main",
-                       "tfgpt-evaluate": "tfgpt.evaluate:main"}
-    for name in scripts:
-        done = subprocess.run([str(Path(os.sys.executable).parent / name), "--help"], capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode == 0 and "usage:" in done.stdout, (name, done.stderr[-500:])
+    scripts = {
+        e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts") if e.name.startswith("tfgpt-")
+    }
+    assert scripts == {
+        "tfgpt-train": "tfgpt.cli:main",
+        "tfgpt-prepare": "tfgpt.prepare:main",
+        "tfgpt-export": "tfgpt.export:main",
+        "tfgpt-generate": "tfgpt.generate:main",
+        "tfgpt-evaluate": "tfgpt.evaluate:main",
+    }
+    # The five commands side by side rather than one after another.
+    procs = {
+        name: subprocess.Popen(
+            [str(Path(os.sys.executable).parent / name), "--help"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in scripts
+    }
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0 and "usage:" in out, (name, err[-500:])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

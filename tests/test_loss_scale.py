@@ -5,8 +5,9 @@ that is skipped, halves the scale and survives a checkpoint."""
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import TRAINER_MODEL as MODEL
+from helpers import Recorder, make_windows, max_diff, report, strategy_for, weights
 
-from test_distribute import MODEL, Recorder, make_windows, max_diff, report, strategy_for, weights
 from tfgpt.config import GPTConfig, TrainConfig
 from tfgpt.loss_scale import LossScale
 from tfgpt.trainer import Trainer
@@ -41,8 +42,9 @@ def test_scale_halves_on_overflow_and_grows_after_a_run_of_good_steps(graph):
 
 
 def make_trainer(run_dir, precision, replicas=1, max_steps=6):
-    cfg = TrainConfig(batch_size=8, epochs=10, max_steps=max_steps, xla="off", lr=3e-3, precision=precision,
-                      keep_checkpoints=2)
+    cfg = TrainConfig(
+        batch_size=8, epochs=10, max_steps=max_steps, xla="off", lr=3e-3, precision=precision, keep_checkpoints=2
+    )
     trainer = Trainer(GPTConfig(dropout=0.0, **MODEL), cfg, strategy_for(replicas), run_dir)
     trainer.open_checkpoints()
     return trainer
@@ -68,7 +70,7 @@ def test_float16_training_matches_float32(tmp_path):
     (r32, w32, _), (r16, w16, t16) = out["float32"], out["float16"]
     assert t16.model.compute_dtype == tf.float16
     assert not any(i["skipped"] for i in r16.infos)  # the initial scale 2^15 does not overflow here
-    assert all(i["loss_scale"] == 2.0 ** 15 for i in r16.infos)
+    assert all(i["loss_scale"] == 2.0**15 for i in r16.infos)
     loss_diff = max_diff(r32.losses, r16.losses)
     apart = np.mean([np.abs(w16[k] - w32[k]).mean() for k in w32])
     travelled = np.mean([np.abs(w32[k] - start[k]).mean() for k in w32])
@@ -86,7 +88,7 @@ def test_an_overflow_is_skipped_halves_the_scale_and_is_checkpointed(tmp_path):
     checkpoint; at a sane scale the next step is applied."""
     windows = make_windows()
     trainer = make_trainer(tmp_path, "float16", replicas=2, max_steps=1)
-    trainer.loss_scale.scale.assign(2.0 ** 120)
+    trainer.loss_scale.scale.assign(2.0**120)
     before = weights(trainer)
     slots = [v.numpy() for v in trainer.optimizer.m + trainer.optimizer.v]
     rec = Recorder()
@@ -96,13 +98,13 @@ def test_an_overflow_is_skipped_halves_the_scale_and_is_checkpointed(tmp_path):
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(slots, trainer.optimizer.m + trainer.optimizer.v))
     assert int(trainer.optimizer.step.numpy()) == 0 and int(trainer.state.step.numpy()) == 1
     copies = [float(c) for c in trainer.strategy.experimental_local_results(trainer.loss_scale.scale)]
-    assert copies == [2.0 ** 119] * 2
+    assert copies == [2.0**119] * 2
     assert trainer.manager.latest_checkpoint.endswith("ckpt-1")
 
     resumed = make_trainer(tmp_path, "float16", replicas=1, max_steps=2)
     assert resumed.restore_latest(warn=lambda *a: None) is not None
-    assert float(resumed.loss_scale.scale.numpy()) == 2.0 ** 119
-    resumed.loss_scale.scale.assign(2.0 ** 15)
+    assert float(resumed.loss_scale.scale.numpy()) == 2.0**119
+    resumed.loss_scale.scale.assign(2.0**15)
     rec = Recorder()
     resumed.fit(windows, None, rec)
     assert [i["skipped"] for i in rec.infos] == [False]

@@ -59,12 +59,15 @@ def test_release_library_pages_keeps_tensorflow_working():
     assert (before == after).all()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux carries ru_maxrss over exec")
 def test_peak_rss_of_a_child_is_its_own():
     # This process holds TensorFlow (hundreds of MB); a child started from it
     # inherits that peak in its ru_maxrss, but not in peak_rss_mb.
-    code = ("import resource; from tfgpt.memory import peak_rss_mb; "
-            "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = (
+        "import resource; from tfgpt.memory import peak_rss_mb; "
+        "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     own, inherited = (float(v) for v in out.stdout.split())
     assert own < 100 < inherited

@@ -5,39 +5,18 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import NumpyAdam
 
 from tfgpt.optim import Adam, clip_scale, make_schedule
-
-
-class NumpyAdam:
-    """Adam with the bias correction folded into the step size (TF/Keras form)."""
-
-    def __init__(self, params, lr=1e-3, b1=0.9, b2=0.999, eps=1e-7):
-        # The update kernel receives its hyper-parameters as float32: 1 - b2
-        # is then 0.00099998713, not 0.001 (1.3e-5 apart, relative).
-        self.lr, self.b1, self.b2, self.eps = (float(np.float32(x)) for x in (lr, b1, b2, eps))
-        self.m = [np.zeros_like(p) for p in params]
-        self.v = [np.zeros_like(p) for p in params]
-        self.t = 0
-
-    def step(self, params, grads, lr=None):
-        self.t += 1
-        lr = self.lr if lr is None else lr
-        lr_t = lr * math.sqrt(1.0 - self.b2**self.t) / (1.0 - self.b1**self.t)
-        out = []
-        for i, (p, g) in enumerate(zip(params, grads)):
-            self.m[i] = self.b1 * self.m[i] + (1.0 - self.b1) * g
-            self.v[i] = self.b2 * self.v[i] + (1.0 - self.b2) * g * g
-            out.append(p - lr_t * self.m[i] / (np.sqrt(self.v[i]) + self.eps))
-        return out
 
 
 def _problem(seed=0, steps=5):
     rng = np.random.default_rng(seed)
     params = [rng.normal(size=(3, 4)), rng.normal(size=(5,))]
     # Gradients of varying sign and scale, tiny ones included, so eps matters.
-    grads = [[rng.normal(size=p.shape) * 10.0 ** rng.integers(-6, 2, size=p.shape) for p in params]
-             for _ in range(steps)]
+    grads = [
+        [rng.normal(size=p.shape) * 10.0 ** rng.integers(-6, 2, size=p.shape) for p in params] for _ in range(steps)
+    ]
     return params, grads
 
 
@@ -49,8 +28,7 @@ def _run_numpy(params, grads, lrs=None, **hp):
     opt = NumpyAdam(params, **hp)
     cur = [p.astype(np.float64) for p in params]
     for i, g in enumerate(grads):
-        cur = opt.step(cur, [x.astype(np.float32).astype(np.float64) for x in g],
-                       lr=None if lrs is None else lrs[i])
+        cur = opt.step(cur, [x.astype(np.float32).astype(np.float64) for x in g], lr=None if lrs is None else lrs[i])
     return cur, opt
 
 
@@ -130,7 +108,10 @@ def test_adam_scale_multiplies_the_gradients():
     for graph in (False, True):
         variables = [tf.Variable(p) for p in _f32(params)]
         opt = Adam(variables)
-        step = lambda g, s: opt.apply(g, variables, s)
+
+        def step(g, s, opt=opt, variables=variables):
+            return opt.apply(g, variables, s)
+
         step = tf.function(step) if graph else step
         for g, sc in zip(grads, scales):
             step([tf.constant(x) for x in _f32(g)], tf.constant(sc))
@@ -191,7 +172,10 @@ def test_per_occurrence_rows_follow_their_formula(graph):
     table, other = rng.normal(size=(5, 3)), rng.normal(size=(4,))
     variables = [tf.Variable(table.astype(np.float32)), tf.Variable(other.astype(np.float32))]
     opt = Adam(variables, lr=1e-2)
-    step = lambda g, sq, ok: opt.apply(g, variables, tf.constant(0.5), where=ok, rows={0: sq})
+
+    def step(g, sq, ok):
+        return opt.apply(g, variables, tf.constant(0.5), where=ok, rows={0: sq})
+
     step = tf.function(step) if graph else step
     m, v, want, numpy_other = np.zeros_like(table), np.zeros_like(table), table.copy(), NumpyAdam([other], lr=1e-2)
     want_other = other.copy()
@@ -202,18 +186,21 @@ def test_per_occurrence_rows_follow_their_formula(graph):
         g = np.zeros_like(table)
         sq = np.zeros_like(table)
         np.add.at(g, ids, per_occurrence)
-        np.add.at(sq, ids, per_occurrence ** 2)
+        np.add.at(sq, ids, per_occurrence**2)
         g_other = rng.normal(size=(4,))
-        step([tf.constant((g / 0.5).astype(np.float32)), tf.constant(g_other.astype(np.float32))],
-             tf.constant((sq / 0.25).astype(np.float32)), tf.constant(True))
+        step(
+            [tf.constant((g / 0.5).astype(np.float32)), tf.constant(g_other.astype(np.float32))],
+            tf.constant((sq / 0.25).astype(np.float32)),
+            tf.constant(True),
+        )
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * sq
-        want = want - lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
+        want = want - lr * math.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
         want_other = numpy_other.step([want_other], [g_other.astype(np.float32).astype(np.float64) * 0.5])[0]
         np.testing.assert_allclose(variables[0].numpy(), want, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(variables[1].numpy(), want_other, rtol=1e-4, atol=1e-6)
     # The per-occurrence squares differ from the squared sums: dense Adam would have moved otherwise.
-    assert np.abs(sq - g ** 2).max() > 1e-2
+    assert np.abs(sq - g**2).max() > 1e-2
     before = [x.numpy() for x in variables + opt.m + opt.v]
     step([tf.fill([5, 3], np.inf), tf.zeros([4])], tf.fill([5, 3], np.nan), tf.constant(False))
     assert all(np.array_equal(a, x.numpy()) for a, x in zip(before, variables + opt.m + opt.v))

@@ -4,30 +4,23 @@ and training on a store."""
 
 import builtins
 import os
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_corpus
 
-from conftest import make_review
 from tfgpt import data, prepare, store_build
-from tfgpt.progress import Progress
-
-
-def write_lines(path: Path, n: int, seed: int = 1) -> Path:
-    rng = random.Random(seed)
-    path.write_text("\n".join(make_review(rng) for _ in range(n)) + "\n")
-    return path
 
 
 def ensure(spec, tmp_path, messages=None, **kw):
     kw.setdefault("store_dir", tmp_path / "stores")
     kw.setdefault("vocab_size", 40)
     kw.setdefault("val_fraction", 0.1)
-    return prepare.ensure_store(str(spec), log=(messages.append if messages is not None else lambda *a, **k: None),
-                                **kw)
+    return prepare.ensure_store(
+        str(spec), log=(messages.append if messages is not None else lambda *a, **k: None), **kw
+    )
 
 
 def stores(tmp_path) -> list[Path]:
@@ -41,7 +34,7 @@ def all_windows(store, split="train", packing="pack"):
 
 
 def test_second_call_reuses_the_store(tmp_path):
-    path = write_lines(tmp_path / "r.txt", 100)
+    path = write_corpus(tmp_path / "r.txt", 100)
     first = ensure(path, tmp_path)
     assert first.action == "built"
     second = ensure(path, tmp_path)
@@ -52,7 +45,7 @@ def test_second_call_reuses_the_store(tmp_path):
 
 
 def test_changed_input_gives_a_new_store_and_drops_the_stale_one(tmp_path):
-    path = write_lines(tmp_path / "r.txt", 100)
+    path = write_corpus(tmp_path / "r.txt", 100)
     old = ensure(path, tmp_path).store
     before = all_windows(old)
     with open(path, "a") as f:
@@ -73,7 +66,7 @@ def test_changed_input_gives_a_new_store_and_drops_the_stale_one(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "same_size", "manifest"])
 def test_damaged_store_is_rebuilt_with_a_warning(tmp_path, damage):
-    path = write_lines(tmp_path / "r.txt", 100)
+    path = write_corpus(tmp_path / "r.txt", 100)
     store = ensure(path, tmp_path, shard_tokens=200).store
     expected = all_windows(store)
     shard = store.root / store.split("train")["shards"][1]
@@ -110,7 +103,7 @@ def full_disk_for(monkeypatch, suffix: str):
 def test_full_disk_is_one_error_and_leaves_no_store(tmp_path, monkeypatch):
     """The second shard's file is /dev/full: its writes fail with ENOSPC,
     from the kernel."""
-    path = write_lines(tmp_path / "r.txt", 200)
+    path = write_corpus(tmp_path / "r.txt", 200)
     full_disk_for(monkeypatch, "train-00001.u32")
     with pytest.raises(data.DataError) as e:
         ensure(path, tmp_path, shard_tokens=300)
@@ -123,7 +116,7 @@ def test_full_disk_is_one_error_and_leaves_no_store(tmp_path, monkeypatch):
 
 
 def test_prepare_command_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
-    path = write_lines(tmp_path / "r.txt", 50)
+    path = write_corpus(tmp_path / "r.txt", 50)
     full_disk_for(monkeypatch, ".u32")
     out = tmp_path / "store"
     assert prepare.main(["--data", str(path), "--out", str(out)]) == 2
@@ -133,7 +126,7 @@ def test_prepare_command_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, 
 
 
 def test_interrupted_build_leaves_nothing_and_the_next_one_builds(tmp_path, monkeypatch):
-    path = write_lines(tmp_path / "r.txt", 200)
+    path = write_corpus(tmp_path / "r.txt", 200)
     calls = []
     real = store_build.split_streams
 
@@ -162,14 +155,15 @@ def _params(path):
     from tfgpt import sources
 
     paths = sources.expand(str(path))
-    return prepare.store_params(paths, sources.input_files(paths, False), imdb_unsup=False, vocab_size=40,
-                                val_fraction=0.1, seed=0)
+    return prepare.store_params(
+        paths, sources.input_files(paths, False), imdb_unsup=False, vocab_size=40, val_fraction=0.1, seed=0
+    )
 
 
 def test_resumed_run_keeps_its_vocabulary(tmp_path):
     """A run's vocab.txt that the (changed) corpus no longer gives: the store
     holds that vocabulary's ids, as today's Tokenizer would give them."""
-    path = write_lines(tmp_path / "r.txt", 120)
+    path = write_corpus(tmp_path / "r.txt", 120)
     own = ensure(path, tmp_path).store
     assert ensure(path, tmp_path, vocab=own.vocab()).store.root == own.root  # the same vocabulary: the same store
     given = ["", "[UNK]", "the", "movie", "is", ".", "bad", "good"] + [f"x{i}" for i in range(32)]
@@ -181,12 +175,13 @@ def test_resumed_run_keeps_its_vocabulary(tmp_path):
     tok = data.Tokenizer(tmp_path / "given.txt")
     train, _ = data.train_val_split(data.read_corpus(path), 0.1, 0)
     ids, lengths = data.tokenize_lines(tok, train)
-    np.testing.assert_array_equal(all_windows(store, packing="truncate"),
-                                  data.make_windows(ids, lengths, 8, "truncate"))
+    np.testing.assert_array_equal(
+        all_windows(store, packing="truncate"), data.make_windows(ids, lengths, 8, "truncate")
+    )
 
 
 def test_named_store_is_used_as_it_is_and_rebuilt_when_its_input_changes(tmp_path):
-    path = write_lines(tmp_path / "r.txt", 100)
+    path = write_corpus(tmp_path / "r.txt", 100)
     out = tmp_path / "mystore"
     assert prepare.main(["--data", str(path), "--out", str(out), "--vocab-size", "40"]) == 0
     messages = []
@@ -203,7 +198,7 @@ def test_named_store_is_used_as_it_is_and_rebuilt_when_its_input_changes(tmp_pat
 
 
 def test_prepare_command(tmp_path, capsys):
-    path = write_lines(tmp_path / "r.txt", 100)
+    path = write_corpus(tmp_path / "r.txt", 100)
     out = tmp_path / "s"
     assert prepare.main(["--data", str(path), "--out", str(out), "--workers", "2"]) == 0
     text = capsys.readouterr().out
@@ -212,34 +207,54 @@ def test_prepare_command(tmp_path, capsys):
     assert f"reused {out}" in capsys.readouterr().out
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("mine")
-    cases = [(["--data", str(tmp_path / "nope.txt")], "no such file"),
-             (["--data", str(tmp_path / "*.nothing")], "matches no file"),
-             (["--data", str(path), "--out", str(tmp_path / "other")], "not a token store"),
-             (["--data", str(path), "--val-fraction", "1.5"], "--val-fraction"),
-             (["--data", str(path), "--vocab-size", "2"], "--vocab-size")]
+    cases = [
+        (["--data", str(tmp_path / "nope.txt")], "no such file"),
+        (["--data", str(tmp_path / "*.nothing")], "matches no file"),
+        (["--data", str(path), "--out", str(tmp_path / "other")], "not a token store"),
+        (["--data", str(path), "--val-fraction", "1.5"], "--val-fraction"),
+        (["--data", str(path), "--vocab-size", "2"], "--vocab-size"),
+    ]
     (tmp_path / "empty").mkdir()
     cases.append((["--data", str(tmp_path / "empty")], "no .txt files"))
     import gzip
 
     whole = gzip.compress(path.read_bytes())
-    (tmp_path / "broken.txt.gz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "broken.txt.gz").write_bytes(whole[: len(whole) // 2])
     cases.append((["--data", str(tmp_path / "broken.txt.gz")], "cannot read"))
     for argv, needle in cases:
         assert prepare.main(argv + ["--store-dir", str(tmp_path / "stores")]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (argv, err)
-    one = write_lines(tmp_path / "one_line.txt", 1)
+    one = write_corpus(tmp_path / "one_line.txt", 1)
     assert prepare.main(["--data", str(one), "--val-fraction", "0.9", "--store-dir", str(tmp_path / "st")]) == 2
     assert "leaves no training data" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_builds_then_reuses_and_trains_on_a_named_store(tmp_path, capsys, monkeypatch):
     from tfgpt.cli import main
 
     monkeypatch.setenv("TFGPT_CACHE", str(tmp_path / "cache"))
-    path = write_lines(tmp_path / "r.txt", 200)
-    tiny = ["--maxlen", "12", "--embed-dim", "16", "--ff-dim", "16", "--vocab-size", "60", "--batch-size", "16",
-            "--max-steps", "2", "--gen-tokens", "3", "--no-export", "--logdir", str(tmp_path / "logs")]
+    path = write_corpus(tmp_path / "r.txt", 200)
+    tiny = [
+        "--maxlen",
+        "12",
+        "--embed-dim",
+        "16",
+        "--ff-dim",
+        "16",
+        "--vocab-size",
+        "60",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "2",
+        "--gen-tokens",
+        "3",
+        "--no-export",
+        "--logdir",
+        str(tmp_path / "logs"),
+    ]
     assert main(["--data", str(path), "--run-name", "a"] + tiny) == 0
     out = capsys.readouterr().out
     assert "token store: built" in out and str(tmp_path / "cache" / "stores") in out
@@ -252,11 +267,3 @@ def test_train_builds_then_reuses_and_trains_on_a_named_store(tmp_path, capsys, 
     # A missing path is one line, exit status 2, as before.
     assert main(["--data", str(tmp_path / "missing.txt"), "--run-name", "d"] + tiny) == 2
     assert "no such file or directory" in capsys.readouterr().err
-
-
-def test_progress_line():
-    lines = []
-    p = Progress("tokenizing", 100_000_000, log=lines.append, live=False, every=0.0)
-    p.start -= 10.0
-    p.add(40_000_000)
-    assert lines == ["tokenizing: 40 of 100 MB (40%), 4.0 MB/s, ETA 0:15"]

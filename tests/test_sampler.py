@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import reference_greedy
 
 from tfgpt.bench import _sampler_variants
 from tfgpt.config import GPTConfig
@@ -18,8 +19,9 @@ from tfgpt.model import GPT
 from tfgpt.sampler import MAX_TOKENS, Sampler
 
 WORDS = [PAD, UNK] + [f"w{i}" for i in range(2, 40)]  # id i <-> word "w{i}" for i >= 2
-CONFIG = GPTConfig(vocab_size=len(WORDS), maxlen=8, embed_dim=16, num_heads=2, ff_dim=32,
-                   num_layers=2, dropout=0.0, head_dim=8)
+CONFIG = GPTConfig(
+    vocab_size=len(WORDS), maxlen=8, embed_dim=16, num_heads=2, ff_dim=32, num_layers=2, dropout=0.0, head_dim=8
+)
 SEED = 3
 
 
@@ -50,31 +52,16 @@ def fixed_logit_model(bias) -> GPT:
     return model
 
 
-def reference_greedy(model: GPT, prompt: list[int], steps: int) -> list[int]:
-    """Greedy decoding by running the whole model on the growing, then
-    sliding, sequence: no cache, one Python step per token; stops after id 0."""
-    seq, out = list(prompt), []
-    for _ in range(steps):
-        logits = model(tf.constant([seq[-CONFIG.maxlen:]]))[0, -1].numpy()
-        token = int(np.argmax(logits))
-        if token == 0:
-            break
-        seq.append(token)
-        out.append(token)
-    return out
-
-
 def reference_log_prob(model: GPT, ids: list[int]) -> float:
     """sum over i >= 1 of log p(ids[i] | the up to maxlen tokens before it)."""
     total = 0.0
     for i in range(1, len(ids)):
-        logits = model(tf.constant([ids[max(0, i - CONFIG.maxlen):i]]))[0, -1]
+        logits = model(tf.constant([ids[max(0, i - CONFIG.maxlen) : i]]))[0, -1]
         total += float(tf.nn.log_softmax(logits)[ids[i]])
     return total
 
 
-def generate(sampler, prompts, max_tokens=20, top_k=10, temperature=0.0, seed=SEED, top_p=1.0,
-             repetition_penalty=1.0):
+def generate(sampler, prompts, max_tokens=20, top_k=10, temperature=0.0, seed=SEED, top_p=1.0, repetition_penalty=1.0):
     """sampler.generate with one value per setting for every row, or a list
     of one per row. A single seed s gives row i the seed s + i."""
     n = len(prompts)
@@ -83,11 +70,15 @@ def generate(sampler, prompts, max_tokens=20, top_k=10, temperature=0.0, seed=SE
         return tf.constant(np.broadcast_to(np.asarray(value), [n]), dtype)
 
     seeds = np.asarray(seed) if np.ndim(seed) else seed + np.arange(n)
-    return sampler.generate(prompt=tf.constant(prompts, tf.string), max_tokens=column(max_tokens, tf.int32),
-                            top_k=column(top_k, tf.int32), top_p=column(top_p, tf.float32),
-                            temperature=column(temperature, tf.float32),
-                            repetition_penalty=column(repetition_penalty, tf.float32),
-                            seed=column(seeds, tf.int64))
+    return sampler.generate(
+        prompt=tf.constant(prompts, tf.string),
+        max_tokens=column(max_tokens, tf.int32),
+        top_k=column(top_k, tf.int32),
+        top_p=column(top_p, tf.float32),
+        temperature=column(temperature, tf.float32),
+        repetition_penalty=column(repetition_penalty, tf.float32),
+        seed=column(seeds, tf.int64),
+    )
 
 
 def rows(out) -> list[list[int]]:
@@ -113,6 +104,7 @@ def sampler(model, vocab_path):
 
 
 # --- decoding against the full model ------------------------------------------
+
 
 def test_cached_greedy_equals_full_model_across_maxlen(model, sampler):
     prompt = "w5 w9 w2"
@@ -298,9 +290,14 @@ def test_rows_with_their_own_settings_equal_their_requests_alone(model, sampler)
     # concatenates requests).
     rng = np.random.default_rng(0)
     prompts = [" ".join(f"w{w}" for w in rng.integers(2, 40, rng.integers(1, 12))) for _ in range(64)]
-    settings = dict(max_tokens=rng.integers(0, 21, 64), top_k=rng.choice([1, 3, 10, 40, 10**9], 64),
-                    top_p=rng.choice([1.0, 0.9, 0.5, 0.0], 64), temperature=rng.choice([0.0, 0.7, 1.0, 1.5], 64),
-                    repetition_penalty=rng.choice([1.0, 1.3, 0.8], 64), seed=rng.integers(-2**62, 2**62, 64))
+    settings = dict(
+        max_tokens=rng.integers(0, 21, 64),
+        top_k=rng.choice([1, 3, 10, 40, 10**9], 64),
+        top_p=rng.choice([1.0, 0.9, 0.5, 0.0], 64),
+        temperature=rng.choice([0.0, 0.7, 1.0, 1.5], 64),
+        repetition_penalty=rng.choice([1.0, 1.3, 0.8], 64),
+        seed=rng.integers(-(2**62), 2**62, 64),
+    )
     batch = generate(sampler, prompts, **settings)
     assert batch["lengths"].numpy().tolist() == settings["max_tokens"].tolist()  # sharp_model never ends
     for i, prompt in enumerate(prompts):
@@ -310,6 +307,7 @@ def test_rows_with_their_own_settings_equal_their_requests_alone(model, sampler)
 
 
 # --- score ---------------------------------------------------------------------------
+
 
 def test_score_equals_the_full_model_sliding_past_maxlen(model, sampler):
     texts = ["w5 w9", "w3 w4 w5 w6 w7", " ".join(f"w{2 + (7 * i) % 37}" for i in range(20))]
@@ -324,6 +322,7 @@ def test_score_equals_the_full_model_sliding_past_maxlen(model, sampler):
 
 # --- input ---------------------------------------------------------------------------
 
+
 def _refused(fn, *words):
     with pytest.raises(tf.errors.InvalidArgumentError) as info:
         fn()
@@ -336,22 +335,37 @@ def test_bad_input_is_refused_naming_the_input_and_the_row(sampler):
     nan, inf = float("nan"), float("inf")
     _refused(lambda: generate(sampler, ["w2", "  <br />  "]), "at least one word", "row 1")
     _refused(lambda: generate(sampler, [""]), "at least one word", "row 0")
-    _refused(lambda: generate(sampler, ["w2", "w3"], max_tokens=[3, -1]), "max_tokens must be between 0 and",
-             "row 1 has -1")
-    _refused(lambda: generate(sampler, ["w2"] * 3, max_tokens=[1, MAX_TOKENS + 1, 2]), f"between 0 and {MAX_TOKENS}",
-             f"row 1 has {MAX_TOKENS + 1}")
-    _refused(lambda: generate(sampler, ["w2", "w3"], temperature=[1.0, nan]), "temperature must be a finite",
-             "row 1 has nan")
+    _refused(
+        lambda: generate(sampler, ["w2", "w3"], max_tokens=[3, -1]), "max_tokens must be between 0 and", "row 1 has -1"
+    )
+    _refused(
+        lambda: generate(sampler, ["w2"] * 3, max_tokens=[1, MAX_TOKENS + 1, 2]),
+        f"between 0 and {MAX_TOKENS}",
+        f"row 1 has {MAX_TOKENS + 1}",
+    )
+    _refused(
+        lambda: generate(sampler, ["w2", "w3"], temperature=[1.0, nan]), "temperature must be a finite", "row 1 has nan"
+    )
     _refused(lambda: generate(sampler, ["w2"], temperature=inf), "temperature must be a finite", "row 0 has inf")
     _refused(lambda: generate(sampler, ["w2", "w3"], top_p=[nan, 0.5]), "top_p must be a finite", "row 0 has nan")
     for bad in (0.0, -1.0, nan, inf):
-        _refused(lambda: generate(sampler, ["w2", "w3", "w4"], repetition_penalty=[1.0, 1.0, bad]),
-                 "repetition_penalty must be a finite number above 0", "row 2 has")
-    message = _refused(lambda: sampler.generate(
-        prompt=tf.constant(["w2", "w3"]), max_tokens=tf.constant([4]), top_k=tf.constant([1, 1]),
-        top_p=tf.constant([1.0, 1.0]), temperature=tf.constant([1.0, 1.0]),
-        repetition_penalty=tf.constant([1.0, 1.0]), seed=tf.constant([1, 2], tf.int64)),
-        "max_tokens has 1 rows and prompt 2")
+        _refused(
+            lambda bad=bad: generate(sampler, ["w2", "w3", "w4"], repetition_penalty=[1.0, 1.0, bad]),
+            "repetition_penalty must be a finite number above 0",
+            "row 2 has",
+        )
+    message = _refused(
+        lambda: sampler.generate(
+            prompt=tf.constant(["w2", "w3"]),
+            max_tokens=tf.constant([4]),
+            top_k=tf.constant([1, 1]),
+            top_p=tf.constant([1.0, 1.0]),
+            temperature=tf.constant([1.0, 1.0]),
+            repetition_penalty=tf.constant([1.0, 1.0]),
+            seed=tf.constant([1, 2], tf.int64),
+        ),
+        "max_tokens has 1 rows and prompt 2",
+    )
     assert "one row per prompt" in message
     _refused(lambda: sampler.score(text=tf.constant(["w2 w3", "w4"])), "at least two tokens", "row 1 has 1")
     # Each message is one line.
@@ -362,7 +376,7 @@ def test_bad_input_is_refused_naming_the_input_and_the_row(sampler):
 def test_awkward_input_is_served(sampler, model):
     # Unknown words become [UNK]; punctuation is split off; bytes that are not
     # UTF-8 and control characters are just more unknown words.
-    prompts = ["Zebra w3".encode(), b"w2 \xff\xfe w4", "\x00w5 \x07 \u202e w6".encode()]
+    prompts = [b"Zebra w3", b"w2 \xff\xfe w4", "\x00w5 \x07 \u202e w6".encode()]
     out = generate(sampler, prompts, max_tokens=3)
     texts = [t.decode() for t in out["text"].numpy()]
     assert texts[0].startswith("[UNK] w3 ")
@@ -388,6 +402,7 @@ def test_awkward_input_is_served(sampler, model):
 
 
 # --- a model on several devices --------------------------------------------------
+
 
 def test_generate_with_a_mirrored_model(vocab_path, model):
     devices = tf.config.list_logical_devices("CPU")

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tfgpt import sampling
-from tfgpt.sampling import top_k_logits, CANDIDATES
+from tfgpt.sampling import CANDIDATES, top_k_logits
 
 V = 20000  # the default vocabulary
 
@@ -41,16 +41,35 @@ def reference_pick(logits, k, p, t, u, tol=1e-4):
     loose = k if p >= 1 else max(1, int(np.sum(before < p + tol)))
     target = u * cum[keep - 1]
     j = min(int(np.sum(cum[:keep] <= target)), keep - 1)
-    ambiguous = bool(np.min(np.abs(cum[:keep] - target)) < tol) or (keep != loose) or \
-        (p < 1 and keep > 1 and p - before[keep - 1] < tol)
+    ambiguous = (
+        bool(np.min(np.abs(cum[:keep] - target)) < tol)
+        or (keep != loose)
+        or (p < 1 and keep > 1 and p - before[keep - 1] < tol)
+    )
     return int(top[j]), {int(i) for i in top[:loose]}, ambiguous
 
 
 SETTINGS = [  # (top_k, top_p, temperature): every way `plan` sorts a row
-    (1, 1.0, 1.0), (5, 1.0, 1.0), (10, 0.9, 1.0), (10, 0.5, 2.0), (CANDIDATES, 0.95, 0.7),
-    (CANDIDATES + 1, 1.0, 1.0), (300, 0.9, 1.0), (V, 1.0, 1.0), (10**9, 1.0, 0.5),
-    (V, 0.9, 1.0), (V, 0.3, 1.0), (10**9, 0.99, 1.5), (20, 0.0, 1.0), (20, -1.0, 1.0),
-    (7, 2.0, 1.0), (10, 0.9, 0.0), (V, 0.9, -1.0), (0, 1.0, 1.0), (-5, 0.5, 1.0), (50, 0.9, 1e-4),
+    (1, 1.0, 1.0),
+    (5, 1.0, 1.0),
+    (10, 0.9, 1.0),
+    (10, 0.5, 2.0),
+    (CANDIDATES, 0.95, 0.7),
+    (CANDIDATES + 1, 1.0, 1.0),
+    (300, 0.9, 1.0),
+    (V, 1.0, 1.0),
+    (10**9, 1.0, 0.5),
+    (V, 0.9, 1.0),
+    (V, 0.3, 1.0),
+    (10**9, 0.99, 1.5),
+    (20, 0.0, 1.0),
+    (20, -1.0, 1.0),
+    (7, 2.0, 1.0),
+    (10, 0.9, 0.0),
+    (V, 0.9, -1.0),
+    (0, 1.0, 1.0),
+    (-5, 0.5, 1.0),
+    (50, 0.9, 1e-4),
 ]
 
 
@@ -85,7 +104,7 @@ def test_each_row_picks_as_it_would_alone():
     logits, k, p, t, u = _batch(3, 1.0)
     batch = pick(tf.constant(logits), k, p, t, u).numpy()
     for i in range(len(SETTINGS)):
-        alone = pick(tf.constant(logits[i:i + 1]), k[i:i + 1], p[i:i + 1], t[i:i + 1], u[i:i + 1]).numpy()
+        alone = pick(tf.constant(logits[i : i + 1]), k[i : i + 1], p[i : i + 1], t[i : i + 1], u[i : i + 1]).numpy()
         assert alone[0] == batch[i], SETTINGS[i]
 
 
@@ -99,8 +118,13 @@ def test_draws_follow_the_renormalised_nucleus():
     u = (np.arange(draws, dtype=np.float32) + 0.5) / draws  # evenly spread: frequencies exact to 1/draws
     for top_k, top_p, t in [(10, 0.8, 1.0), (V, 0.9, 1.0), (3, 0.99, 2.0), (V, 1.0, 1.0)]:
         rows = np.broadcast_to(logits, (draws, V))
-        got = pick(tf.constant(rows), np.full(draws, top_k, np.int32), np.full(draws, top_p, np.float32),
-                   np.full(draws, t, np.float32), u).numpy()
+        got = pick(
+            tf.constant(rows),
+            np.full(draws, top_k, np.int32),
+            np.full(draws, top_p, np.float32),
+            np.full(draws, t, np.float32),
+            u,
+        ).numpy()
         _, nucleus, _ = reference_pick(logits, top_k, top_p, t, 0.5)
         assert set(np.unique(got)) <= nucleus
         ids = sorted(nucleus)
@@ -132,8 +156,7 @@ def test_penalty_changes_exactly_the_seen_tokens():
     seen = np.array([[4, 9, 9, 30, 4], [1, 1, 1, 1, 1], [2, 3, 49, 0, 2]], np.int32)  # repeats allowed
     penalty = np.array([1.5, 0.5, 1.0], np.float32)
     offsets = np.broadcast_to(np.arange(3)[:, None] * 50, seen.shape).astype(np.int32)
-    got = sampling.penalize(tf.constant(logits), tf.constant(seen), tf.constant(penalty),
-                            tf.constant(offsets)).numpy()
+    got = sampling.penalize(tf.constant(logits), tf.constant(seen), tf.constant(penalty), tf.constant(offsets)).numpy()
     want = logits.copy()
     for b in range(3):
         for token in set(seen[b].tolist()):

@@ -1,7 +1,7 @@
 """The token store against today's in-memory path: the same vocabulary, the
 same training and validation windows in both packings, for every input form;
-reading windows through the tf.data pipeline; the epoch order; per-worker
-reads."""
+reading windows through the tf.data pipeline; per-worker reads. The epoch
+order itself is tests/test_order.py."""
 
 import gzip
 import random
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import make_review, write_imdb_tree
 
-from conftest import make_review, write_imdb_tree
 from tfgpt import data, prepare
 from tfgpt.order import EpochOrder
 from tfgpt.store import StoreWindows
@@ -50,8 +50,9 @@ def reference_windows(docs, vocab_size, val_fraction, seed, folder: Path):
 
 
 def build(spec, tmp_path, **kw):
-    settings = dict(vocab_size=kw.pop("vocab_size", 50), val_fraction=kw.pop("val_fraction", 0.1),
-                    seed=kw.pop("seed", 3))
+    settings = dict(
+        vocab_size=kw.pop("vocab_size", 50), val_fraction=kw.pop("val_fraction", 0.1), seed=kw.pop("seed", 3)
+    )
     kw.setdefault("store_dir", tmp_path / "stores")
     kw.setdefault("shard_tokens", 97)  # many shards: windows cross their boundaries
     kw.setdefault("log", lambda *a, **k: None)
@@ -120,8 +121,19 @@ def test_awkward_text(tmp_path, monkeypatch):
     from tfgpt import store_build
 
     monkeypatch.setattr(store_build, "CHUNK_BYTES", 16)
-    lines = [b"caf\xe9 ok\r", b"\xe2\x82", b"broken \xf0\x9f\x98 end", b"", b"\xc3\x89MILE's CAF\xc3\x89!<br />next",
-             b"a\x00b  c\td", b"\xff\xfe", b"<br /><br />x", b"ONE two" + b" w" * 200, b"\r", b"last line"]
+    lines = [
+        b"caf\xe9 ok\r",
+        b"\xe2\x82",
+        b"broken \xf0\x9f\x98 end",
+        b"",
+        b"\xc3\x89MILE's CAF\xc3\x89!<br />next",
+        b"a\x00b  c\td",
+        b"\xff\xfe",
+        b"<br /><br />x",
+        b"ONE two" + b" w" * 200,
+        b"\r",
+        b"last line",
+    ]
     path = tmp_path / "awkward.txt"
     path.write_bytes(b"\n".join(lines * 5))
     store, settings = build(path, tmp_path, val_fraction=0.2, vocab_size=30)
@@ -170,7 +182,7 @@ def test_several_paths_and_globs(tmp_path):
 def test_large_vocabulary_takes_uint32(tmp_path):
     path = tmp_path / "many.txt"
     words = [f"w{i}" for i in range(70_000)]
-    path.write_text("\n".join(" ".join(words[i:i + 50]) + " common" for i in range(0, len(words), 50)) + "\n")
+    path.write_text("\n".join(" ".join(words[i : i + 50]) + " common" for i in range(0, len(words), 50)) + "\n")
     store, settings = build(path, tmp_path, vocab_size=80_000, val_fraction=0.0, shard_tokens=1 << 16)
     assert store.manifest["dtype"] == "uint32" and store.manifest["vocab_entries"] > 1 << 16
     assert_store_equals_reference(store, reference_docs([path]), settings, tmp_path)
@@ -189,6 +201,7 @@ def test_workers_and_chunks_do_not_change_the_bytes(tmp_path, monkeypatch):
 
 
 # --- reading: the pipeline, the order, the workers -----------------------------
+
 
 def _batches(ds):
     return [tuple(t.numpy() for t in b) for b in ds]
@@ -215,7 +228,8 @@ def test_pipeline_reads_the_same_batches_from_store_and_memory(tmp_path):
             for p, q in zip(x, y):
                 np.testing.assert_array_equal(p, q)
         assert sum(float(batch[2].sum()) for batch in a) == float(
-            sum((w[1:] != 0).sum() if packing == "truncate" else MAXLEN for w in ref["val", packing]))
+            sum((w[1:] != 0).sum() if packing == "truncate" else MAXLEN for w in ref["val", packing])
+        )
 
 
 def test_each_worker_reads_only_its_slice(tmp_path):
@@ -235,35 +249,11 @@ def test_each_worker_reads_only_its_slice(tmp_path):
         reads.append(seen)
     for worker in range(2):
         # Worker w reads rows 4w..4w+3 of every global batch of 8, nothing else.
-        mine = order.reshape(-1, 8)[:, 4 * worker:4 * worker + 4].ravel().tolist()
+        mine = order.reshape(-1, 8)[:, 4 * worker : 4 * worker + 4].ravel().tolist()
         assert reads[worker] == mine
     for step, batch in enumerate(full):
         pieces = [parts[w][2 * step + r][0] for w in range(2) for r in range(2)]
         np.testing.assert_array_equal(np.concatenate(pieces), batch[0])
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4099])
-def test_epoch_order_is_a_permutation(n):
-    order = EpochOrder(n, seed=1, epoch=0).numpy(np.arange(n))
-    np.testing.assert_array_equal(np.sort(order), np.arange(n))
-
-
-def test_epoch_order_depends_on_seed_and_epoch_and_looks_shuffled():
-    n = 10_000
-    base = EpochOrder(n, 0, 0).numpy(np.arange(n))
-    np.testing.assert_array_equal(base, EpochOrder(n, 0, 0).numpy(np.arange(n)))
-    for other in (EpochOrder(n, 0, 1), EpochOrder(n, 1, 0)):
-        assert np.mean(other.numpy(np.arange(n)) == base) < 0.01
-    # A uniform shuffle: position and index uncorrelated, mean displacement n/3,
-    # and every tenth of the indices spread evenly over the epoch.
-    assert abs(np.corrcoef(np.arange(n), base)[0, 1]) < 0.05
-    assert abs(np.mean(np.abs(base - np.arange(n))) / n - 1 / 3) < 0.02
-    counts = np.histogram(np.flatnonzero(base < n // 10), bins=10, range=(0, n))[0]
-    assert counts.min() > 60 and counts.max() < 140
-    # Positions computed in any batches give the same order (resume mid-epoch).
-    order = EpochOrder(n, 0, 0)
-    np.testing.assert_array_equal(np.concatenate([order.numpy(np.arange(a, a + 500)) for a in range(0, n, 500)]),
-                                  base)
 
 
 def test_store_windows_validate_packing(tmp_path):

@@ -1,0 +1,161 @@
+"""`python -m tfgpt.gpu_check` on any machine: its one line without a GPU,
+the data-sheet peaks, the precisions skipped below their compute capability,
+a failing variant in one line, and the --cpu-smoke path's consistent rows.
+The GPU tests themselves are tests/test_gpu.py."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tfgpt import gpu_check
+from tfgpt.config import GPTConfig
+from tfgpt.flops import flops_per_token
+
+
+def cpu_env(**extra) -> dict:
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2", **extra)
+
+
+def driver_lists_gpus(path: str | None = None) -> bool:
+    exe = shutil.which("nvidia-smi", path=path)
+    if exe is None:
+        return False
+    done = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=60)
+    return done.returncode == 0 and any(line.startswith("GPU ") for line in done.stdout.splitlines())
+
+
+@pytest.mark.slow
+def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "tfgpt.gpu_check"],
+        cwd=tmp_path,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    assert lines[0].startswith("gpu-check: no GPU visible to TensorFlow (") and lines[0].endswith("; nothing to check")
+    # The reason: no driver listing a GPU here, else the hiding variable.
+    assert ("CUDA_VISIBLE_DEVICES='-1' hides" if driver_lists_gpus() else "nvidia-smi lists no GPU") in lines[0]
+
+
+@pytest.mark.slow
+def test_gpu_check_names_a_hidden_gpu(tmp_path):
+    """With a (fake) driver listing a GPU and CUDA_VISIBLE_DEVICES=-1, the reason is the variable."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    fake = folder / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA L4 (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    env = cpu_env(PATH=f"{folder}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(
+        [sys.executable, "-m", "tfgpt.gpu_check"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        "gpu-check: no GPU visible to TensorFlow (CUDA_VISIBLE_DEVICES='-1' hides the "
+        "1 GPU(s) nvidia-smi lists); nothing to check"
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, precision, peak",
+    [
+        # NVIDIA's data-sheet figures, dense: H100 SXM, H200, A100, L4, V100 SXM2, T4.
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+        ("NVIDIA H100 80GB HBM3", "float32", 67e12),
+        ("NVIDIA H200", "float16", 989e12),
+        ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+        ("NVIDIA A100-PCIE-40GB", "float32", 19.5e12),
+        ("NVIDIA L4", "float16", 121e12),
+        ("NVIDIA L4", "float32", 30.3e12),
+        ("Tesla V100-SXM2-16GB", "float16", 125e12),
+        ("Tesla V100-SXM2-16GB", "float32", 15.7e12),
+        ("Tesla T4", "float16", 65e12),
+        ("Tesla T4", "float32", 8.1e12),
+        # Not in the table: measured instead.
+        ("Tesla V100-SXM2-16GB", "bfloat16", None),  # no bfloat16 on compute capability 7.0
+        ("Tesla T4", "bfloat16", None),
+        ("NVIDIA H100 PCIe", "bfloat16", None),  # other clocks than the SXM module
+        ("NVIDIA H200 NVL", "bfloat16", None),
+        ("NVIDIA L40S", "bfloat16", None),  # "L4" must not match "L40S"
+        ("NVIDIA GeForce RTX 4090", "float16", None),
+    ],
+)
+def test_known_gpu_peaks(name, precision, peak):
+    assert gpu_check.known_peak(name, precision) == peak
+
+
+@pytest.mark.parametrize(
+    "precision, capability, skipped",
+    [
+        ("bfloat16", (7, 5), True),
+        ("bfloat16", (8, 0), False),
+        ("bfloat16", (9, 0), False),
+        ("float16", (6, 1), True),
+        ("float16", (7, 0), False),
+        ("float32", (3, 5), False),
+    ],
+)
+def test_precisions_skipped_below_their_compute_capability(precision, capability, skipped):
+    reason = gpu_check.skip_reason(precision, capability)
+    assert (reason is not None) == skipped
+    if skipped:
+        assert f"compute capability {capability[0]}.{capability[1]} <" in reason
+
+
+def test_a_failing_variant_is_reported_in_one_line(tmp_path):
+    windows = gpu_check.write_windows(tmp_path / "w.npy", 8, 8, 40)
+    spec = dict(
+        precision="float64", xla=False, replicas=1, steps=1, warmup=1, windows=str(windows), batch_size=8, gpus=None
+    )
+    row, why = gpu_check.run_variant(spec, timeout=300)
+    assert row is None and why.startswith("failed: ") and "\n" not in why
+    assert "float64" in why
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_prints_consistent_rows(tmp_path):
+    """--cpu-smoke: the check's whole path on the CPU with one small variant.
+    Its row's figures must agree with each other: tokens/s = batch x 80 /
+    step time, TFLOP/s = tokens/s x FLOPs per token, MFU = TFLOP/s / peak."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tfgpt.gpu_check", "--cpu-smoke"],
+        cwd=tmp_path,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    out = done.stdout
+    assert re.search(rf"^gpu-check: training on .+\({os.cpu_count()} cores\)$", out, re.M), out
+    number = r"([\d.,]+)"
+    row = re.search(
+        rf"^float32\s+off\s+8\s+1\s+{number}\s+{number}\s+{number}\s+{number}\s+\(measured\)\s+"
+        rf"{number}%\s+{number}$",
+        out,
+        re.M,
+    )
+    assert row, out
+    ms, tokens_s, tflops, peak, mfu, warmup_s = (float(g.replace(",", "")) for g in row.groups())
+    assert tokens_s == pytest.approx(8 * 80 / (ms / 1000), rel=2e-3, abs=1)
+    assert tflops == pytest.approx(tokens_s * flops_per_token(GPTConfig()) / 1e12, rel=2e-3)
+    assert mfu == pytest.approx(100 * tflops / peak, rel=2e-3, abs=0.06)
+    assert 0 < mfu and warmup_s > 0
+    assert "two GPUs: skipped (0 visible)" in out
+    # The sampler's table: tokens/s at batch 32 = 32 x 1000 / ms per token.
+    sampled = dict(
+        (int(b), (float(ms_t), float(tps)))
+        for b, ms_t, tps in re.findall(r"^cache\s+(\d+)\s+4\s+([\d.]+)\s+(\d+)$", out, re.M)
+    )
+    assert set(sampled) == {1, 32}, out
+    ms_t, tps = sampled[32]
+    assert tps == pytest.approx(32 * 1000 / ms_t, rel=2e-3, abs=1)
