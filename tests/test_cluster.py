@@ -204,10 +204,12 @@ def test_two_workers_match_mirrored_strategy(corpus, tmp_path, monkeypatch, sour
         configs, extra = [tf_config(ports, 0), tf_config(ports, 1)], []
     else:
         configs, extra = [slurm_env(2, 0), slurm_env(2, 1)], ["--cluster-port", str(consecutive_free_ports(2))]
+    # The chief's export is checked once (tf_config); the other variant skips it to save time.
+    extra += [] if source == "tf_config" else ["--no-export"]
     procs = start_workers(
         tmp_path, configs, [common + extra + ["--logdir", str(tmp_path / f"logs{i}")] for i in range(2)]
     )
-    codes = wait_all(procs, limit=150)
+    codes = wait_all(procs, limit=300)
     errors = [(tmp_path / f"err{i}.txt").read_text()[-2000:] for i in range(2)]
     assert codes == [0, 0], errors
     chief, other = read_losses(tmp_path / "losses0.jsonl"), read_losses(tmp_path / "losses1.jsonl")
@@ -218,7 +220,10 @@ def test_two_workers_match_mirrored_strategy(corpus, tmp_path, monkeypatch, sour
     assert max_diff(reference, event_losses(tmp_path / "logs0" / "r" / "train")) <= TOL
     # Only the chief writes: config, vocabulary, checkpoints, summaries, export.
     run = tmp_path / "logs0" / "r"
-    for name in ("config.json", "vocab.txt", "ckpt/checkpoint", "export/1/saved_model.pb"):
+    written = ["config.json", "vocab.txt", "ckpt/checkpoint"] + (
+        ["export/1/saved_model.pb"] if source == "tf_config" else []
+    )
+    for name in written:
         assert (run / name).exists(), name
     assert not (tmp_path / "logs1").exists()
     assert list((tmp_path / "tmp").iterdir()) == []  # the other worker's scratch folders are gone

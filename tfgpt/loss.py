@@ -125,19 +125,27 @@ def _loss_and_softmax_grads(h, hw, w_cd, b_cd, targets, weights, chunk, branch_f
     at a time: with p = softmax(logits), row weights r and hw = h scaled by
     them, dh = r * (p @ w^T), dw = hw^T @ p, db = p^T @ r.
 
+    In bfloat16, dw is summed as its transpose, p^T @ hw ([V, D]), and
+    transposed once at the end: oneDNN's bfloat16 hw^T @ p is the slower
+    product on CPUs (docs/performance.md).
+
     -> (total [], dh [N, D], dw [D, V], db [V]), all float32."""
     cd = w_cd.dtype
+    transposed = cd == tf.bfloat16
     total, dh, db = tf.zeros([]), [], tf.zeros(b_cd.shape)
-    dw = tf.zeros(w_cd.shape)
+    dw = tf.zeros([w_cd.shape[1], w_cd.shape[0]] if transposed else w_cd.shape)
     for rows in _blocks(h.shape[0], chunk):
         logits = block_logits(_rows_after(h, rows, dw), w_cd, b_cd)  # [C, V]
         p, loss = token_losses(logits, targets[rows], weights[rows], branch_free, smoothing)
         total += tf.reduce_sum(weights[rows] * loss)
         db += tf.linalg.matvec(p, weights[rows], transpose_a=True)  # [V]
-        p_cd = tf.cast(p, cd)
+        p_cd, hw_cd = tf.cast(p, cd), tf.cast(hw[rows], cd)
         dh.append(weights[rows][:, None] * tf.cast(tf.matmul(p_cd, w_cd, transpose_b=True), tf.float32))  # [C, D]
-        dw += tf.cast(tf.matmul(tf.cast(hw[rows], cd), p_cd, transpose_a=True), tf.float32)  # [D, V]
-    return total, tf.concat(dh, 0), dw, db
+        if transposed:
+            dw += tf.cast(tf.matmul(p_cd, hw_cd, transpose_a=True), tf.float32)  # [V, D]
+        else:
+            dw += tf.cast(tf.matmul(hw_cd, p_cd, transpose_a=True), tf.float32)  # [D, V]
+    return total, tf.concat(dh, 0), tf.transpose(dw) if transposed else dw, db
 
 
 def _minus_target_grads(dh, dw, db, hw, w, targets, weights, smoothing):
