@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- generated text ------------------------------------------------------------------
 
+# The tiny model and quiet settings of the train.py runs that check behaviour, not learning.
+TINY = "--maxlen 12 --embed-dim 16 --ff-dim 16 --vocab-size 60 --log-every 1 --gen-tokens 4 --quiet --no-export".split()
+
 _SUBJECTS = ["this movie", "the film", "the plot", "the acting", "every scene", "the ending"]
 _VERBS = ["is", "was", "seems", "felt"]
 _ADJECTIVES = ["good", "bad", "great", "boring", "funny", "long", "dark", "silly"]

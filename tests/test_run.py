@@ -10,29 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import checkpoint_step, model_weights, read_events, run_train_py, start_train_py, write_corpus
+from helpers import TINY, checkpoint_step, model_weights, read_events, run_train_py, start_train_py, write_corpus
 
 from tfgpt.cli import main
 
 # Every test here trains end to end, starts train.py or a TensorBoard server.
 pytestmark = pytest.mark.slow
-
-TINY = [
-    "--maxlen",
-    "12",
-    "--embed-dim",
-    "16",
-    "--ff-dim",
-    "16",
-    "--vocab-size",
-    "60",
-    "--log-every",
-    "1",
-    "--gen-tokens",
-    "4",
-    "--quiet",
-    "--no-export",
-]
 
 
 @pytest.fixture(scope="module")

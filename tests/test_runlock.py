@@ -5,27 +5,10 @@ released, and train.py refuses a run another process trains."""
 import os
 
 import pytest
-from helpers import write_corpus
+from helpers import TINY, write_corpus
 
 from tfgpt.cli import main
 from tfgpt.runlock import RunLock, RunLocked
-
-TINY = [
-    "--maxlen",
-    "12",
-    "--embed-dim",
-    "16",
-    "--ff-dim",
-    "16",
-    "--vocab-size",
-    "60",
-    "--log-every",
-    "1",
-    "--gen-tokens",
-    "4",
-    "--quiet",
-    "--no-export",
-]
 
 
 def test_a_second_holder_is_refused_until_the_first_releases(tmp_path):
