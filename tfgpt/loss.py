@@ -125,13 +125,14 @@ def _loss_and_softmax_grads(h, hw, w_cd, b_cd, targets, weights, chunk, branch_f
     at a time: with p = softmax(logits), row weights r and hw = h scaled by
     them, dh = r * (p @ w^T), dw = hw^T @ p, db = p^T @ r.
 
-    In bfloat16, dw is summed as its transpose, p^T @ hw ([V, D]), and
-    transposed once at the end: oneDNN's bfloat16 hw^T @ p is the slower
-    product on CPUs (docs/performance.md).
+    In bfloat16, dw is summed as its transpose, p^T @ hw ([V, D]), which
+    `_minus_target_grads` transposes once: oneDNN's bfloat16 hw^T @ p is the
+    slower product on CPUs (docs/performance.md).
 
-    -> (total [], dh [N, D], dw [D, V], db [V]), all float32."""
+    -> (total [], dh [N, D], dw [D, V] or [V, D] (`_transposed_dw`), db [V]),
+    all float32."""
     cd = w_cd.dtype
-    transposed = cd == tf.bfloat16
+    transposed = _transposed_dw(cd)
     total, dh, db = tf.zeros([]), [], tf.zeros(b_cd.shape)
     dw = tf.zeros([w_cd.shape[1], w_cd.shape[0]] if transposed else w_cd.shape)
     for rows in _blocks(h.shape[0], chunk):
@@ -145,17 +146,23 @@ def _loss_and_softmax_grads(h, hw, w_cd, b_cd, targets, weights, chunk, branch_f
             dw += tf.cast(tf.matmul(p_cd, hw_cd, transpose_a=True), tf.float32)  # [V, D]
         else:
             dw += tf.cast(tf.matmul(hw_cd, p_cd, transpose_a=True), tf.float32)  # [D, V]
-    return total, tf.concat(dh, 0), tf.transpose(dw) if transposed else dw, db
+    return total, tf.concat(dh, 0), dw, db
 
 
-def _minus_target_grads(dh, dw, db, hw, w, targets, weights, smoothing):
+def _transposed_dw(compute_dtype) -> bool:
+    """Whether the output layer's weight gradient is summed as [V, D]."""
+    return compute_dtype == tf.bfloat16
+
+
+def _minus_target_grads(dh, dw, db, hw, w, targets, weights, smoothing, transposed):
     """The softmax parts of the gradients minus the target distribution's,
     (1 - e) one_hot(t) + e / V, for all N rows at once.
 
     The one-hot share never becomes an [N, V] tensor: it is a gather of w's
     columns and segment sums over the targets. It is computed after the last
     block (it depends on none): computed early, its tensors stayed alive
-    through the block loop, where the training step's memory peaks.
+    through the block loop, where the training step's memory peaks. dw comes
+    as summed ([V, D] when `transposed`) and leaves as [D, V], transposed once.
     -> (dh [N, D], dw [D, V], db [V])."""
     v = w.shape[1]
     with tf.control_dependencies([dw]):
@@ -163,7 +170,7 @@ def _minus_target_grads(dh, dw, db, hw, w, targets, weights, smoothing):
         hw_t = tf.math.unsorted_segment_sum(hw, targets, v)  # [V, D]
     hot = 1.0 - smoothing  # the one-hot share of the target distribution
     dh = dh - hot * weights[:, None] * tf.transpose(w_t)  # [N, D]
-    dw = dw - hot * tf.transpose(hw_t)  # [D, V]
+    dw = tf.transpose(dw - hot * hw_t) if transposed else dw - hot * tf.transpose(hw_t)  # [D, V]
     db = db - hot * tf.math.unsorted_segment_sum(weights, targets, v)  # [V]
     if smoothing:  # the uniform share, e / V for every column
         u = smoothing / v
@@ -210,7 +217,8 @@ def chunked_xent_sum(
         w_cd = tf.cast(w, compute_dtype)  # [D, V], cast once for all blocks
         hw = h * weights[:, None]  # [N, D]: rows scaled by their weight
         total, dh, dw, db = _loss_and_softmax_grads(h, hw, w_cd, b_cd, targets, weights, chunk, branch_free, smoothing)
-        dh, dw, db = _minus_target_grads(dh, dw, db, hw, w, targets, weights, smoothing)
+        transposed = _transposed_dw(compute_dtype)
+        dh, dw, db = _minus_target_grads(dh, dw, db, hw, w, targets, weights, smoothing, transposed)
 
         def grad(upstream):
             return upstream * dh, upstream * dw, upstream * db
