@@ -44,7 +44,7 @@ def make_trainer(
         **settings,
     )
     trainer = Trainer(GPTConfig(dropout=dropout, **MODEL), cfg, strategy_for(replicas), run_dir)
-    trainer.open_checkpoints()
+    trainer.checkpoints.open()
     return trainer
 
 
@@ -158,10 +158,10 @@ def test_checkpoint_resumes_across_device_counts(runs, windows, tmp_path, saved,
     ref_losses, ref_weights, _ = runs["off", saved]
     first = make_trainer(saved, tmp_path, max_steps=3)
     losses = train(first, windows)
-    assert first.manager.latest_checkpoint.endswith("ckpt-3")
+    assert first.checkpoints.manager.latest_checkpoint.endswith("ckpt-3")
     second = make_trainer(resumed, tmp_path, max_steps=STEPS)
     assert second.replicas == resumed
-    assert second.restore_latest(warn=lambda *a: None) is not None
+    assert second.checkpoints.restore_latest(warn=lambda *a: None) is not None
     assert int(second.optimizer.step.numpy()) == 3
     losses += train(second, windows)
     loss_diff, weight_diff = max_diff(ref_losses, losses), max_diff(ref_weights, weights(second))

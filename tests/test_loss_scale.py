@@ -46,7 +46,7 @@ def make_trainer(run_dir, precision, replicas=1, max_steps=6):
         batch_size=8, epochs=10, max_steps=max_steps, xla="off", lr=3e-3, precision=precision, keep_checkpoints=2
     )
     trainer = Trainer(GPTConfig(dropout=0.0, **MODEL), cfg, strategy_for(replicas), run_dir)
-    trainer.open_checkpoints()
+    trainer.checkpoints.open()
     return trainer
 
 
@@ -99,10 +99,10 @@ def test_an_overflow_is_skipped_halves_the_scale_and_is_checkpointed(tmp_path):
     assert int(trainer.optimizer.step.numpy()) == 0 and int(trainer.state.step.numpy()) == 1
     copies = [float(c) for c in trainer.strategy.experimental_local_results(trainer.loss_scale.scale)]
     assert copies == [2.0**119] * 2
-    assert trainer.manager.latest_checkpoint.endswith("ckpt-1")
+    assert trainer.checkpoints.manager.latest_checkpoint.endswith("ckpt-1")
 
     resumed = make_trainer(tmp_path, "float16", replicas=1, max_steps=2)
-    assert resumed.restore_latest(warn=lambda *a: None) is not None
+    assert resumed.checkpoints.restore_latest(warn=lambda *a: None) is not None
     assert float(resumed.loss_scale.scale.numpy()) == 2.0**119
     resumed.loss_scale.scale.assign(2.0**15)
     rec = Recorder()

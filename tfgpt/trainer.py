@@ -302,25 +302,6 @@ class Trainer:
         total, count = (float(tf.add_n(x)) if x else 0.0 for x in (sums, counts))
         return total / max(count, 1.0)
 
-    # --- checkpoints: shorthands for self.checkpoints (tfgpt/checkpoint.py) ----------
-
-    def open_checkpoints(self):
-        self.checkpoints.open()
-
-    @property
-    def manager(self):
-        """The tf.train.CheckpointManager, once open_checkpoints() has run."""
-        return self.checkpoints.manager
-
-    def restore_latest(self, warn=None) -> str | None:
-        return self.checkpoints.restore_latest(warn)
-
-    def save(self) -> str | None:
-        return self.checkpoints.save()
-
-    def close(self):
-        self.checkpoints.close()
-
     # --- the loop ----------------------------------------------------------------
 
     def fit(self, train_windows: np.ndarray, val_windows: np.ndarray | None, hooks=None):
