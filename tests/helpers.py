@@ -25,6 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tiny model and quiet settings of the train.py runs that check behaviour, not learning.
 TINY = "--maxlen 12 --embed-dim 16 --ff-dim 16 --vocab-size 60 --log-every 1 --gen-tokens 4 --quiet --no-export".split()
 
+# A small model, batch 16 of 16 tokens: runs that check what a run writes and prints.
+SMALL_BATCH, SMALL_MAXLEN = 16, 16
+SMALL = (
+    f"--batch-size {SMALL_BATCH} --maxlen {SMALL_MAXLEN} --embed-dim 32 --ff-dim 32 --vocab-size 100 "
+    "--log-every 5 --gen-tokens 8 --quiet"
+).split()
+
 _SUBJECTS = ["this movie", "the film", "the plot", "the acting", "every scene", "the ending"]
 _VERBS = ["is", "was", "seems", "felt"]
 _ADJECTIVES = ["good", "bad", "great", "boring", "funny", "long", "dark", "silly"]

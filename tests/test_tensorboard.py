@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import ROOT, read_events, run_train_py, write_corpus
+from helpers import ROOT, SMALL, SMALL_BATCH, SMALL_MAXLEN, read_events, run_train_py, write_corpus
 
 from tfgpt.config import GPTConfig
 from tfgpt.flops import flops_per_token
@@ -27,25 +27,8 @@ from tfgpt.flops import flops_per_token
 # Every test here trains end to end, starts train.py or a TensorBoard server.
 pytestmark = pytest.mark.slow
 
-BATCH, MAXLEN = 16, 16
-SMALL = [
-    "--batch-size",
-    str(BATCH),
-    "--maxlen",
-    str(MAXLEN),
-    "--embed-dim",
-    "32",
-    "--ff-dim",
-    "32",
-    "--vocab-size",
-    "100",
-    "--log-every",
-    "5",
-    "--gen-tokens",
-    "8",
-    "--quiet",
-    "--no-export",
-]
+BATCH, MAXLEN = SMALL_BATCH, SMALL_MAXLEN
+SMALL = SMALL + ["--no-export"]
 TRAIN_TAGS = {"loss", "perplexity", "learning_rate", "grad_norm", "tokens_per_second", "step_time_ms", "mfu"}
 SERVER_START_S = 90  # the most a test waits for TensorBoard to serve the run
 SERVER_LIFETIME_S = 300  # the server is killed after this, whatever happens

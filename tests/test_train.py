@@ -9,27 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import ROOT, checkpoint_step, read_events, run_train_py, write_corpus
+from helpers import ROOT, SMALL, checkpoint_step, read_events, run_train_py, write_corpus
 
 from tfgpt.cli import main
-
-SMALL = [
-    "--batch-size",
-    "16",
-    "--maxlen",
-    "16",
-    "--embed-dim",
-    "32",
-    "--ff-dim",
-    "32",
-    "--vocab-size",
-    "100",
-    "--log-every",
-    "5",
-    "--gen-tokens",
-    "8",
-    "--quiet",
-]
 
 
 @pytest.fixture(scope="module")
