@@ -64,26 +64,19 @@ def write_rows(cache, rows, new, in_place=True):
     return tf.tensor_scatter_nd_update(cache, rows[:, None], new)
 
 
-def attend_one(q, k_cache, v_cache, blocked, small=1 << 16):
+def attend_one(q, k_cache, v_cache, blocked):
     """`attend` for one query per row and head, in float32, the query
     already multiplied by 1 / sqrt(K).
 
     q [B, H, K]; k_cache, v_cache [B, H, S, K]; blocked [B, S] (0 where
     visible, -1e9 where not) -> [B, H, K].
 
-    Small caches are faster as a broadcast multiply and a sum, large ones
-    as a batch of matrix products; the two agree up to rounding.
+    One kernel for every batch: a row's sums must be added in the same order
+    whether it is served alone or batched with others, or its numbers (and
+    in bfloat16, once rounded, its samples) would depend on the batch.
     """
-
-    def as_sums():
-        scores = tf.reduce_sum(q[:, :, None, :] * k_cache, -1) + blocked[:, None, :]  # [B, H, S]
-        return tf.reduce_sum(softmax(scores)[..., None] * v_cache, 2)
-
-    def as_products():
-        scores = tf.matmul(q[:, :, None, :], k_cache, transpose_b=True)[:, :, 0, :] + blocked[:, None, :]
-        return tf.matmul(softmax(scores)[:, :, None, :], v_cache)[:, :, 0, :]
-
-    return tf.cond(tf.size(k_cache) <= small, as_sums, as_products)
+    scores = tf.matmul(q[:, :, None, :], k_cache, transpose_b=True)[:, :, 0, :] + blocked[:, None, :]  # [B, H, S]
+    return tf.matmul(softmax(scores)[:, :, None, :], v_cache)[:, :, 0, :]  # [B, H, K]
 
 
 def softmax(x):

@@ -35,8 +35,10 @@ How a batch is generated (in `tf.while_loop`s):
      after the largest max_tokens of the batch.
 
 A row's result depends on its own prompt, settings and seed only: the
-random numbers are per row (`tfgpt.sampling.row_uniforms`), and nothing a
-row computes reads another row.
+random numbers are per row (`tfgpt.sampling.row_uniforms`), nothing a row
+computes reads another row, and the decode step's kernels are the same
+whatever the batch's size (a one-row request runs as two rows, see
+`_generate`), so that its sums are added in the same order.
 
 Shapes: N = B = batch, C = context length (<= maxlen), L = maxlen, S = cache
 slots, W = history width, V = vocabulary, D = model width.
@@ -255,14 +257,25 @@ class Sampler(tf.Module):
             context = tf.identity(ids[:, -self.maxlen :].to_tensor())  # [N, C]
             # Nothing reads a setting before the checks have passed.
             s = {name: tf.identity(value) for name, value in settings.items()}
+        # A request of one row runs as two, the second a copy that generates
+        # nothing: oneDNN multiplies a single row with another kernel than
+        # several (a matrix-vector product), whose sums round differently, and
+        # a row must give the same numbers alone as batched with others.
+        rows = tf.shape(context)[0]
+        copy = tf.cast(tf.equal(rows, 1), tf.int32)  # [] 1 for a one-row request
+
+        def two(x):
+            return tf.concat([x, x[:copy]], 0)
+
         token_ids, num = self._sample(
-            context,
-            tf.minimum(lengths, self.maxlen),
-            s["max_tokens"],
-            sampling.plan(s["top_k"], s["top_p"], s["temperature"], self.vocab_size),
-            s["repetition_penalty"],
-            s["seed"],
+            two(context),
+            two(tf.minimum(lengths, self.maxlen)),
+            tf.concat([s["max_tokens"], tf.zeros([copy], tf.int32)], 0),
+            sampling.plan(two(s["top_k"]), two(s["top_p"]), two(s["temperature"]), self.vocab_size),
+            two(s["repetition_penalty"]),
+            two(s["seed"]),
         )
+        token_ids, num = token_ids[:rows], num[:rows]
         prompt_text = self.tokenizer.detokenize(ids.to_tensor())
         completion = self.tokenizer.detokenize(token_ids)
         text = tf.where(completion == "", prompt_text, tf.strings.join([prompt_text, completion], separator=" "))
