@@ -18,6 +18,8 @@ def test_the_defaults_are_the_examples_recipe():
     assert train.lr == 1e-3 and train.lr_schedule == "constant" and train.warmup_steps == 0
     assert train.padding_targets == "count" and train.embedding_update == "per-token"
     assert (train.weight_decay, train.label_smoothing, model.tie_embeddings) == (0.0, 0.0, False)
+    assert (train.beta1, train.beta2) == (0.9, 0.999)
+    assert parse("--beta2", "0.95")[1].beta2 == 0.95
 
 
 def test_tied_embeddings_with_dense_embedding_updates_are_fine():
@@ -105,6 +107,7 @@ BAD_INPUT = [
     # The messages of tfgpt.cli.validate, whole.
     (["--label-smoothing", "1.0"], "train.py: error: --label-smoothing must be in [0, 1)"),
     (["--weight-decay", "-0.1"], "train.py: error: --weight-decay must be 0 or positive"),
+    (["--beta2", "1"], "train.py: error: --beta2 must be between 0 and 1"),
     (["--tie-embeddings"], "train.py: error: --embedding-update per-token needs a token table of its own"),
     (["--steps-per-call", "-1"], "train.py: error: --steps-per-call must be 0 (automatic) or positive"),
     (["--cpu-replicas", "0"], "train.py: error: --cpu-replicas must be at least 1"),

@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--epochs", type=int, help=f"passes over the training data (default: {t.epochs})")
     o.add_argument("--max-steps", type=int, help="stop after this many steps in all (default: no limit)")
     o.add_argument("--lr", type=float, help=f"Adam learning rate (default: {t.lr})")
+    o.add_argument(
+        "--beta2",
+        type=float,
+        help=f"Adam's decay of the squared-gradient average, in (0, 1); lower adapts faster (default: {t.beta2})",
+    )
     o.add_argument("--lr-schedule", choices=["constant", "cosine"], help=f"(default: {t.lr_schedule})")
     o.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default: {t.warmup_steps})")
     o.add_argument("--clip-norm", type=float, help="clip gradients to this global norm (default: off)")
@@ -286,6 +291,7 @@ def validate(model: GPTConfig, train: TrainConfig) -> None:
         (train.epochs >= 1, f"--epochs must be positive, got {train.epochs}"),
         (train.max_steps is None or train.max_steps >= 1, f"--max-steps must be positive, got {train.max_steps}"),
         (train.lr > 0, f"--lr must be positive, got {train.lr}"),
+        (0 < train.beta2 < 1, f"--beta2 must be between 0 and 1 (exclusive), got {train.beta2}"),
         (train.gen_tokens >= 1, f"--gen-tokens must be positive, got {train.gen_tokens}"),
         (train.top_k >= 1, f"--top-k must be positive, got {train.top_k}"),
         (bool(train.prompt.strip()), "--prompt must hold at least one word"),
