@@ -55,7 +55,7 @@ RESUMABLE = {
 # has the runs). A flag given explicitly wins over the recipe's value.
 RECIPES = {
     "example": {},
-    "tuned": {"lr": 3e-3},
+    "tuned": {"lr": 5e-3, "beta2": 0.95},
 }
 
 
