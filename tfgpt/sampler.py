@@ -37,8 +37,8 @@ How a batch is generated (in `tf.while_loop`s):
 A row's result depends on its own prompt, settings and seed only: the
 random numbers are per row (`tfgpt.sampling.row_uniforms`), nothing a row
 computes reads another row, and the decode step's kernels are the same
-whatever the batch's size (a one-row request runs as two rows, see
-`_generate`), so that its sums are added in the same order.
+whatever the batch's size (in float32 a one-row request runs as two rows,
+see `_generate`), so that its sums are added in the same order.
 
 Shapes: N = B = batch, C = context length (<= maxlen), L = maxlen, S = cache
 slots, W = history width, V = vocabulary, D = model width.
@@ -257,12 +257,16 @@ class Sampler(tf.Module):
             context = tf.identity(ids[:, -self.maxlen :].to_tensor())  # [N, C]
             # Nothing reads a setting before the checks have passed.
             s = {name: tf.identity(value) for name, value in settings.items()}
-        # A request of one row runs as two, the second a copy that generates
-        # nothing: oneDNN multiplies a single row with another kernel than
-        # several (a matrix-vector product), whose sums round differently, and
-        # a row must give the same numbers alone as batched with others.
+        # In float32 a request of one row runs as two, the second a copy that
+        # generates nothing: oneDNN multiplies a single float32 row with
+        # another kernel than several (a matrix-vector product), whose sums
+        # round differently, and a row must give the same numbers alone as
+        # batched with others. Its bfloat16 products give a row the same bits
+        # at any batch size, and the second row would cost a batch-1 request
+        # a slower kernel.
         rows = tf.shape(context)[0]
-        copy = tf.cast(tf.equal(rows, 1), tf.int32)  # [] 1 for a one-row request
+        single = tf.equal(rows, 1) if self.model.compute_dtype == tf.float32 else tf.constant(False)
+        copy = tf.cast(single, tf.int32)  # [] 1: add the copy
 
         def two(x):
             return tf.concat([x, x[:copy]], 0)
