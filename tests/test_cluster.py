@@ -208,7 +208,6 @@ def reference(corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cluster")
 @pytest.mark.parametrize("source", ["tf_config", "slurm"])
 def test_two_workers_match_mirrored_strategy(corpus, reference, tmp_path, source):
     """Two worker processes, their cluster from TF_CONFIG or from a SLURM job

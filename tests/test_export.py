@@ -121,11 +121,6 @@ def load_once(monkeypatch, exported, loaded):
     monkeypatch.setattr(tf.saved_model, "load", load)
 
 
-# The tests that read `exported` run in one pytest-xdist worker, which exports once.
-SHARED = pytest.mark.xdist_group("export")
-
-
-@SHARED
 def test_export_writes_integer_versions(exported, tmp_path):
     model, base, path = exported
     assert path == base / "1"
@@ -206,7 +201,6 @@ def served(exported, tmp_path_factory):
     return {"serve": lines["RESULT"], "replay": lines["REPLAY"]}
 
 
-@SHARED
 @pytest.mark.slow
 def test_a_tensorflow_only_process_serves_the_export(exported, served):
     model = exported[0]
@@ -224,7 +218,6 @@ def test_a_tensorflow_only_process_serves_the_export(exported, served):
     assert "temperature must be a finite number; row 1 has nan" in out["nan"]
 
 
-@SHARED
 @pytest.mark.slow
 def test_saved_model_cli_lists_and_runs_the_signatures(exported):
     _, _, path = exported
@@ -301,7 +294,6 @@ print("REPLAY " + json.dumps(results))
 """
 
 
-@SHARED
 @pytest.mark.slow
 def test_warmup_requests_replay_through_every_signature(exported, served):
     model = exported[0]
@@ -338,7 +330,6 @@ def test_warmup_requests_replay_through_every_signature(exported, served):
                     assert outputs["token_ids"][i][: want[i]] == seq[-want[i] :]
 
 
-@SHARED
 def test_server_configuration_beside_the_versions(exported):
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
@@ -441,7 +432,6 @@ def test_export_command_errors_are_one_line(tmp_path, capsys, case, message):
 # --- python -m tfgpt.generate ------------------------------------------------------
 
 
-@SHARED
 def test_generate_command(exported, capsys, load_once):
     model, _, path = exported
     args = [
@@ -480,7 +470,6 @@ def test_generate_command(exported, capsys, load_once):
     assert "perplexity" in capsys.readouterr().out
 
 
-@SHARED
 def test_generate_command_streams_the_text_of_one_call(exported, capsys, load_once):
     _, _, path = exported
     common = [
@@ -524,7 +513,6 @@ def test_generate_command_streams_the_text_of_one_call(exported, capsys, load_on
         generate_cli.main(common + ["--stream", "--num-samples", "2"])
 
 
-@SHARED
 def test_export_a_mirrored_model(exported, loaded):
     """`exported` is the export of a mirrored model: in this process too it
     generates what the plain model with the same weights does."""
