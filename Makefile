@@ -56,13 +56,18 @@ train: venv
 	$(PY) train.py $(ARGS)
 
 # The CPU suite (GPU tests deselected; tests/conftest.py hides any GPU), with
-# the ten slowest tests listed.
+# the ten slowest tests listed. JOBS pytest-xdist worker processes run the
+# tests side by side (much of a test's time, TensorFlow's start-up and
+# tracing, uses one core; each worker holds several GB), each test file in one
+# worker, so that a file's shared runs and exports are made once. JOBS=0 runs
+# the tests in this process, one at a time.
+JOBS ?= 2
 test: venv
-	$(PY) -m pytest -q -m "not gpu" --durations=10 $(ARGS)
+	$(PY) -m pytest -q -m "not gpu" -n $(JOBS) --dist loadfile --durations=10 $(ARGS)
 
 # The same without the `slow` tests (end-to-end runs and subprocesses).
 test-fast: venv
-	$(PY) -m pytest -q -m "not gpu and not slow" --durations=10 $(ARGS)
+	$(PY) -m pytest -q -m "not gpu and not slow" -n $(JOBS) --dist loadfile --durations=10 $(ARGS)
 
 # ruff's checks and its formatting check (settings in pyproject.toml); CI runs
 # this before the tests. `make format` rewrites the files instead.

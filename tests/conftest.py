@@ -9,12 +9,17 @@ TFGPT_TEST_GPU=1; the CPU split is harmless there and kept."""
 
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Token stores and downloads of the tests go to a folder of this session, not
-# to the user's ~/.cache/tfgpt.
+# Token stores and downloads of the tests go to a folder of this test process,
+# not to the user's ~/.cache/tfgpt (unless TFGPT_CACHE names another). The
+# pytest-xdist workers inherit the environment of the process that started
+# them: each takes a folder of its own rather than the inherited one.
 import tempfile  # noqa: E402
 
-os.environ.setdefault("TFGPT_CACHE", tempfile.mkdtemp(prefix="tfgpt-test-cache-"))
+if os.environ.get("TFGPT_CACHE", "") in ("", os.environ.get("TFGPT_TEST_CACHE")):
+    os.environ["TFGPT_CACHE"] = os.environ["TFGPT_TEST_CACHE"] = tempfile.mkdtemp(prefix="tfgpt-test-cache-")
 if os.environ.get("TFGPT_TEST_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
 
@@ -31,3 +36,16 @@ tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfigu
 
 # The helpers many test files use (tests/helpers.py), also importable from here.
 from helpers import make_review, read_events, tar_folder, write_corpus, write_imdb_tree  # noqa: E402,F401
+
+
+@pytest.fixture
+def no_samples(monkeypatch):
+    """Training runs in this process without the per-epoch text sample.
+
+    Tracing the in-graph sampler costs seconds in every run; tests of
+    resuming, stores and locks have no use for it. The samples themselves are
+    checked by tests/test_train.py and tests/test_tensorboard.py, and train.py
+    subprocesses always write them."""
+    from tfgpt import run
+
+    monkeypatch.setattr(run, "make_sample_fn", lambda *args: None)

@@ -178,27 +178,41 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus") / "reviews.txt", 200, seed=3)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("source", ["tf_config", "slurm"])
-def test_two_workers_match_mirrored_strategy(corpus, tmp_path, monkeypatch, source):
-    """Two worker processes, their cluster from TF_CONFIG or from a SLURM job
-    step's environment (--cluster auto), against one process with two replicas."""
-    common = ["--data", str(corpus), "--max-steps", "5", "--dropout", "0.1", "--run-name", "r"] + CLI_SMALL
-    # The reference: one process, MirroredStrategy over 2 (logical CPU) devices.
-    from tfgpt import report as report_module
+def cluster_args(corpus: Path) -> list[str]:
+    """The flags of the worker runs and of their reference."""
+    return ["--data", str(corpus), "--max-steps", "5", "--dropout", "0.1", "--run-name", "r"] + CLI_SMALL
 
-    reference = []
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """Every step's loss of one process with MirroredStrategy over 2 (logical
+    CPU) devices, the reference of both cluster tests (without the per-epoch
+    sample, which changes no loss)."""
+    from tfgpt import report as report_module
+    from tfgpt import run
+
+    losses = []
     original = report_module.Reporter.on_step
 
     def record(self, info):
-        reference.append(info["loss"])
+        losses.append(info["loss"])
         original(self, info)
 
-    monkeypatch.setattr(report_module.Reporter, "on_step", record)
-    assert main(common + ["--cpu-replicas", "2", "--no-export", "--logdir", str(tmp_path / "ref")]) == 0
-    monkeypatch.undo()
-    assert len(reference) == 5
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report_module.Reporter, "on_step", record)
+        patch.setattr(run, "make_sample_fn", lambda *args: None)
+        logdir = tmp_path_factory.mktemp("reference")
+        assert main(cluster_args(corpus) + ["--cpu-replicas", "2", "--no-export", "--logdir", str(logdir)]) == 0
+    assert len(losses) == 5
+    return losses
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["tf_config", "slurm"])
+def test_two_workers_match_mirrored_strategy(corpus, reference, tmp_path, source):
+    """Two worker processes, their cluster from TF_CONFIG or from a SLURM job
+    step's environment (--cluster auto), against one process with two replicas."""
+    common = cluster_args(corpus)
     if source == "tf_config":
         ports = free_ports(2)
         configs, extra = [tf_config(ports, 0), tf_config(ports, 1)], []

@@ -1,6 +1,9 @@
 """The exported SavedModel: its layout, a TensorFlow-only process that serves
 it and replays its warmup requests, the server's configuration files,
-saved_model_cli, and the export and generate commands."""
+saved_model_cli, and the export and generate commands.
+
+Exporting traces every signature of the sampler (seconds each time): the
+tests that read an export share one (the `exported` fixture)."""
 
 from __future__ import annotations
 
@@ -68,17 +71,54 @@ def greedy_inputs(max_tokens: int, prompt: str = PROMPT) -> dict:
     )
 
 
+def mirrored_strategy():
+    """MirroredStrategy over the two logical CPU devices of tests/conftest.py;
+    None without them."""
+    devices = tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]]) if len(devices) >= 2 else None
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(model, export base, version dir). The vocabulary file it was exported
-    from is deleted afterwards: the SavedModel must carry its own copy."""
+    """(model, export base, version dir): the export of a model whose
+    variables are mirrored over two devices, as a multi-replica run's are,
+    and model, the same weights as plain variables, the reference of the
+    tests. The vocabulary file it was exported from is deleted afterwards:
+    the SavedModel must carry its own copy."""
     root = tmp_path_factory.mktemp("export")
     vocab = root / "vocab.txt"
     write_vocab(WORDS, vocab)
-    model = make_model()
-    path = export_model(model, vocab, root / "export")
+    strategy = mirrored_strategy()
+    if strategy is None:
+        mirrored = make_model()
+    else:
+        with strategy.scope():
+            mirrored = make_model()
+    path = export_model(mirrored, vocab, root / "export")
     vocab.unlink()
-    return model, root / "export", path
+    return make_model(), root / "export", path
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    """`exported` loaded in this process (loading takes seconds)."""
+    return tf.saved_model.load(str(exported[2]))
+
+
+@pytest.fixture
+def load_once(monkeypatch, exported, loaded):
+    """tf.saved_model.load gives `loaded` for the export's directory: the
+    generate tests call the command many times, and each call loads."""
+    real = tf.saved_model.load
+
+    def load(path, *args, **kwargs):
+        return (
+            loaded
+            if Path(path).resolve() == exported[2].resolve() and not (args or kwargs)
+            else real(path, *args, **kwargs)
+        )
+
+    monkeypatch.setattr(tf.saved_model, "load", load)
 
 
 def test_export_writes_integer_versions(exported, tmp_path):
@@ -335,32 +375,33 @@ def _run_dir(root: Path) -> Path:
     return run
 
 
-def test_export_command_restores_the_chosen_checkpoint(tmp_path, capsys):
-    run = _run_dir(tmp_path)
-    assert export_cli.find_checkpoint(run, None).endswith("ckpt-60")
-    assert export_cli.main([str(run), "--step", "30", "--version", "3"]) == 0
-    assert "exported SavedModel" in capsys.readouterr().out
-    loaded = tf.saved_model.load(str(run / "export" / "3"))
-    out = loaded.generate(**greedy_inputs(10))
-    assert out["text"].numpy()[0].decode() == greedy_text(make_model(seed=5), PROMPT, 10)
-
-
-def test_export_computes_in_the_runs_precision_unless_told(tmp_path, capsys):
+def test_export_command_restores_the_chosen_checkpoint_in_the_runs_precision_unless_told(tmp_path, capsys):
+    """A run that trained in bfloat16: the latest checkpoint exported as it is
+    computes in bfloat16; --step 30 --precision float32 exports that
+    checkpoint's weights computing in float32. Each export's scores are its
+    own reference model's, and not the other precision's (two exports rather
+    than four: each takes seconds)."""
     run = _run_dir(tmp_path)
     save_config(run / "config.json", CONFIG, TrainConfig(precision="bfloat16"))
+    assert export_cli.find_checkpoint(run, None).endswith("ckpt-60")
     assert export_cli.main([str(run), "--version", "1"]) == 0
-    assert export_cli.main([str(run), "--version", "2", "--precision", "float32"]) == 0
-    assert "bfloat16 matrix products" in capsys.readouterr().out
+    assert "ckpt-60; bfloat16 matrix products" in capsys.readouterr().out
+    assert export_cli.main([str(run), "--step", "30", "--version", "3", "--precision", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "ckpt-30; float32 matrix products" in out and "exported SavedModel" in out
     text = " ".join(f"w{i}" for i in (5, 9, 2, 30, 17, 4, 11))
-    scores = {}
-    for version, dtype in ((1, tf.bfloat16), (2, tf.float32)):
-        model = GPT(CONFIG, compute_dtype=dtype)
-        tf.train.Checkpoint(model=model).read(str(run / "ckpt" / "ckpt-60")).expect_partial()
+    for version, step, dtype, other in ((1, 60, tf.bfloat16, tf.float32), (3, 30, tf.float32, tf.bfloat16)):
+        model, twin = GPT(CONFIG, compute_dtype=dtype), GPT(CONFIG, compute_dtype=other)
+        for m in (model, twin):
+            tf.train.Checkpoint(model=m).read(str(run / "ckpt" / f"ckpt-{step}")).expect_partial()
         loaded = tf.saved_model.load(str(run / "export" / str(version)))
-        scores[version] = float(loaded.score(tf.constant([text]))["log_prob"][0])
-        np.testing.assert_allclose(scores[version], reference_log_prob(model, text), rtol=1e-4)
-    # bfloat16 products round the logits: the two exports are different models.
-    assert abs(scores[1] - scores[2]) > 1e-4 * abs(scores[2])
+        score = float(loaded.score(tf.constant([text]))["log_prob"][0])
+        np.testing.assert_allclose(score, reference_log_prob(model, text), rtol=1e-4)
+        # bfloat16 products round the logits: the other precision is a different model.
+        assert abs(score - reference_log_prob(twin, text)) > 1e-4 * abs(score), version
+    # The chosen checkpoint's weights (make_model(seed=5)'s), greedy as the full model.
+    out = loaded.generate(**greedy_inputs(10))
+    assert out["text"].numpy()[0].decode() == greedy_text(make_model(seed=5), PROMPT, 10)
 
 
 @pytest.mark.parametrize(
@@ -391,7 +432,7 @@ def test_export_command_errors_are_one_line(tmp_path, capsys, case, message):
 # --- python -m tfgpt.generate ------------------------------------------------------
 
 
-def test_generate_command(exported, capsys):
+def test_generate_command(exported, capsys, load_once):
     model, _, path = exported
     args = [
         str(path),
@@ -429,7 +470,7 @@ def test_generate_command(exported, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
-def test_generate_command_streams_the_text_of_one_call(exported, capsys):
+def test_generate_command_streams_the_text_of_one_call(exported, capsys, load_once):
     _, _, path = exported
     common = [
         str(path),
@@ -472,15 +513,10 @@ def test_generate_command_streams_the_text_of_one_call(exported, capsys):
         generate_cli.main(common + ["--stream", "--num-samples", "2"])
 
 
-def test_export_a_mirrored_model(tmp_path):
-    devices = tf.config.list_logical_devices("CPU")
-    if len(devices) < 2:
+def test_export_a_mirrored_model(exported, loaded):
+    """`exported` is the export of a mirrored model: in this process too it
+    generates what the plain model with the same weights does."""
+    if mirrored_strategy() is None:
         pytest.skip("needs two logical CPU devices (tests/conftest.py sets them up)")
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
-    with strategy.scope():
-        mirrored = make_model(seed=6)
-    write_vocab(WORDS, tmp_path / "vocab.txt")
-    path = export_model(mirrored, tmp_path / "vocab.txt", tmp_path / "export")
-    loaded = tf.saved_model.load(str(path))
     out = loaded.generate(**greedy_inputs(10))
-    assert out["text"].numpy()[0].decode() == greedy_text(make_model(seed=6), PROMPT, 10)
+    assert out["text"].numpy()[0].decode() == greedy_text(exported[0], PROMPT, 10)

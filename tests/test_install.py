@@ -51,7 +51,7 @@ def make_dry_run(tmp_path: Path, path: list[Path] | None, *args: str, target: st
         for k, v in os.environ.items()
         # make passes its own command-line variables (e.g. GPU=1 of an
         # enclosing `make test GPU=1`) to sub-makes through these.
-        if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "GPU", "VENV")
+        if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "GPU", "VENV", "JOBS")
     }
     if path is not None:
         env["PATH"] = os.pathsep.join(map(str, path))
@@ -155,8 +155,8 @@ def test_a_bad_gpu_value_is_a_one_line_error(tmp_path):
 @pytest.mark.parametrize(
     "target, command",
     [
-        ("test", '{py} -m pytest -q -m "not gpu" --durations=10 -x'),
-        ("test-fast", '{py} -m pytest -q -m "not gpu and not slow" --durations=10 -x'),
+        ("test", '{py} -m pytest -q -m "not gpu" -n 2 --dist loadfile --durations=10 -x'),
+        ("test-fast", '{py} -m pytest -q -m "not gpu and not slow" -n 2 --dist loadfile --durations=10 -x'),
         ("test-gpu", "TFGPT_TEST_GPU=1 {py} -m pytest -q -m gpu tests/test_gpu.py -x"),
         ("gpu-check", "{py} -m tfgpt.gpu_check -x"),
     ],

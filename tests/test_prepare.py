@@ -231,7 +231,7 @@ def test_prepare_command(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_train_builds_then_reuses_and_trains_on_a_named_store(tmp_path, capsys, monkeypatch):
+def test_train_builds_then_reuses_and_trains_on_a_named_store(tmp_path, capsys, monkeypatch, no_samples):
     from tfgpt.cli import main
 
     monkeypatch.setenv("TFGPT_CACHE", str(tmp_path / "cache"))
@@ -251,6 +251,8 @@ def test_train_builds_then_reuses_and_trains_on_a_named_store(tmp_path, capsys, 
         "2",
         "--gen-tokens",
         "3",
+        "--peak-flops",
+        "1e11",
         "--no-export",
         "--logdir",
         str(tmp_path / "logs"),

@@ -25,7 +25,7 @@ def test_a_second_holder_is_refused_until_the_first_releases(tmp_path):
 
 
 @pytest.mark.slow
-def test_second_process_on_a_run_is_refused(tmp_path, capsys):
+def test_second_process_on_a_run_is_refused(tmp_path, capsys, no_samples):
     corpus = write_corpus(tmp_path / "reviews.txt", 120)
     common = ["--data", str(corpus), "--logdir", str(tmp_path), "--run-name", "r", "--batch-size", "16"] + TINY
     assert main(common + ["--max-steps", "2"]) == 0

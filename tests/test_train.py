@@ -73,7 +73,7 @@ def test_every_tag_is_written_and_loss_falls(trained):
 
 
 @pytest.mark.slow
-def test_resume_continues_from_saved_step(trained, tmp_path):
+def test_resume_continues_from_saved_step(trained, tmp_path, no_samples):
     _, _, corpus = trained
     args = ["--data", str(corpus), "--logdir", str(tmp_path), "--run-name", "r"] + SMALL
     assert main(args + ["--epochs", "3", "--max-steps", "30", "--no-export"]) == 0
