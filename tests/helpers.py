@@ -7,6 +7,8 @@ conftest.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import random
@@ -201,7 +203,7 @@ def strategy_for(replicas: int):
     """1: the default strategy (one device); 2: MirroredStrategy over 2 logical CPUs."""
     from tfgpt import distribute
 
-    return distribute.make_strategy(cpu_replicas=None if replicas == 1 else replicas, warn=lambda *a: None)
+    return distribute.make_strategy(cpu_replicas=None if replicas == 1 else replicas)
 
 
 def weights(trainer) -> dict[str, np.ndarray]:
@@ -218,6 +220,36 @@ def max_diff(a, b) -> float:
 
 def report(what: str, value: float):
     print(f"[measured] {what}: {value:.3g}")
+
+
+# --- messages of the "tfgpt" logger -----------------------------------------------------
+
+
+class _Collect(logging.Handler):
+    def __init__(self, messages: list):
+        super().__init__(logging.DEBUG)
+        self.messages = messages
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def log_messages():
+    """The messages the "tfgpt" logger and its children (every module's
+    logger) pass on at INFO and above during the block, in a list. The logger
+    does not pass its records to the root logger, so pytest's caplog does not
+    see them; its level and handlers are restored afterwards."""
+    logger = logging.getLogger("tfgpt")
+    messages: list[str] = []
+    handler, level = _Collect(messages), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 # --- train.py in a subprocess ---------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from helpers import log_messages
 
 from tfgpt.checkpoint import Checkpoints
 
@@ -63,8 +64,8 @@ def test_restore_latest_picks_the_newest_and_skips_unreadable(tmp_path):
     objs3, w3, step3 = objects()
     reader = Checkpoints(objs3, tmp_path, step3)
     reader.open()
-    warnings = []
-    assert reader.restore_latest(warn=warnings.append).endswith("ckpt-2")
+    with log_messages() as warnings:
+        assert reader.restore_latest().endswith("ckpt-2")
     assert float(w3.numpy()[0, 0]) == 2.0
     assert len(warnings) == 1 and "ckpt-3" in warnings[0] and warnings[0].startswith("warning: skipping")
 

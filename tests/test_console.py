@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tfgpt.console import PrintHandler, duration, epoch_line, perplexity, progress_line, setup_logging
+from tfgpt.console import PrintHandler, duration, epoch_line, perplexity, progress_line, quiet, setup_logging
 
 
 def test_perplexity_is_exp_of_the_loss():
@@ -60,3 +60,15 @@ def test_logger_prints_messages_as_print_does(capsys):
         assert sum(isinstance(h, PrintHandler) for h in logging.getLogger("tfgpt").handlers) == 1
     finally:
         setup_logging(chief=True)
+
+
+def test_quiet_holds_back_one_modules_messages_for_a_block(capsys):
+    setup_logging(chief=True)
+    with quiet("tfgpt.one"):
+        logging.getLogger("tfgpt.one").warning("warning: held back")
+        logging.getLogger("tfgpt.one").error("an error still shows")
+        logging.getLogger("tfgpt.other").info("another module's message shows")
+    logging.getLogger("tfgpt.one").info("after the block, shown again")
+    assert capsys.readouterr().out == (
+        "an error still shows\nanother module's message shows\nafter the block, shown again\n"
+    )

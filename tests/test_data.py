@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import tar_folder, write_imdb_tree
+from helpers import log_messages, tar_folder, write_imdb_tree
 
 from tfgpt import data
 
@@ -166,8 +166,8 @@ def test_bad_paths_and_non_utf8(tmp_path):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "bad.txt").write_bytes(b"caf\xe9 ok\n")
     (tmp_path / "t" / "good.txt").write_text("fine\n")
-    messages = []
-    docs = data.read_corpus(tmp_path / "t", log=messages.append)
+    with log_messages() as messages:
+        docs = data.read_corpus(tmp_path / "t")
     assert docs[0].text == "caf\ufffd ok\n"
     assert len(messages) == 1 and "1 file(s)" in messages[0]
 
@@ -218,11 +218,11 @@ def test_download_verifies_and_caches(tmp_path, server, monkeypatch):
     sha = hashlib.sha256(_Handler.payload).hexdigest()
     cache = tmp_path / "cache"
     monkeypatch.chdir(tmp_path)  # no ./aclImdb here
-    got = data.resolve_imdb(url, sha, cache, log=lambda *a: None)
+    got = data.resolve_imdb(url, sha, cache)
     assert got == cache / "aclImdb_v1.tar.gz" and got.read_bytes() == _Handler.payload
     assert len(data.read_corpus(got)) == 4
     # Cached now: no second download even with a wrong URL.
-    assert data.resolve_imdb("http://127.0.0.1:1/none", sha, cache, log=lambda *a: None) == got
+    assert data.resolve_imdb("http://127.0.0.1:1/none", sha, cache) == got
 
 
 def test_download_checksum_mismatch_deletes_file(tmp_path, server, monkeypatch):
@@ -230,7 +230,7 @@ def test_download_checksum_mismatch_deletes_file(tmp_path, server, monkeypatch):
     url = f"http://127.0.0.1:{server.server_port}/x.tar.gz"
     monkeypatch.chdir(tmp_path)
     with pytest.raises(data.DataError, match="checksum mismatch"):
-        data.resolve_imdb(url, data.IMDB_SHA256, tmp_path / "cache", log=lambda *a: None)
+        data.resolve_imdb(url, data.IMDB_SHA256, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
@@ -240,7 +240,7 @@ def test_download_without_network_says_pass_data(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.chdir(tmp_path)
     with pytest.raises(data.DataError, match="--data PATH"):
-        data.resolve_imdb(f"http://127.0.0.1:{port}/a.tar.gz", data.IMDB_SHA256, tmp_path / "c", log=lambda *a: None)
+        data.resolve_imdb(f"http://127.0.0.1:{port}/a.tar.gz", data.IMDB_SHA256, tmp_path / "c")
 
 
 def test_local_acl_imdb_folder_is_used_first(tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ def run(tmp_path_factory):
     save_config(root / "config.json", CONFIG, TrainConfig(precision="float32", compute_precision="float32"))
     tf.train.Checkpoint(model=model).write(str(root / "ckpt" / "ckpt-7"))
     (root / "ckpt" / "checkpoint").write_text('model_checkpoint_path: "ckpt-7"\n')
-    export_run(root, log=lambda *a: None)
+    export_run(root)
     return root, model
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_corpus
+from helpers import log_messages, write_corpus
 
 from tfgpt import data, prepare, store_build
 
@@ -18,9 +18,11 @@ def ensure(spec, tmp_path, messages=None, **kw):
     kw.setdefault("store_dir", tmp_path / "stores")
     kw.setdefault("vocab_size", 40)
     kw.setdefault("val_fraction", 0.1)
-    return prepare.ensure_store(
-        str(spec), log=(messages.append if messages is not None else lambda *a, **k: None), **kw
-    )
+    with log_messages() as logged:
+        prepared = prepare.ensure_store(str(spec), **kw)
+    if messages is not None:
+        messages.extend(logged)
+    return prepared
 
 
 def stores(tmp_path) -> list[Path]:

@@ -1,11 +1,13 @@
 """The progress line of long data passes (tfgpt.progress)."""
 
+from helpers import log_messages
+
 from tfgpt.progress import Progress
 
 
 def test_progress_line():
-    lines = []
-    p = Progress("tokenizing", 100_000_000, log=lines.append, live=False, every=0.0)
-    p.start -= 10.0
-    p.add(40_000_000)
+    with log_messages() as lines:
+        p = Progress("tokenizing", 100_000_000, live=False, every=0.0)
+        p.start -= 10.0
+        p.add(40_000_000)
     assert lines == ["tokenizing: 40 of 100 MB (40%), 4.0 MB/s, ETA 0:15"]

@@ -55,7 +55,6 @@ def build(spec, tmp_path, **kw):
     )
     kw.setdefault("store_dir", tmp_path / "stores")
     kw.setdefault("shard_tokens", 97)  # many shards: windows cross their boundaries
-    kw.setdefault("log", lambda *a, **k: None)
     return prepare.ensure_store(str(spec), **settings, **kw).store, settings
 
 

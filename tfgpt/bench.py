@@ -30,12 +30,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tfgpt.console import quiet, setup_logging
+
+log = logging.getLogger(__name__)
 
 PROMPT = "this movie is"
 
@@ -149,7 +154,6 @@ def sampler_bench(
     modes=("cache", "cache+xla", "no cache"),
     repeats: int = 10,
     precision: str = "float32",
-    log=print,
 ) -> list[dict]:
     """Times generation from "this movie is" for every mode, batch size and
     number of new tokens, with top-k 10 and temperature 1 (no top-p, no
@@ -167,13 +171,13 @@ def sampler_bench(
         # The vocabulary is read here, when each sampler builds its tables.
         samplers = {mode: variants[mode](model, vocab_path) for mode in modes}
     c = model.config
-    log(
+    log.info(
         f"sampler: default model (vocab {c.vocab_size}, maxlen {c.maxlen}, width {c.embed_dim}, "
         f"{c.num_layers} block), random weights, {precision}; prompt {PROMPT!r}, top-k 10; "
         f"best of {repeats}; load average {os.getloadavg()[0]:.2f}"
     )
     results = []
-    log(f"{'mode':<10} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tokens/s':>9}")
+    log.info(f"{'mode':<10} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tokens/s':>9}")
     for mode, n, batch in [(mode, n, batch) for mode in modes for n in tokens for batch in batches]:
         args = _generate_args(batch, n)
         samplers[mode].generate(**args)  # traces the function and warms the caches
@@ -196,7 +200,7 @@ def sampler_bench(
             tokens_per_s=batch * made / seconds,
         )
         results.append(row)
-        log(f"{mode:<10} {batch:>5} {made:>6} {row['ms_per_token']:>9.3f} {row['tokens_per_s']:>9.0f}")
+        log.info(f"{mode:<10} {batch:>5} {made:>6} {row['ms_per_token']:>9.3f} {row['tokens_per_s']:>9.0f}")
     return results
 
 
@@ -224,9 +228,7 @@ def generated_corpus(reviews: int = 50_000, words: int = 30_000, seed: int = 0) 
     return [" ".join(vocab[ranks[a:b]]) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends)]
 
 
-def prepare_windows(
-    data: str | None, maxlen: int, vocab_size: int, folder: Path, quick: bool = False, log=print
-) -> dict:
+def prepare_windows(data: str | None, maxlen: int, vocab_size: int, folder: Path, quick: bool = False) -> dict:
     """Reads (or generates) the corpus, times the vocabulary build and the
     tokenization, and saves the training windows to folder/windows.npy."""
     import numpy as np
@@ -235,7 +237,7 @@ def prepare_windows(
 
     t0 = time.perf_counter()
     if data:
-        lines = tdata.split_lines(tdata.read_corpus(data, log=log))
+        lines = tdata.split_lines(tdata.read_corpus(data))
         source = data
     else:
         lines = generated_corpus(reviews=5_000 if quick else 50_000)
@@ -298,9 +300,8 @@ def train_variant(
     from tfgpt.distribute import make_strategy
     from tfgpt.memory import peak_rss_mb
 
-    strategy = make_strategy(
-        gpus=gpus, cpu_replicas=replicas if replicas > 1 and not gpus else None, warn=lambda *a: None
-    )
+    with quiet("tfgpt.distribute"):  # a CPU variant on a machine with GPUs is no news here
+        strategy = make_strategy(gpus=gpus, cpu_replicas=replicas if replicas > 1 and not gpus else None)
     from tfgpt.config import GPTConfig, TrainConfig
     from tfgpt.devices import compute_dtype
     from tfgpt.flops import flops_per_token, measure_matmul_peak
@@ -354,10 +355,10 @@ def train_variant(
     )
 
 
-def train_bench(variants, steps: int, windows_path: Path, log=print) -> list[dict]:
+def train_bench(variants, steps: int, windows_path: Path) -> list[dict]:
     """Runs each variant in a fresh process (so that peak memory is its own)."""
     rows = []
-    log(
+    log.info(
         f"{'precision':<9} {'xla':>3} {'repl':>4} {'ms/step':>8} {'tokens/s':>9} {'GFLOP/s':>8} "
         f"{'peak':>6} {'MFU':>6} {'RSS MB':>7} {'vs example':>10}"
     )
@@ -378,7 +379,7 @@ def train_bench(variants, steps: int, windows_path: Path, log=print) -> list[dic
             [sys.executable, "-m", "tfgpt.bench", "--variant", spec], capture_output=True, text=True, env=env
         )
         if proc.returncode != 0:
-            log(
+            log.info(
                 f"{precision:<9} {'on' if xla else 'off':>3} {replicas:>4} failed: "
                 f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}"
             )
@@ -386,7 +387,7 @@ def train_bench(variants, steps: int, windows_path: Path, log=print) -> list[dic
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         row["speedup_vs_example"] = row["tokens_per_s"] / KERAS_EXAMPLE["tokens_per_s"]
         rows.append(row)
-        log(
+        log.info(
             f"{precision:<9} {'on' if xla else 'off':>3} {replicas:>4} {row['ms_per_step']:>8.0f} "
             f"{row['tokens_per_s']:>9,.0f} {row['gflops']:>8.1f} {row['peak_gflops']:>6.0f} "
             f"{row['mfu']:>6.1%} {row['peak_rss_mb']:>7.0f} {row['speedup_vs_example']:>9.2f}x"
@@ -424,6 +425,7 @@ def heldout_bench(data: str, runs: list[str], json_path: str | None) -> int:
 
 
 def main(argv=None) -> int:
+    setup_logging()
     parser = argparse.ArgumentParser(
         prog="python -m tfgpt.bench",
         description="Training, input-pipeline and sampler benchmarks of the "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -31,6 +32,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tfgpt.console import quiet, setup_logging
+
+log = logging.getLogger(__name__)
 
 GB = 1e9
 
@@ -97,7 +102,7 @@ def _sentences(rng, words: list[bytes], count: int) -> list[bytes]:
     return [b" ".join(tokens[a:b]) for a, b in zip(np.concatenate([[0], cuts[:-1]]), cuts)]
 
 
-def generate(path: Path, size_bytes: int, seed: int = 0, log=print) -> int:
+def generate(path: Path, size_bytes: int, seed: int = 0) -> int:
     """Writes about size_bytes of generated reviews to path; returns the bytes
     written. Lines are about 19 sentences drawn from a pool of 400,000."""
     import numpy as np
@@ -117,7 +122,7 @@ def generate(path: Path, size_bytes: int, seed: int = 0, log=print) -> int:
             f.write(text)
             written += len(text)
             if time.monotonic() - t0 > 30:
-                log(f"  generated {written / GB:.2f} of {size_bytes / GB:.2f} GB")
+                log.info(f"  generated {written / GB:.2f} of {size_bytes / GB:.2f} GB")
                 t0 = time.monotonic()
     return written
 
@@ -153,7 +158,8 @@ def child_prepare(corpus: str, store_dir: str) -> dict:
     from tfgpt.prepare import ensure_store
 
     t0 = time.perf_counter()
-    prepared = ensure_store(corpus, store_dir=store_dir, log=lambda *a, **k: None)
+    with quiet("tfgpt"):  # the child's output is its result; the parent prints the figures
+        prepared = ensure_store(corpus, store_dir=store_dir)
     manifest = prepared.store.manifest
     return dict(
         seconds=time.perf_counter() - t0,
@@ -241,16 +247,16 @@ def _child(kind: str, *args) -> dict:
     return result
 
 
-def run_scale(scale_gb: float, work: Path, data: str | None, steps: int, log=print) -> dict:
+def run_scale(scale_gb: float, work: Path, data: str | None, steps: int) -> dict:
     folder = work / f"{scale_gb:g}GB"
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"
     t0 = time.perf_counter()
-    size = replicate(data, corpus, int(scale_gb * GB)) if data else generate(corpus, int(scale_gb * GB), log=log)
-    log(f"{scale_gb:g} GB: corpus of {size / GB:.2f} GB written in {time.perf_counter() - t0:.0f}s")
+    size = replicate(data, corpus, int(scale_gb * GB)) if data else generate(corpus, int(scale_gb * GB))
+    log.info(f"{scale_gb:g} GB: corpus of {size / GB:.2f} GB written in {time.perf_counter() - t0:.0f}s")
     stores = folder / "stores"
     prep = _child("prepare", str(corpus), str(stores))
-    log(
+    log.info(
         f"  prepared in {prep['wall_s']:.1f}s ({size / 1e6 / prep['wall_s']:.1f} MB/s; the build alone "
         f"{prep['seconds']:.1f}s), {prep['cpu_s']:.0f} CPU s, peak {prep['peak_rss_mb']:.0f} MB"
     )
@@ -258,7 +264,7 @@ def run_scale(scale_gb: float, work: Path, data: str | None, steps: int, log=pri
     for i in range(2):
         runs.append(_child("train", str(corpus), str(stores), str(folder / "logs"), f"run{i}", steps))
         r = runs[-1]
-        log(
+        log.info(
             f"  training run {i + 1}: first step after {r['first_step_s']:.1f}s, data work {r['data_s']:.2f}s, "
             f"peak {r['peak_rss_mb']:.0f} MB"
         )
@@ -296,6 +302,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    setup_logging()
     p = argparse.ArgumentParser(prog="python -m tfgpt.bench_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-scale", default="0.5,5", help="corpus sizes in GB, comma-separated (default: 0.5,5)")
     p.add_argument(

@@ -64,11 +64,10 @@ class Checkpoints:
         """The newest checkpoint written (None before open() or the first save)."""
         return self.manager.latest_checkpoint if self.manager else None
 
-    def restore_latest(self, warn=None) -> str | None:
+    def restore_latest(self) -> str | None:
         """Restores the newest readable checkpoint of the run, falling back to
-        older ones (with a warning naming each skipped file, through `warn`,
-        by default this module's logger). None if there are none."""
-        warn = warn or log.warning
+        older ones (with a warning naming each skipped file, logged). None if
+        there are none."""
         source = self.manager
         if source and not self.chief:
             # The other workers resume from the chief's checkpoints (the run
@@ -81,7 +80,7 @@ class Checkpoints:
                 return path
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
                 reason = str(e).strip().splitlines()[0][:200]
-                warn(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {reason})")
+                log.warning(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {reason})")
         if tried:
             raise RuntimeError(f"no readable checkpoint in {source.directory}")
         return None

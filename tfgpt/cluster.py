@@ -208,11 +208,10 @@ def is_chief_task(mode: str = "auto") -> bool:
     return cluster is None or cluster.chief
 
 
-def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float, warn=None):
+def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float):
     """MultiWorkerMirroredStrategy for `cluster`; this process trains on
     --gpus N of its machine's GPUs (default 1; chosen by its local index),
-    or on its CPU where the machine has no GPU. warn: where a warning goes
-    (default: this module's logger)."""
+    or on its CPU where the machine has no GPU."""
     import tensorflow as tf
 
     from tfgpt.devices import use_gpus
@@ -222,7 +221,7 @@ def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float, wa
         impl = tf.distribute.experimental.CommunicationImplementation.NCCL
     else:
         impl = tf.distribute.experimental.CommunicationImplementation.RING
-    _bound_cluster_startup(cluster, timeout, warn or log.warning)
+    _bound_cluster_startup(cluster, timeout)
     options = tf.distribute.experimental.CommunicationOptions(implementation=impl, timeout_seconds=timeout)
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec(cluster.jobs), task_type=cluster.task_type, task_id=cluster.task_index, rpc_layer="grpc"
@@ -238,7 +237,7 @@ def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float, wa
         ) from None
 
 
-def _bound_cluster_startup(cluster: Cluster, timeout: float, warn) -> None:
+def _bound_cluster_startup(cluster: Cluster, timeout: float) -> None:
     """Makes the start-up wait for the other workers end after `timeout`.
 
     MultiWorkerMirroredStrategy starts TensorFlow's coordination service with
@@ -268,7 +267,7 @@ def _bound_cluster_startup(cluster: Cluster, timeout: float, warn) -> None:
         )
         ctx.coordination_service.cluster_register_with_barrier = True
     except (ImportError, AttributeError, TypeError, ValueError) as e:
-        warn(
+        log.warning(
             f"warning: cannot bound the wait for the other workers at start-up ({e}); "
             "a worker whose peers never start may wait indefinitely"
         )

@@ -10,6 +10,7 @@ run get a quiet "tfgpt" logger (`setup_logging(chief=False)`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -81,3 +82,17 @@ def setup_logging(chief: bool = True) -> logging.Logger:
     logger.propagate = False
     logger.setLevel(logging.INFO if chief else logging.CRITICAL + 1)
     return logger
+
+
+@contextlib.contextmanager
+def quiet(name: str, level: int = logging.ERROR):
+    """For the block, the logger `name` (a module's, e.g. "tfgpt.export")
+    passes on only messages at `level` and above: for a caller to which that
+    module's notes and warnings say nothing useful."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield logger
+    finally:
+        logger.setLevel(before)

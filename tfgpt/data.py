@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import string
 import sys
@@ -29,6 +30,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfgpt.config import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
@@ -56,7 +59,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TFGPT_CACHE", Path.home() / ".cache" / "tfgpt"))
 
 
-def resolve_imdb(url: str = IMDB_URL, sha256: str = IMDB_SHA256, cache: Path | None = None, log=print) -> Path:
+def resolve_imdb(url: str = IMDB_URL, sha256: str = IMDB_SHA256, cache: Path | None = None) -> Path:
     """`--data imdb`: ./aclImdb if present, else the cached archive, else download it."""
     if Path("aclImdb").is_dir():
         return Path("aclImdb")
@@ -64,11 +67,11 @@ def resolve_imdb(url: str = IMDB_URL, sha256: str = IMDB_SHA256, cache: Path | N
     target = cache / "aclImdb_v1.tar.gz"
     if target.exists():
         return target
-    download(url, target, sha256, log=log)
+    download(url, target, sha256)
     return target
 
 
-def download(url: str, target: Path, sha256: str, log=print) -> None:
+def download(url: str, target: Path, sha256: str) -> None:
     """Downloads url to target with a progress display, checking its sha256.
 
     The file appears under its final name only once complete and verified.
@@ -76,7 +79,7 @@ def download(url: str, target: Path, sha256: str, log=print) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     digest = hashlib.sha256()
-    log(f"downloading {url}")
+    log.info(f"downloading {url}")
     try:
         with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
@@ -131,7 +134,7 @@ def _imdb_member(name: str, unsup: bool) -> bool | None:
     return None
 
 
-def read_corpus(path: str | Path, imdb_unsup: bool = False, log=print) -> list[Document]:
+def read_corpus(path: str | Path, imdb_unsup: bool = False) -> list[Document]:
     """Reads every form `--data` accepts into documents, in memory.
 
     An archive or folder with the IMDB layout gives its {train,test}/{pos,neg}
@@ -161,7 +164,7 @@ def read_corpus(path: str | Path, imdb_unsup: bool = False, log=print) -> list[D
                 bad += 1
             docs.append(Document(name, text))
     if bad:
-        log(f"warning: {bad} file(s) were not valid UTF-8; undecodable bytes became U+FFFD")
+        log.warning(f"warning: {bad} file(s) were not valid UTF-8; undecodable bytes became U+FFFD")
     return docs
 
 

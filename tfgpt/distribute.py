@@ -26,14 +26,10 @@ def make_strategy(
     cpu_replicas: int | None = None,
     cluster: str = "auto",
     collective_timeout: float = 300.0,
-    warn=None,
     cluster_port: int = 8888,
 ):
-    """Builds the strategy for this process (see the module docstring).
-    warn: where a warning goes (default: this module's logger)."""
+    """Builds the strategy for this process (see the module docstring)."""
     import tensorflow as tf
-
-    warn = warn or log.warning
 
     found = clusters.detect(cluster, port_base=cluster_port)
     if found is not None:
@@ -42,12 +38,12 @@ def make_strategy(
                 "--cpu-replicas is for one process; in a multi-worker run each worker "
                 "without GPUs trains one CPU replica"
             )
-        return clusters.multi_worker_strategy(found, gpus, collective_timeout, warn)
+        return clusters.multi_worker_strategy(found, gpus, collective_timeout)
     devices = local_devices(gpus, cpu_replicas)
     if devices is None:
         message = unused_gpus_warning()
         if message:
-            warn(message)
+            log.warning(message)
         return tf.distribute.get_strategy()
     if devices[0].startswith("/cpu"):
         # Logical CPU devices: reduce through one device rather than with

@@ -26,6 +26,8 @@ import math
 import sys
 from pathlib import Path
 
+from tfgpt.console import setup_logging
+
 
 class EvaluateError(Exception):
     """Bad input: reported as one line, no traceback."""
@@ -128,7 +130,7 @@ def imdb_protocol_files(source, folder: Path) -> tuple[Path, Path]:
     return paths
 
 
-def heldout_protocol(source, flags: list[str] = (), steps: int = PROTOCOL_STEPS, log=print) -> dict:
+def heldout_protocol(source, flags: list[str] = (), steps: int = PROTOCOL_STEPS) -> dict:
     """Trains with train.py on the protocol's training reviews (plus `flags`)
     in a fresh process and returns its held-out figures (`evaluate`)."""
     import subprocess
@@ -169,6 +171,7 @@ def heldout_protocol(source, flags: list[str] = (), steps: int = PROTOCOL_STEPS,
 
 
 def main(argv=None) -> int:
+    setup_logging()
     parser = argparse.ArgumentParser(
         prog="python -m tfgpt.evaluate",
         description=__doc__.split("\n")[0],

@@ -27,12 +27,16 @@ What one export writes, under the model base path <base> (= <run>/export):
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import shutil
 import sys
 from pathlib import Path
 
+from tfgpt.console import setup_logging
 from tfgpt.devices import PRECISIONS, compute_dtype
+
+log = logging.getLogger(__name__)
 
 # The model's name in the server's URLs (/v1/models/tfgpt:predict).
 MODEL_NAME = "tfgpt"
@@ -283,7 +287,6 @@ def export_run(
     step: int | None = None,
     version: int | None = None,
     precision: str | None = None,
-    log=print,
     export_base=None,
 ) -> Path:
     """Restores a run's checkpoint into a fresh model and exports it.
@@ -323,7 +326,7 @@ def export_run(
     except (tf.errors.OpError, AssertionError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"cannot restore the model from {checkpoint}: {first}") from None
-    log(f"restored {checkpoint}; {model.compute_dtype.name} matrix products")
+    log.info(f"restored {checkpoint}; {model.compute_dtype.name} matrix products")
     try:
         return export_model(model, vocab_path, export_base or run_dir / "export", version)
     except FileExistsError as e:
@@ -331,6 +334,7 @@ def export_run(
 
 
 def main(argv=None) -> int:
+    setup_logging()
     parser = argparse.ArgumentParser(prog="python -m tfgpt.export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a training run directory, e.g. logs/<run>")
     parser.add_argument("--step", type=int, help="export the checkpoint of this global step (default: the latest)")

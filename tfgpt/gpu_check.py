@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tfgpt.console import quiet, setup_logging
+
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TESTS = ROOT / "tests" / "test_gpu.py"
 BATCHES = (128, 1024)
@@ -225,6 +227,7 @@ class Budget:
 
 def main(argv=None) -> int:
     started = time.monotonic()
+    setup_logging()
     parser = argparse.ArgumentParser(
         prog="python -m tfgpt.gpu_check",
         description="Training and sampling speed of the default model on this machine's GPU(s) per precision "
@@ -271,7 +274,8 @@ def main(argv=None) -> int:
 
     details = devices.gpu_details()  # every visible GPU, before make_strategy hides all but one
     try:
-        strategy = make_strategy(gpus=1 if physical else None, warn=lambda *a: None)
+        with quiet("tfgpt.distribute"):  # --cpu-smoke trains on the CPU on purpose
+            strategy = make_strategy(gpus=1 if physical else None)
     except devices.DeviceError as e:
         print(f"gpu-check: error: {e}", file=sys.stderr)
         return 2

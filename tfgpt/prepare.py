@@ -31,11 +31,16 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from tfgpt.console import setup_logging
+
+log = logging.getLogger(__name__)
 
 STANDARDIZATION_VERSION = 1
 
@@ -113,7 +118,7 @@ def describe_change(old: dict, new: dict) -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, log):
+def _locked(path: Path):
     """An exclusive flock on `path` (created if needed) for the block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -121,7 +126,7 @@ def _locked(path: Path, log):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"token store: another process is preparing {path.parent / path.name[1:-5]}; waiting for it")
+            log.info(f"token store: another process is preparing {path.parent / path.name[1:-5]}; waiting for it")
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -160,7 +165,7 @@ def _usage(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
-def _build(target: Path, paths, params: dict, key: str, alt: tuple | None, vocab, workers, shard_tokens, log):
+def _build(target: Path, paths, params: dict, key: str, alt: tuple | None, vocab, workers, shard_tokens):
     """Builds into a temporary folder beside target, then renames it to target
     (or, with a given vocabulary the corpus does not give, to alt's folder).
     Returns the published folder."""
@@ -182,7 +187,6 @@ def _build(target: Path, paths, params: dict, key: str, alt: tuple | None, vocab
             alt=alt,
             workers=workers,
             shard_tokens=shard_tokens,
-            log=log,
         )
         final = target if manifest["key"] == key else alt[2]
         _publish(tmp, final)
@@ -213,7 +217,7 @@ def _publish(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _open(folder: Path, checksums: str, log):
+def _open(folder: Path, checksums: str):
     """The store in folder, or None (with a warning if it is damaged)."""
     from tfgpt.store import Store, StoreError
 
@@ -222,11 +226,11 @@ def _open(folder: Path, checksums: str, log):
     try:
         return Store(folder, checksums)
     except StoreError as e:
-        log(f"warning: the token store {folder} is damaged ({e}); rebuilding it")
+        log.warning(f"warning: the token store {folder} is damaged ({e}); rebuilding it")
         return None
 
 
-def _remove_stale(root: Path, params: dict, log) -> None:
+def _remove_stale(root: Path, params: dict) -> None:
     """Deletes the cache's stores of the same corpus and settings whose input
     files have changed since (they can never be used again)."""
     from tfgpt.store import StoreError, read_manifest
@@ -252,7 +256,9 @@ def _remove_stale(root: Path, params: dict, log) -> None:
             _lock_path(folder).unlink(missing_ok=True)
         finally:
             os.close(fd)
-        log(f"token store: removed {folder}, built from an older version of the input ({describe_change(old, params)})")
+        log.info(
+            f"token store: removed {folder}, built from an older version of the input ({describe_change(old, params)})"
+        )
 
 
 def ensure_store(
@@ -269,7 +275,6 @@ def ensure_store(
     rebuild: bool = False,
     workers: int | None = None,
     shard_tokens: int | None = None,
-    log=print,
 ) -> Prepared:
     """The token store for `data_spec` with these settings: reused when it
     exists and is intact, else built. data_spec may name a store itself.
@@ -283,7 +288,7 @@ def ensure_store(
     t0 = time.perf_counter()
     shard_tokens = shard_tokens or store_build.SHARD_TOKENS
     if out is None and is_store(Path(str(data_spec)).expanduser()):
-        return _named_store(Path(str(data_spec)).expanduser(), vocab, checksums, workers, shard_tokens, log, t0)
+        return _named_store(Path(str(data_spec)).expanduser(), vocab, checksums, workers, shard_tokens, t0)
     paths = sources.expand(str(data_spec))
     for p in paths:
         if p.is_dir() and is_store(p):
@@ -300,7 +305,7 @@ def ensure_store(
         alt = (alt_params, key_of(alt_params), target if out else root / key_of(alt_params))
     if out is not None and target.exists() and not is_store(target) and any(target.iterdir()):
         raise DataError(f"--out {target}: the folder exists and is not a token store; choose another")
-    with _locked(_lock_path(target), log):
+    with _locked(_lock_path(target)):
         _clean_leftovers(target)
         if alt and alt[2] != target:
             _clean_leftovers(alt[2])
@@ -311,12 +316,12 @@ def ensure_store(
         elif alt:  # or in the same --out folder
             candidates[0][1].add(alt[1])
         for folder, want in candidates:
-            found = _open(folder, checksums, log)
+            found = _open(folder, checksums)
             if found is None:
                 action = "rebuilt" if folder.exists() else action
                 continue
             if found.key not in want:
-                log(
+                log.info(
                     f"token store {folder}: {describe_change(found.manifest['params'], params)} since it was "
                     "built; rebuilding it"
                 )
@@ -328,15 +333,15 @@ def ensure_store(
                 action = "rebuilt"
                 break
             return Prepared(found, "reused", time.perf_counter() - t0)
-        folder = _build(target, paths, params, key, alt, vocab, workers, shard_tokens, log)
+        folder = _build(target, paths, params, key, alt, vocab, workers, shard_tokens)
     if out is None:
-        _remove_stale(root, params, log)
+        _remove_stale(root, params)
     from tfgpt.store import Store
 
     return Prepared(Store(folder), action, time.perf_counter() - t0)
 
 
-def _named_store(path: Path, vocab, checksums, workers, shard_tokens, log, t0) -> Prepared:
+def _named_store(path: Path, vocab, checksums, workers, shard_tokens, t0) -> Prepared:
     """`--data STORE`: the store as it is, unless its inputs are still there
     and changed (or it is damaged): then it is rebuilt in place from them."""
     from tfgpt import sources
@@ -376,9 +381,9 @@ def _named_store(path: Path, vocab, checksums, workers, shard_tokens, log, t0) -
         if vocab is not None and found.vocab() != list(vocab):
             raise DataError(f"--data {path}: the store's vocabulary differs from the run's vocab.txt")
         if not present:
-            log(f"note: token store {path}: its input is not here; using it as it is")
+            log.info(f"note: token store {path}: its input is not here; using it as it is")
         return Prepared(found, "reused", time.perf_counter() - t0)
-    log(f"warning: token store {path}: {reason}; rebuilding it")
+    log.warning(f"warning: token store {path}: {reason}; rebuilding it")
     given = None
     if params.get("vocab"):
         given = vocab  # built for a resumed run's vocabulary: only that run can rebuild it
@@ -395,7 +400,6 @@ def _named_store(path: Path, vocab, checksums, workers, shard_tokens, log, t0) -
         rebuild=True,
         workers=workers,
         shard_tokens=shard_tokens,
-        log=log,
     )
     return Prepared(prepared.store, "rebuilt", time.perf_counter() - t0)
 
@@ -416,6 +420,7 @@ def summary(prepared: Prepared) -> list[str]:
 
 
 def main(argv=None) -> int:
+    setup_logging()
     p = argparse.ArgumentParser(
         prog="python -m tfgpt.prepare",
         description="Tokenize a corpus once into a token store that train.py reads: the vocabulary, then token "

@@ -1,8 +1,11 @@
 """A progress line for long data work: bytes done of a total, MB/s and ETA.
 
 On a terminal the line is rewritten in place (about twice a second) on
-stderr; otherwise a plain line goes to `log` every `every` seconds, so that
-logs of long runs show progress without a line per update.
+stderr; otherwise a plain line goes to this module's logger (INFO) every
+`every` seconds, so that logs of long runs show progress without a line per
+update. The line is live only when that logger lets INFO messages through:
+a process whose "tfgpt" logger is quiet (a worker other than the chief)
+draws nothing.
 """
 
 from __future__ import annotations
@@ -14,18 +17,13 @@ import time
 
 from tfgpt.console import duration
 
-
-def _prints(log) -> bool:
-    """Whether `log` shows its messages: `print`, or the `info` of a logger
-    that lets INFO messages through (tfgpt/console.py)."""
-    logger = getattr(log, "__self__", None)
-    return log is print or isinstance(logger, logging.Logger) and logger.isEnabledFor(logging.INFO)
+log = logging.getLogger(__name__)
 
 
 class Progress:
-    def __init__(self, label: str, total: int, log=print, live: bool | None = None, every: float = 30.0):
-        self.label, self.total, self.log, self.every = label, max(1, int(total)), log, every
-        self.live = sys.stderr.isatty() and _prints(log) if live is None else live
+    def __init__(self, label: str, total: int, live: bool | None = None, every: float = 30.0):
+        self.label, self.total, self.every = label, max(1, int(total)), every
+        self.live = sys.stderr.isatty() and log.isEnabledFor(logging.INFO) if live is None else live
         self.done, self.start = 0, time.monotonic()
         self._shown, self._lock = self.start, threading.Lock()
         self._drawn = False
@@ -55,7 +53,7 @@ class Progress:
             print(f"\r  {self.line(now)}\x1b[K", end="", file=sys.stderr, flush=True)
             self._drawn = True
         else:
-            self.log(self.line(now))
+            log.info(self.line(now))
 
     def close(self) -> None:
         """Ends the live line (the caller prints the summary)."""

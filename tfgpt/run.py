@@ -42,7 +42,7 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
     from tfgpt.prepare import ensure_store
 
     t0 = time.perf_counter()
-    source = data.resolve_imdb(log=log.info) if cfg.data == "imdb" else cfg.data
+    source = data.resolve_imdb() if cfg.data == "imdb" else cfg.data
     given = data.read_vocab(vocab_path) if reuse_vocab and vocab_path.exists() else None
     prepared = ensure_store(
         source,
@@ -52,7 +52,6 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
         seed=cfg.seed,
         vocab=given,
         store_dir=cfg.store_dir,
-        log=log.info,
     )
     store, manifest = prepared.store, prepared.store.manifest
     train_info, val_info = store.split("train"), store.split("val")

@@ -32,11 +32,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from tfgpt.console import quiet, setup_logging
+
+log = logging.getLogger(__name__)
 
 PROMPT = "this movie is"
 OTHER_PROMPT = "the acting was good but the story was not"  # another length than the warmup's
@@ -136,13 +141,14 @@ print("RESULT " + json.dumps(report))
 """
 
 
-def export_for_bench(precision: str, base: Path, run: str | None, log=print) -> tuple[Path, str]:
+def export_for_bench(precision: str, base: Path, run: str | None) -> tuple[Path, str]:
     """(version directory, what was exported): the run's latest checkpoint,
     or the default model with random weights."""
     from tfgpt.export import export_model, export_run
 
     if run:
-        return export_run(run, precision=precision, export_base=base, log=lambda *a: None), f"{run}, latest checkpoint"
+        with quiet("tfgpt.export"):  # the table names the checkpoint's run
+            return export_run(run, precision=precision, export_base=base), f"{run}, latest checkpoint"
     from tfgpt.bench import _default_model
 
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +176,7 @@ def measure(path: Path, repeats: int, batching: bool) -> dict:
 
 
 def serving_bench(
-    precisions=("bfloat16", "float32"), run: str | None = None, repeats: int = 10, batching: bool = False, log=print
+    precisions=("bfloat16", "float32"), run: str | None = None, repeats: int = 10, batching: bool = False
 ) -> list[dict]:
     """Exports and measures each precision; prints the table. Returns one
     report per precision (`measure`'s, plus precision and source)."""
@@ -181,22 +187,22 @@ def serving_bench(
             report = measure(path, repeats, batching)
             rows.append(dict(report, precision=precision, source=source))
     s = SETTINGS
-    log(
+    log.info(
         f"generation: the exported SavedModel ({rows[0]['source']}) loaded by TensorFlow alone after its "
         f"{rows[0]['warmup_records']} warmup records; prompt {PROMPT!r}, {s['max_tokens']} tokens, top-k {s['top_k']}, "
         f"top-p {s['top_p']}, temperature {s['temperature']}, repetition penalty {s['repetition_penalty']}; "
         f"steady = best of {repeats}; load average {os.getloadavg()[0]:.2f}"
     )
-    log("")
-    log(
+    log.info("")
+    log.info(
         "| export | load + warmup | batch 1: first request | batch 1: steady, best (median) "
         "| batch 32: first request | batch 32: steady, best (median) | first / best (batch 1, 32) "
         "| first, another prompt length | 64 rows, 64 settings |"
     )
-    log("|---|---|---|---|---|---|---|---|---|")
+    log.info("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         one, big = r["batch1"], r["batch32"]
-        log(
+        log.info(
             f"| {r['precision']} | {r['load_s']:.1f} + {r['warmup_s']:.1f} s "
             f"| {one['first']['ms_per_token']:.3f} ms/token "
             f"| {one['steady']['ms_per_token']:.3f} ({one['median']['ms_per_token']:.3f}) ms/token "
@@ -209,9 +215,9 @@ def serving_bench(
         )
     if batching:
         for r in rows:
-            log("")
-            log(f"batching, {r['precision']}: rows per request -> tokens/s (ms per request)")
-            log(
+            log.info("")
+            log.info(f"batching, {r['precision']}: rows per request -> tokens/s (ms per request)")
+            log.info(
                 "  "
                 + ", ".join(
                     f"{size}: {f['tokens_per_s']:,.0f} ({1000 * f['seconds']:.0f} ms)"
@@ -222,6 +228,7 @@ def serving_bench(
 
 
 def main(argv=None) -> int:
+    setup_logging()
     parser = argparse.ArgumentParser(
         prog="python -m tfgpt.serving_bench", description=__doc__.split("\n\n")[0].replace("\n", " ")
     )

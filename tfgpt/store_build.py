@@ -314,7 +314,6 @@ def build(
     shard_tokens: int = SHARD_TOKENS,
     workers: int | None = None,
     chunk_bytes: int | None = None,
-    log=print,
 ) -> dict:
     """Builds a store into the empty folder `folder`; returns its manifest
     (written last, as folder/manifest.json), with `key` and `params`.
@@ -328,14 +327,14 @@ def build(
     # (tfgpt/memory.py), as training does before it reads its data.
     release_library_pages()
     archives = [p for p in paths if not p.is_dir() and sources.kind_of(p) == "tar"]
-    progress = Progress("reading archives", sum(p.stat().st_size for p in archives), log=log)
+    progress = Progress("reading archives", sum(p.stat().st_size for p in archives))
     docs = sources.list_documents(paths, imdb_unsup, spool_dir=folder, on_read=progress.add)
     if len(docs) == 1:
         progress.close()
-        progress = Progress("counting lines", _doc_bytes(docs), log=log)
+        progress = Progress("counting lines", _doc_bytes(docs))
     plan = plan_split(docs, val_fraction, seed, on_read=progress.add if len(docs) == 1 else (lambda n: None))
     progress.close()
-    progress = Progress("tokenizing", _doc_bytes(docs), log=log)
+    progress = Progress("tokenizing", _doc_bytes(docs))
 
     stats = ReadStats()
     workers, chunk_bytes = workers or cores(), chunk_bytes or CHUNK_BYTES
