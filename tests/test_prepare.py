@@ -4,12 +4,14 @@ and training on a store."""
 
 import builtins
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import log_messages, write_corpus
+from helpers import ROOT, log_messages, train_env, write_corpus
 
 from tfgpt import data, prepare, store_build
 
@@ -197,6 +199,27 @@ def test_named_store_is_used_as_it_is_and_rebuilt_when_its_input_changes(tmp_pat
     # Without its input it is used as it is.
     path.unlink()
     assert ensure(out, tmp_path).action == "reused"
+
+
+def test_prepare_command_prints_its_messages(tmp_path):
+    """`python -m tfgpt.prepare` in a process of its own: the warning about a
+    damaged store reaches stdout, as the summary does."""
+    path = write_corpus(tmp_path / "r.txt", 100)
+    out = tmp_path / "s"
+    assert prepare.main(["--data", str(path), "--out", str(out)]) == 0
+    (out / "train.starts").unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "tfgpt.prepare", "--data", str(path), "--out", str(out)],
+        cwd=ROOT,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"warning: the token store {out} is damaged (") and lines[0].endswith("; rebuilding it")
+    assert lines[1].startswith(f"token store: rebuilt {out} in ")
 
 
 def test_prepare_command(tmp_path, capsys):

@@ -40,7 +40,9 @@ from pathlib import Path
 
 from tfgpt.console import quiet, setup_logging
 
-log = logging.getLogger(__name__)
+# Named after the module also when it runs as `python -m tfgpt.bench` (__name__ is then
+# "__main__", a logger outside "tfgpt").
+log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
 PROMPT = "this movie is"
 

@@ -36,7 +36,9 @@ from pathlib import Path
 from tfgpt.console import setup_logging
 from tfgpt.devices import PRECISIONS, compute_dtype
 
-log = logging.getLogger(__name__)
+# Named after the module also when it runs as `python -m tfgpt.export` (__name__ is then
+# "__main__", a logger outside "tfgpt").
+log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
 # The model's name in the server's URLs (/v1/models/tfgpt:predict).
 MODEL_NAME = "tfgpt"

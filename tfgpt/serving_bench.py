@@ -41,7 +41,9 @@ from pathlib import Path
 
 from tfgpt.console import quiet, setup_logging
 
-log = logging.getLogger(__name__)
+# Named after the module also when it runs as `python -m tfgpt.serving_bench` (__name__ is then
+# "__main__", a logger outside "tfgpt").
+log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
 PROMPT = "this movie is"
 OTHER_PROMPT = "the acting was good but the story was not"  # another length than the warmup's
