@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from helpers import log_messages
 
@@ -101,6 +102,7 @@ def test_other_worker_saves_to_scratch_and_restores_from_the_run(tmp_path):
     assert (tmp_path / "ckpt" / "ckpt-4.index").exists()  # the chief's stay
 
 
+@pytest.mark.slow  # starts a process
 def test_worker_scratch_is_removed_at_exit(tmp_path):
     code = (
         "from tfgpt.checkpoint import worker_scratch; s = worker_scratch(); assert worker_scratch() == s; "
