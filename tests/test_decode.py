@@ -30,7 +30,7 @@ def run_decode(model, prompts, lengths, steps_tokens, in_place):
     a time; returns the hidden state after each step, [steps, B, D]."""
     slots = tf.constant(CONFIG.maxlen)
     hidden, caches = decode.prefill(model, prompts, lengths, slots)
-    setup = decode.decode_setup(model, tf.shape(prompts)[0], slots)
+    setup = decode.decode_setup(model, tf.shape(prompts)[0], slots, decode.DecodeWeights(model)())
     out = [hidden]
     n = lengths
     for token in tf.unstack(steps_tokens):
@@ -75,3 +75,93 @@ def test_window_hidden_reads_each_rows_last_maxlen_tokens():
         window = history[b, max(0, n[b] - CONFIG.maxlen) : n[b]]
         want = model.hidden(tf.constant([window], tf.int32))[0, -1].numpy()
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_frozen_decode_weights_equal_the_ones_computed_at_each_call(dtype):
+    model = model_of(dtype)
+    live, frozen = decode.DecodeWeights(model)(), decode.DecodeWeights(model, frozen=True)()
+    for a, b in zip(tf.nest.flatten(live), tf.nest.flatten(frozen)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(tf.cast(a, tf.float32).numpy(), tf.cast(b, tf.float32).numpy())
+    head_w, head_b = frozen["head"]
+    assert head_w.dtype == dtype and head_b.dtype == tf.float32
+
+
+def test_frozen_float32_weights_copy_only_what_the_step_changes():
+    # In float32 the output layer and the feed-forward matrices are used as
+    # the model holds them: the frozen weights are those variables, not
+    # copies; q (scaled), k, v (reshaped) and out's weight (reshaped) are new
+    # variables.
+    model = model_of()
+    weights = decode.DecodeWeights(model, frozen=True)
+    held = weights._weights
+    assert held["head"][0] is model.head.w and held["head"][1] is model.head.b
+    for block, w in zip(model.blocks, held["blocks"]):
+        assert w["fc1"][0] is block.ffn.fc1.w and w["fc2"][1] is block.ffn.fc2.b
+    own = {id(v) for v in model.variables}
+    new = [v for v in weights.variables if id(v) not in own]
+    assert len(new) == 7 * CONFIG.num_layers
+    assert not any(v.trainable for v in new)
+    want = {f"decode_weights/blocks_0_{m}_{p}:0" for m in "qkv" for p in "wb"} | {"decode_weights/blocks_0_out_w:0"}
+    assert {v.name for v in new if "blocks_0_" in v.name} == want
+
+
+# maxlen 11 (cache rows of 2 x 11 slots unless rounded up) and the layer
+# norm's [B, 1] variance: both reach the CPU kernels' scalar tail unless
+# handled (tfgpt.batch_invariant).
+ODD = GPTConfig(
+    vocab_size=40, maxlen=11, embed_dim=256, num_heads=2, ff_dim=256, num_layers=2, dropout=0.0, head_dim=256
+)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_decode_steps_give_a_row_the_same_bits_alone_and_in_a_batch(dtype):
+    """The generation loop's contract: a row's hidden states do not depend on
+    the rows decoded with it. Alone is one row in bfloat16 and two (the row
+    twice) in float32, as the sampler runs a request of one."""
+    model = GPT(ODD, seed=5, compute_dtype=dtype)
+    for v in model.trainable_variables:
+        v.assign(v * 3.0)
+    weights = decode.DecodeWeights(model, frozen=True)()
+    rng = np.random.default_rng(0)
+    rows, steps = 40, 6
+    lengths = rng.integers(1, 5, rows)
+    tokens = rng.integers(2, 40, (rows, 4 + steps)).astype(np.int32)
+    slots = decode.cache_slots(tf.constant(lengths + steps, tf.int32), ODD.maxlen)
+    assert int(slots) % 16 == 0 and int(slots) >= ODD.maxlen
+
+    @tf.function
+    def start(context, n):
+        return decode.prefill(model, context, n, slots)
+
+    # The batch is unknown when the step is traced, as in the sampler's loop
+    # (a traced batch size lets TensorFlow's graph optimizer reorder the
+    # layer norm's products by shape).
+    cache_spec = [(tf.TensorSpec([None, ODD.key_dim]),) * 2] * ODD.num_layers
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)] * 2 + [cache_spec])
+    def step(token, pos, caches):
+        setup = decode.decode_setup(model, tf.shape(token)[0], slots, weights)
+        return decode.decode_hidden(model, token, pos, caches, setup)
+
+    def run(picked):
+        """Hidden states [steps, len(picked), D] of the given rows decoded together."""
+        hidden, caches = [], []
+        for r in picked:  # each row's own prefill: the prefill is not the subject here
+            h, c = start(tokens[r : r + 1, : lengths[r]], tf.constant(lengths[r : r + 1], tf.int32))
+            hidden.append(h)
+            caches.append(c)
+        caches = [tuple(tf.concat([c[i][j] for c in caches], 0) for j in range(2)) for i in range(ODD.num_layers)]
+        out = []
+        for i in range(steps):
+            token = tf.constant([tokens[r, lengths[r] + i] for r in picked], tf.int32)
+            pos = tf.constant([lengths[r] + i for r in picked], tf.int32)
+            h, caches = step(token, pos, caches)
+            out.append(h.numpy())
+        return np.stack(out)
+
+    batched = run(list(range(rows)))
+    for r in range(rows):
+        alone = run([r] if dtype == tf.bfloat16 else [r, r])[:, 0]
+        np.testing.assert_array_equal(alone, batched[:, r], err_msg=f"row {r}")

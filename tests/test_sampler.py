@@ -137,6 +137,21 @@ def test_bfloat16_model_generates_like_its_full_model(vocab_path):
     assert rows(out) == [expected]
 
 
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_a_frozen_sampler_generates_what_the_model_does(vocab_path, dtype):
+    # The export's sampler prepares the decode step's matrices once; sampled
+    # rows (top-k, top-p, penalty) and greedy rows must come out as from the
+    # sampler that prepares them at every call.
+    model = sharp_model(seed=5, compute_dtype=dtype)
+    frozen, live = Sampler(model, vocab_path, frozen=True), Sampler(model, vocab_path)
+    prompts = ["w4 w8 w15", "w3", "w9 w9 w2 w6 w7 w11 w12"]
+    settings = dict(max_tokens=14, top_k=[10, 3, 40], top_p=[0.9, 1.0, 0.7], temperature=[1.0, 0.7, 0.0])
+    settings["repetition_penalty"] = [1.3, 1.0, 2.0]
+    want = rows(generate(live, prompts, **settings))
+    assert rows(generate(frozen, prompts, **settings)) == want
+    assert rows(generate(frozen, [prompts[2]], max_tokens=14)) == [reference_greedy(model, ids_of(prompts[2]), 14)]
+
+
 def test_batch_of_different_lengths_equals_each_prompt_alone(model, sampler):
     # 1, 3, 6 and 11 tokens: the rows reach maxlen (8) at different steps, and
     # the last starts past it (its context is its last 8 tokens).

@@ -15,7 +15,7 @@ is all the attention needs to read it.
 The decode step runs once per generated token on tensors of a few thousand
 numbers, where the kernel launches, not the arithmetic, take the time: so
 `attend_one` takes its query already scaled and its mask as an additive
-[B, S] row, and picks elementwise sums or batched products by size.
+[B, S] row.
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ def attend_one(q, k_cache, v_cache, blocked):
 
     One kernel for every batch: a row's sums must be added in the same order
     whether it is served alone or batched with others, or its numbers (and
-    in bfloat16, once rounded, its samples) would depend on the batch.
+    in bfloat16, once rounded, its samples) would depend on the batch. For
+    the same reason H * S should be a multiple of 16, so that the softmax's
+    exp never reaches the kernel's scalar tail (`tfgpt.batch_invariant`;
+    the sampler's cache slots are, `tfgpt.decode.cache_slots`).
     """
     scores = tf.matmul(q[:, :, None, :], k_cache, transpose_b=True)[:, :, 0, :] + blocked[:, None, :]  # [B, H, S]
     return tf.matmul(softmax(scores)[:, :, None, :], v_cache)[:, :, 0, :]  # [B, H, K]

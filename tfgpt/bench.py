@@ -119,8 +119,8 @@ def _sampler_variants():
         TensorFlow Serving's CPU build runs XLA only when started with
         --xla_cpu_compilation_enabled, so the export does not use it."""
 
-        def __init__(self, model, vocab_path, name="sampler"):
-            super().__init__(model, vocab_path, name=name)
+        def __init__(self, model, vocab_path, frozen=False, name="sampler"):
+            super().__init__(model, vocab_path, frozen, name=name)
             self._compiled = tf.function(
                 lambda token, pos, caches, setup: decode.decode_hidden(
                     self.model, token, pos, caches, setup, in_place=False
@@ -137,7 +137,7 @@ def _sampler_variants():
 
         cache_loop = False
 
-        def _start(self, context, context_len, history, slots):
+        def _start(self, context, context_len, history, slots, weights):
             return decode.window_hidden(self.model, history, context_len), [], None
 
         def _general_step(self, token, n, live, hidden, caches, history, setup):

@@ -23,20 +23,84 @@ import math
 
 import tensorflow as tf
 
+from tfgpt import batch_invariant
 from tfgpt.attention import attend_one, causal_mask, write_rows
 
 
-def head_weights(model):
-    """The output layer's (w [D, V] in the compute dtype, b float32 [V]), cast
-    once per call, so that a bfloat16 model does not cast its largest matrix
-    at every step."""
-    dense = model.head
-    return _as_matrix(dense.w, dense.b, dense.w.shape[0], dense.compute_dtype)
-
-
 def logits(hidden, head):
-    """hidden float32 [B, D] -> float32 [B, V], the output layer."""
+    """hidden float32 [B, D] -> float32 [B, V], the output layer; head is
+    `DecodeWeights`' "head"."""
     return _dense(hidden, head)
+
+
+class DecodeWeights(tf.Module):
+    """The matrices of the decode step, in the layout and dtype it multiplies
+    by (see `decode_setup`), and the output layer's.
+
+    frozen=False: computed from the model's variables at every call, for a
+    model that is still training (the samples taken between epochs).
+    frozen=True: computed once, here, and kept as variables of their own,
+    for the export, whose weights never change: a bfloat16 model would
+    otherwise cast its output layer (V x D numbers) again for every request.
+    A float32 matrix that needs no change is the model's own variable, not
+    a copy.
+
+    Calling it returns {"blocks": per block a dict of (w, b) for q, k, v,
+    out, fc1, fc2; "head": (w, b)}.
+    """
+
+    def __init__(self, model, frozen: bool = False, name="decode_weights"):
+        super().__init__(name=name)
+        self._model = model
+        self.frozen = frozen
+        if frozen:
+            with self.name_scope:
+                held = _decode_weights(model)
+                self._weights = {
+                    "blocks": [
+                        {name: _keep(f"blocks_{i}_{name}", pair) for name, pair in block.items()}
+                        for i, block in enumerate(held["blocks"])
+                    ],
+                    "head": _keep("head", held["head"]),
+                }
+
+    def __call__(self):
+        if not self.frozen:
+            return _decode_weights(self._model)
+        return tf.nest.map_structure(tf.convert_to_tensor, self._weights)
+
+
+def _keep(name, pair):
+    """A frozen (w, b): each the model's variable itself, or a new variable
+    ("<name>_w", "<name>_b")."""
+    return tuple(
+        t if isinstance(t, tf.Variable) else tf.Variable(t, trainable=False, name=f"{name}_{part}")
+        for t, part in zip(pair, "wb")
+    )
+
+
+def _decode_weights(model) -> dict:
+    """What `DecodeWeights` holds, from the model's variables: per block q,
+    k, v (w [D, H * K]), out (w [H * K, D]), fc1 (w [D, F]), fc2 (w [F, D]),
+    the attention's 1 / sqrt(K) folded into q; and the output layer (w
+    [D, V]). Three products of D x H * K measured faster at batch 1 than one
+    of D x 3 * H * K and a split."""
+    blocks = []
+    for block in model.blocks:
+        attn, ffn = block.attn, block.ffn
+        d, hk, cd = attn.dim, attn.num_heads * attn.key_dim, attn.compute_dtype
+        blocks.append(
+            {
+                "q": _as_matrix(attn.wq, attn.bq, d, cd, 1.0 / math.sqrt(attn.key_dim)),
+                "k": _as_matrix(attn.wk, attn.bk, d, cd),
+                "v": _as_matrix(attn.wv, attn.bv, d, cd),
+                "out": _as_matrix(attn.wo, attn.bo, hk, cd),
+                "fc1": _as_matrix(ffn.fc1.w, ffn.fc1.b, d, ffn.fc1.compute_dtype),
+                "fc2": _as_matrix(ffn.fc2.w, ffn.fc2.b, ffn.fc2.w.shape[0], ffn.fc2.compute_dtype),
+            }
+        )
+    head = model.head
+    return {"blocks": blocks, "head": _as_matrix(head.w, head.b, head.w.shape[0], head.compute_dtype)}
 
 
 def prefill(model, context, context_len, slots):
@@ -55,46 +119,39 @@ def prefill(model, context, context_len, slots):
     return tf.gather(x, context_len - 1, batch_dims=1), caches  # [B, D]
 
 
-def decode_setup(model, batch, slots):
+def cache_slots(needed, maxlen: int):
+    """needed int32 [B]: the positions each row will occupy (its context
+    plus its new tokens) -> the cache slots S: no more than min(L, the
+    largest need) are ever written, rounded up to a multiple of 16, so that
+    the rows of the decode step's softmax ([B, H, S]) keep every exp in the
+    vector kernel (`tfgpt.batch_invariant`). Slots past a row's position
+    are never visible to it."""
+    return batch_invariant.round_up(tf.minimum(maxlen, tf.reduce_max(tf.concat([needed, [1]], 0))))
+
+
+def decode_setup(model, batch, slots, weights):
     """What the decode step needs, prepared once per call outside the loop,
     so that each step runs as few operations as possible:
 
-      blocks: per block a dict of its weights (w in the compute dtype, b
-        float32; `_as_matrix`): q, k, v (w [D, H * K]), out (w [H * K, D]),
-        fc1 (w [D, F]), fc2 (w [F, D]); the attention's 1 / sqrt(K) folded
-        into q. Three products of D x H * K measured faster at batch 1 than
-        one of D x 3 * H * K and a split; the feed-forward weights are cast
-        here rather than by `Dense` at every step.
+      blocks: per block a dict of its weights, `DecodeWeights`' (w in the
+        compute dtype, b float32; `_as_matrix`)
       row_base, row_of int32 [B * H]: the cache row of (b, h, slot p), with a
         cache seen as [B * H * S, K], is row_base + p[row_of]
       blocked float32 [S, S]: row p is 0 at the slots a query in slot p
         sees (<= p) and -1e9 elsewhere
-      last_slot int32 []: S - 1
+      last_slot int32 []: the last slot a position can take, min(S, L) - 1
+        (S may be rounded up past L, `tfgpt.batch_invariant`)
       cache_shape int32 [4]: [B, H, S, K]
+
+    weights: the dict a `DecodeWeights` returns.
     """
-    blocks = []
-    for block in model.blocks:
-        attn = block.attn
-        d, hk = attn.dim, attn.num_heads * attn.key_dim
-        cd = attn.compute_dtype
-        ffn = block.ffn
-        blocks.append(
-            {
-                "q": _as_matrix(attn.wq, attn.bq, d, cd, 1.0 / math.sqrt(attn.key_dim)),
-                "k": _as_matrix(attn.wk, attn.bk, d, cd),
-                "v": _as_matrix(attn.wv, attn.bv, d, cd),
-                "out": _as_matrix(attn.wo, attn.bo, hk, cd),
-                "fc1": _as_matrix(ffn.fc1.w, ffn.fc1.b, d, ffn.fc1.compute_dtype),
-                "fc2": _as_matrix(ffn.fc2.w, ffn.fc2.b, ffn.fc2.w.shape[0], ffn.fc2.compute_dtype),
-            }
-        )
     heads = model.config.num_heads
     return {
-        "blocks": blocks,
+        "blocks": weights["blocks"],
         "row_base": tf.range(batch * heads) * slots,
         "row_of": tf.repeat(tf.range(batch), heads),  # [B * H]: the row b of each (b, h)
         "blocked": (1.0 - causal_mask(slots)) * -1e9,
-        "last_slot": slots - 1,
+        "last_slot": tf.minimum(slots, model.config.maxlen) - 1,
         "cache_shape": tf.stack([batch, heads, slots, model.config.key_dim]),
     }
 
@@ -108,8 +165,8 @@ def decode_hidden(model, token, pos, caches, setup, in_place=True):
 
     The new key and value are written into their slots (`write_rows`), and
     the attention of one query is computed by `attend_one`; residuals, norms
-    and feed-forward are the block's (its own layer norms; the feed-forward
-    with the weights `decode_setup` cast). in_place=False writes with a
+    and feed-forward are the block's (its layer norms' formula and weights;
+    the feed-forward with `DecodeWeights`' matrices). in_place=False writes with a
     scatter instead, for XLA, which has no in-place update.
     """
     x = model.embed(token, pos)  # [B, D]
@@ -126,9 +183,9 @@ def decode_hidden(model, token, pos, caches, setup, in_place=True):
         out = _dense(tf.reshape(context, [-1, h * kd]), w["out"])  # [B, D]
         # Block.finish without dropout (inference), its feed-forward products
         # from the weights cast once per call.
-        a = block.ln1(x + out)  # [B, D]
+        a = _layer_norm(x + out, block.ln1)  # [B, D]
         f = _dense(_dense(a, w["fc1"], tf.nn.relu), w["fc2"])  # [B, D]
-        x = block.ln2(a + f)
+        x = _layer_norm(a + f, block.ln2)
         new.append((k_cache, v_cache))
     return x, new
 
@@ -152,10 +209,26 @@ def window_hidden(model, history, n):
     return tf.gather(hidden, n - start - 1, batch_dims=1)  # [B, D]
 
 
+def _layer_norm(x, ln):
+    """The block's `LayerNorm` ln of x float32 [B, D], with its rsqrt out of
+    the kernel's scalar tail (`tfgpt.batch_invariant`): the same numbers as
+    the layer's own for a batch whose size is a multiple of 16, and for a
+    row, the same numbers at any batch size."""
+    mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)  # [B, 1]
+    return (x - mean) * batch_invariant.rsqrt_column(var + ln.eps) * ln.gamma + ln.beta
+
+
 def _as_matrix(w, b, rows, dtype, scale=1.0):
     """A projection's weights as `_dense` takes them: (w [rows, columns] in
-    dtype, b float32 [columns]), both multiplied by scale."""
-    return tf.cast(tf.reshape(w, [rows, -1]) * scale, dtype), tf.reshape(b * scale, [-1])
+    dtype, b float32 [columns]), both multiplied by scale. A variable that
+    already has that form is returned as it is."""
+
+    def form(x, shape, dtype):
+        if scale == 1.0 and x.dtype == dtype and len(x.shape) == len(shape):
+            return x
+        return tf.cast(tf.reshape(x, shape) * scale, dtype)
+
+    return form(w, [rows, -1], dtype), form(b, [-1], b.dtype)
 
 
 def _dense(x, weights, activation=None):

@@ -113,7 +113,7 @@ def export_model(model, vocab_path, export_base, version: int | None = None) -> 
     base.mkdir(parents=True, exist_ok=True)
     partial = base / f".partial-{version}"
     shutil.rmtree(partial, ignore_errors=True)
-    sampler = Sampler(model, vocab_path)
+    sampler = Sampler(model, vocab_path, frozen=True)
     tf.saved_model.save(sampler, str(partial), signatures=sampler.signatures())
     write_warmup(partial / WARMUP_FILE, warmup_requests(model.config.maxlen, model.config.vocab_size))
     write_server_config(base)

@@ -38,7 +38,8 @@ A row's result depends on its own prompt, settings and seed only: the
 random numbers are per row (`tfgpt.sampling.row_uniforms`), nothing a row
 computes reads another row, and the decode step's kernels are the same
 whatever the batch's size (in float32 a one-row request runs as two rows,
-see `_generate`), so that its sums are added in the same order.
+see `_generate`; exp and rsqrt stay in their vector kernels,
+`tfgpt.batch_invariant`), so that its sums are added in the same order.
 
 Shapes: N = B = batch, C = context length (<= maxlen), L = maxlen, S = cache
 slots, W = history width, V = vocabulary, D = model width.
@@ -109,6 +110,9 @@ class Sampler(tf.Module):
     model: the trained GPT (its variables may be mirrored over devices).
     vocab_path: the vocabulary file (`tfgpt.data.write_vocab`); it becomes
       an asset of the SavedModel.
+    frozen: the model's weights will not change any more (an export): the
+      decode step's matrices are prepared once, here, instead of at every
+      call (`tfgpt.decode.DecodeWeights`).
 
     The generation loop calls `_start`, `_cached_step` and `_general_step`
     for the model side; the benchmark's variants (`tfgpt.bench`: no cache,
@@ -118,9 +122,10 @@ class Sampler(tf.Module):
     # Whether the loop starts with the cache-only loop (see the module doc).
     cache_loop = True
 
-    def __init__(self, model: GPT, vocab_path, name="sampler"):
+    def __init__(self, model: GPT, vocab_path, frozen: bool = False, name="sampler"):
         super().__init__(name=name)
         self.model = model
+        self.weights = decode.DecodeWeights(model, frozen)
         # The tables are created here, outside any tf.function, so that the
         # SavedModel tracks them and carries the vocabulary file as an asset.
         self.tokenizer = Tokenizer(vocab_path)
@@ -306,11 +311,11 @@ class Sampler(tf.Module):
         column = tf.range(width)[None, :]  # [1, W]
         first = tf.pad(context, [[0, 0], [0, 1]])[:, :1]  # [B, 1] (also when C = 0: an empty batch)
         history = tf.where(column < context_len[:, None], tf.pad(context, [[0, 0], [0, width - c]]), first)  # [B, W]
-        # A row uses the cache while it fits in L positions, so no more than
-        # min(L, its context + its max_tokens) slots are ever written.
-        slots = tf.minimum(self.maxlen, tf.reduce_max(tf.concat([context_len + max_tokens, [1]], 0)))
-        hidden, caches, setup = self._start(context, context_len, history, slots)
-        head = decode.head_weights(self.model)
+        # A row uses the cache while it fits in L positions.
+        slots = decode.cache_slots(context_len + max_tokens, self.maxlen)
+        weights = self.weights()
+        hidden, caches, setup = self._start(context, context_len, history, slots, weights)
+        head = weights["head"]
         uniforms = sampling.row_uniforms(seed, steps)  # [B, steps]
         penalised = tf.reduce_any(penalty != 1.0)
         offsets = tf.broadcast_to(tf.range(batch)[:, None] * self.vocab_size, [batch, width])  # [B, W]
@@ -374,10 +379,10 @@ class Sampler(tf.Module):
 
     # --- the model side of the loop (overridden by the benchmark's variants) ------
 
-    def _start(self, context, context_len, history, slots):
+    def _start(self, context, context_len, history, slots, weights):
         """-> (hidden [B, D] at each row's last context token, caches, setup)."""
         hidden, caches = decode.prefill(self.model, context, context_len, slots)
-        return hidden, caches, decode.decode_setup(self.model, tf.shape(context)[0], slots)
+        return hidden, caches, decode.decode_setup(self.model, tf.shape(context)[0], slots, weights)
 
     def _decode(self, token, pos, caches, setup):
         """The one-token decode step (`tfgpt.decode.decode_hidden`)."""

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfgpt.batch_invariant import exp_rows
+
 # How many candidates the fast path keeps per row: the two-stage top-k
 # (`top_k_logits`) is exact and cheap up to here. A row with a larger top_k,
 # or a nucleus over the whole vocabulary that the first CANDIDATES tokens
@@ -164,7 +166,7 @@ def pick(logits, p: dict, u, general: bool = True):
     def wide():
         # A nucleus over the whole vocabulary closes within the M candidates
         # when their mass reaches top_p of the vocabulary's.
-        total = tf.reduce_sum(tf.exp((logits - values[:, :1]) / t), -1, keepdims=True)  # [B, 1]
+        total = tf.reduce_sum(exp_rows((logits - values[:, :1]) / t), -1, keepdims=True)  # [B, 1]
         m = tf.shape(values)[1]
         near, mass = _from_sorted(values, indices, tf.fill(tf.shape(k), m), top_p, t, u, total, with_mass=True)
         closes = p["nucleus_all"] & (m >= CANDIDATES) & (mass >= top_p * total)[:, 0]
@@ -203,7 +205,7 @@ def _from_sorted(values, indices, k, top_p, t, u, total=None, with_mass=False):
     in_k = tf.range(tf.shape(values)[1])[None, :] < k  # [B, M]
     # Shifting by the largest value keeps a tiny temperature from
     # overflowing: the best token stays at exp(0) = 1.
-    p = tf.where(in_k, tf.exp((values - values[:, :1]) / t), 0.0)  # [B, M] unnormalised
+    p = tf.where(in_k, exp_rows((values - values[:, :1]) / t), 0.0)  # [B, M] unnormalised
     cum = tf.cumsum(p, axis=1)  # [B, M]
     if total is None:
         total = tf.gather(cum, k - 1, batch_dims=1)  # [B, 1]
@@ -226,7 +228,7 @@ def _from_unsorted(logits, t, u):
     """A draw from softmax(logits / t) over the whole vocabulary, by the
     cumulative sum in vocabulary order (any fixed order samples the same
     distribution). logits [B, V], t, u [B, 1] -> int32 [B]."""
-    p = tf.exp((logits - tf.reduce_max(logits, -1, keepdims=True)) / t)  # [B, V]
+    p = exp_rows((logits - tf.reduce_max(logits, -1, keepdims=True)) / t)  # [B, V]
     cum = tf.cumsum(p, axis=1)
     chosen = tf.reduce_sum(tf.cast(cum <= u * cum[:, -1:], tf.int32), 1)
     return tf.minimum(chosen, tf.shape(logits)[1] - 1)

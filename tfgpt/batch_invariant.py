@@ -1,0 +1,47 @@
+"""Elementwise functions whose result for one row does not depend on how
+many rows are computed with it.
+
+TensorFlow's CPU kernels for exp and rsqrt (and log) work through a tensor
+in vector registers of 16 float32 numbers, and compute the last (size mod
+16) numbers with a scalar function that rounds differently in the last bit.
+Which numbers of a row fall into that tail depends on the whole tensor's
+size: the same row computed alone and inside a batch can come out different,
+and a generated text with them (a row's numbers must depend on the row only,
+see tfgpt/sampler.py).
+
+The functions here keep every number in the vector path by giving the
+kernel a tensor whose size is a multiple of `PACKET`: a column is widened
+before the function and narrowed after, and the row length of the
+attention's softmax is a multiple of `PACKET` by construction (the decode
+step's cache slots, `round_up`). Sizes that are already multiples pay
+nothing but a broadcast.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+# float32 numbers per vector register with AVX-512 (a multiple of AVX2's 8).
+PACKET = 16
+
+
+def round_up(n):
+    """n int (Python or int32 tensor) -> the smallest multiple of PACKET >= n."""
+    return (n + PACKET - 1) // PACKET * PACKET
+
+
+def rsqrt_column(x):
+    """1 / sqrt(x) for x float32 [..., 1] (a layer norm's variance per row),
+    computed as [..., PACKET] -> [..., 1]."""
+    shape = tf.concat([tf.shape(x)[:-1], [PACKET]], 0)
+    return tf.math.rsqrt(tf.broadcast_to(x, shape))[..., :1]
+
+
+def exp_rows(x):
+    """exp(x) for x float32 [B, M] of any M, the rows padded to a multiple of
+    PACKET columns for the kernel (when M is not known to be one)."""
+    m = x.shape[-1]
+    if m is not None and m % PACKET == 0:
+        return tf.exp(x)
+    width = tf.shape(x)[-1]
+    return tf.exp(tf.pad(x, [[0, 0], [0, round_up(width) - width]]))[:, :width]
