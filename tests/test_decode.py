@@ -29,8 +29,9 @@ def run_decode(model, prompts, lengths, steps_tokens, in_place):
     """Prefill right-padded prompts, then decode the given tokens one step at
     a time; returns the hidden state after each step, [steps, B, D]."""
     slots = tf.constant(CONFIG.maxlen)
-    hidden, caches = decode.prefill(model, prompts, lengths, slots)
-    setup = decode.decode_setup(model, tf.shape(prompts)[0], slots, decode.DecodeWeights(model)())
+    weights = decode.DecodeWeights(model)()
+    hidden, caches = decode.prefill(model, prompts, lengths, slots, weights)
+    setup = decode.decode_setup(model, tf.shape(prompts)[0], slots, weights)
     out = [hidden]
     n = lengths
     for token in tf.unstack(steps_tokens):
@@ -133,7 +134,7 @@ def test_decode_steps_give_a_row_the_same_bits_alone_and_in_a_batch(dtype):
 
     @tf.function
     def start(context, n):
-        return decode.prefill(model, context, n, slots)
+        return decode.prefill(model, context, n, slots, weights)
 
     # The batch is unknown when the step is traced, as in the sampler's loop
     # (a traced batch size lets TensorFlow's graph optimizer reorder the
@@ -165,3 +166,44 @@ def test_decode_steps_give_a_row_the_same_bits_alone_and_in_a_batch(dtype):
     for r in range(rows):
         alone = run([r] if dtype == tf.bfloat16 else [r, r])[:, 0]
         np.testing.assert_array_equal(alone, batched[:, r], err_msg=f"row {r}")
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_the_prefill_gives_a_row_the_same_bits_however_far_it_is_padded(dtype):
+    """A row's hidden state and keys/values from the prefill alone equal
+    those from a batch whose longest prompt pads it to 30 positions. Alone
+    is one row in bfloat16 and two (the row twice) in float32, as the
+    sampler runs a request of one."""
+    config = GPTConfig(
+        vocab_size=40, maxlen=40, embed_dim=256, num_heads=2, ff_dim=256, num_layers=2, dropout=0.0, head_dim=256
+    )
+    model = GPT(config, seed=6, compute_dtype=dtype)
+    for v in model.trainable_variables:
+        v.assign(v * 3.0)
+    weights = decode.DecodeWeights(model, frozen=True)()
+    rng = np.random.default_rng(1)
+    lengths = np.array([1, 2, 5, 9, 16, 30, 3, 12], np.int32)
+    tokens = rng.integers(2, 40, (len(lengths), 30)).astype(np.int32)
+    slots = 48
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)])
+    def start(context, n):
+        return decode.prefill(model, context, n, slots, weights)
+
+    def padded(rows):
+        width = max(lengths[r] for r in rows)
+        return np.stack([np.pad(tokens[r, : lengths[r]], (0, width - lengths[r])) for r in rows])
+
+    rows = list(range(len(lengths)))
+    hidden, caches = start(padded(rows), lengths)
+    h, kd = config.num_heads, config.key_dim
+    for r in rows:
+        # Alone as the sampler runs a request of one: two rows in float32.
+        alone = [r] if dtype == tf.bfloat16 else [r, r]
+        alone_hidden, alone_caches = start(padded(alone), lengths[alone])
+        np.testing.assert_array_equal(alone_hidden.numpy()[0], hidden.numpy()[r], err_msg=f"row {r}")
+        for (k1, v1), (k, v) in zip(alone_caches, caches):
+            for one, batch in ((k1, k), (v1, v)):
+                one = one.numpy().reshape(len(alone), h, slots, kd)[0, :, : lengths[r]]
+                batch = batch.numpy().reshape(len(rows), h, slots, kd)[r, :, : lengths[r]]
+                np.testing.assert_array_equal(one, batch, err_msg=f"row {r}")

@@ -1,5 +1,5 @@
-"""Causal softmax attention: `attend`, the function of training and the
-prefill, and beside it the two kernels of the cached decode step: the cache
+"""Causal softmax attention: `attend`, the function of training, and
+beside it the two kernels of the cached decode step: the cache
 row write, and `attend_one`, the same attention for one query per row
 against the cache (tests/test_attention.py checks the two against each
 other and against NumPy).

@@ -2,19 +2,21 @@
 key/value cache, the prefill that fills the cache, and the window pass used
 once a row is longer than `maxlen`. The step's attention kernels
 (`attend_one`, `write_rows`) are in tfgpt/attention.py beside the attention
-that training and the prefill use.
+that training uses.
 
 Everything here maps token ids to the last block's hidden state; turning a
 hidden state into the next token is `tfgpt.sampling`, and the loop around
-both is `tfgpt.sampler`.
+both is `tfgpt.sampler`. The prefill and the step share their arithmetic
+(`DecodeWeights`' matrices, float32 attention, `_layer_norm`), chosen so
+that a row's numbers do not depend on the other rows of its batch
+(`tfgpt.batch_invariant`); the window pass is the model's own.
 
-The cache of a layer is a pair (k, v). The prefill returns them as
-[B, H, S, K]; the decode step keeps them flattened to [B * H * S, K], the
-shape the in-place row update takes.
+The cache of a layer is a pair (k, v), each kept flattened to
+[B * H * S, K], the shape the in-place row update takes.
 
-Shapes: B = batch, C = context length (<= maxlen), L = maxlen, S = cache
-slots (<= L), W = history width, D = model width, H = heads, K = key size,
-F = feed-forward width, V = vocabulary.
+Shapes: B = batch, C = context length (<= maxlen), L = maxlen, S = cache slots (a multiple of 16), W = history width,
+D = model width, H = heads, K = key size, F = feed-forward width,
+V = vocabulary.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import math
 import tensorflow as tf
 
 from tfgpt import batch_invariant
-from tfgpt.attention import attend_one, causal_mask, write_rows
+from tfgpt.attention import attend_one, causal_mask, softmax, write_rows
 
 
 def logits(hidden, head):
@@ -103,20 +105,48 @@ def _decode_weights(model) -> dict:
     return {"blocks": blocks, "head": _as_matrix(head.w, head.b, head.w.shape[0], head.compute_dtype)}
 
 
-def prefill(model, context, context_len, slots):
-    """Runs the contexts through the model's blocks once.
+def prefill(model, context, context_len, slots, weights):
+    """Runs the contexts through the model's blocks once, with the decode
+    step's arithmetic: `DecodeWeights`' matrices (q already scaled), float32
+    attention, the decode step's layer norm. A row's keys and values are
+    those the decode step would compute for the same tokens.
 
     context int32 [B, C] (right-padded), context_len int32 [B] (>= 1), slots
-    int32 [] (>= C) -> (hidden float32 [B, D] at each row's last token,
-    caches: per layer (k, v), each [B * H * S, K] with the first C slots of
-    each (row, head) filled).
+    int32 [] (>= C), weights the dict of a `DecodeWeights` -> (hidden float32
+    [B, D] at each row's last token, caches: per layer (k, v), each
+    [B * H * S, K] with the first C slots of each (row, head) filled).
+
+    A row's numbers do not depend on how far the batch's longest prompt pads
+    it: its padding comes after its tokens, where the causal mask hides it;
+    the keys are padded with zeros to a multiple of 16 positions (hidden
+    too), so that the softmax's exps stay in the vector kernel
+    (`tfgpt.batch_invariant`) and its sums only gain exact zeros.
     """
-    x = model.embed(context, tf.range(tf.shape(context)[1]))  # [B, C, D]
+    b, c = tf.shape(context)[0], tf.shape(context)[1]
+    d = model.config.embed_dim
+    x = tf.reshape(model.embed(context, tf.range(c)), [-1, d])  # [B * C, D]
+    seen = batch_invariant.round_up(c)  # key positions, >= C
+    blocked = (1.0 - tf.linalg.band_part(tf.ones([c, seen]), -1, 0)) * -1e9  # [C, seen]: 0 where j <= i
     caches = []
-    for block in model.blocks:
-        x, k, v = block.prefill(x, slots)  # k, v [B, H, S, K]
-        caches.append(tuple(tf.reshape(t, [-1, block.attn.key_dim]) for t in (k, v)))
-    return tf.gather(x, context_len - 1, batch_dims=1), caches  # [B, D]
+    for block, w in zip(model.blocks, weights["blocks"]):
+        h, kd = block.attn.num_heads, block.attn.key_dim
+        q, k, v = (tf.reshape(_dense(x, w[name]), [b, c, h, kd]) for name in "qkv")  # each [B, C, H, K]
+        # One head at a time as [B, C, K] slices: no [B, C, H, K] transpose.
+        ks, vs = [k[:, :, i] for i in range(h)], [v[:, :, i] for i in range(h)]
+        keys = [[0, 0], [0, seen - c], [0, 0]]
+        context_h = [
+            tf.matmul(
+                softmax(tf.matmul(q[:, :, i], tf.pad(ks[i], keys), transpose_b=True) + blocked),  # [B, C, seen]
+                tf.pad(vs[i], keys),
+            )  # [B, C, K]
+            for i in range(h)
+        ]
+        out = _dense(tf.reshape(tf.stack(context_h, 2), [-1, h * kd]), w["out"])  # [B * C, D]
+        a = _layer_norm(x + out, block.ln1)
+        x = _layer_norm(a + _dense(_dense(a, w["fc1"], tf.nn.relu), w["fc2"]), block.ln2)
+        pad = [[0, 0], [0, 0], [0, slots - c], [0, 0]]
+        caches.append(tuple(tf.reshape(tf.pad(tf.stack(t, 1), pad), [-1, kd]) for t in (ks, vs)))  # [B * H * S, K]
+    return tf.gather(tf.reshape(x, [b, c, d]), context_len - 1, batch_dims=1), caches  # [B, D]
 
 
 def cache_slots(needed, maxlen: int):

@@ -120,9 +120,10 @@ class MultiHeadAttention(tf.Module):
       q, k, v: w [D, H, K], b [H, K];  out: w [H, K, D], b [D].
 
     The attention itself is `tfgpt.attention.attend`; this module adds the
-    projections around it. Training calls it on a whole sequence, the
-    prefill through `qkv` and `attend`, and the decode step with one query
-    per row against its cache.
+    projections around it. Training calls it on a whole sequence; `qkv` and
+    `attend` are the same function in the [B, H, T, K] layout (the reference
+    tests/test_layers.py holds `__call__` to). Generation (tfgpt/decode.py)
+    reads the weights and does its own arithmetic.
     """
 
     def __init__(self, dim, num_heads, key_dim, seed=0, compute_dtype=tf.float32, name=None):
@@ -238,14 +239,3 @@ class Block(tf.Module):
     def __call__(self, x, seed=None, training=False):
         """x [B, T, D] -> [B, T, D]. `seed` [2] is needed when training with dropout."""
         return self.finish(x, self.attn(x), seed, training)
-
-    def prefill(self, x, cache_len):
-        """Inference over a whole prompt, also returning its keys and values.
-
-        x [B, T, D] -> (y [B, T, D], k, v), with k and v [B, H, cache_len, K]:
-        the prompt's keys/values in the first T slots, zeros after.
-        """
-        q, k, v = self.attn.qkv(x)
-        y = self.finish(x, self.attn.attend(q, k, v, attention.causal_mask(tf.shape(x)[1])), None, False)
-        pad = [[0, 0], [0, 0], [0, cache_len - tf.shape(x)[1]], [0, 0]]
-        return y, tf.pad(k, pad), tf.pad(v, pad)

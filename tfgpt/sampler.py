@@ -18,8 +18,8 @@ How a batch is generated (in `tf.while_loop`s):
 
   1. The prompts are tokenized and right-padded. The last `maxlen` tokens of
      each prompt are its context; the whole prompt is still returned as text.
-  2. One pass over the contexts fills a preallocated key/value cache per
-     layer (`tfgpt.decode.prefill`) and gives each row's hidden state at its
+  2. One pass over the contexts fills a preallocated key/value cache per layer (`tfgpt.decode.prefill`,
+     the decode step's arithmetic) and gives each row's hidden state at its
      own last token.
   3. Each step turns the hidden states into logits, picks one token per
      row with the row's settings and random numbers (`tfgpt.sampling`),
@@ -381,7 +381,7 @@ class Sampler(tf.Module):
 
     def _start(self, context, context_len, history, slots, weights):
         """-> (hidden [B, D] at each row's last context token, caches, setup)."""
-        hidden, caches = decode.prefill(self.model, context, context_len, slots)
+        hidden, caches = decode.prefill(self.model, context, context_len, slots, weights)
         return hidden, caches, decode.decode_setup(self.model, tf.shape(context)[0], slots, weights)
 
     def _decode(self, token, pos, caches, setup):
