@@ -85,8 +85,8 @@ def _decode_weights(model) -> dict:
     """What `DecodeWeights` holds, from the model's variables: per block q,
     k, v (w [D, H * K]), out (w [H * K, D]), fc1 (w [D, F]), fc2 (w [F, D]),
     the attention's 1 / sqrt(K) folded into q; and the output layer (w
-    [D, V]). Three products of D x H * K measured faster at batch 1 than one
-    of D x 3 * H * K and a split."""
+    [D, V]). One product of D x 3 * H * K and a split measured no faster
+    than the three (docs/performance.md)."""
     blocks = []
     for block in model.blocks:
         attn, ffn = block.attn, block.ffn
@@ -108,8 +108,7 @@ def _decode_weights(model) -> dict:
 def prefill(model, context, context_len, slots, weights):
     """Runs the contexts through the model's blocks once, with the decode
     step's arithmetic: `DecodeWeights`' matrices (q already scaled), float32
-    attention, the decode step's layer norm. A row's keys and values are
-    those the decode step would compute for the same tokens.
+    attention, the decode step's layer norm.
 
     context int32 [B, C] (right-padded), context_len int32 [B] (>= 1), slots
     int32 [] (>= C), weights the dict of a `DecodeWeights` -> (hidden float32
