@@ -82,11 +82,33 @@ def test_window_hidden_reads_each_rows_last_maxlen_tokens():
 def test_frozen_decode_weights_equal_the_ones_computed_at_each_call(dtype):
     model = model_of(dtype)
     live, frozen = decode.DecodeWeights(model)(), decode.DecodeWeights(model, frozen=True)()
-    for a, b in zip(tf.nest.flatten(live), tf.nest.flatten(frozen)):
+    # A frozen bfloat16 output layer is kept transposed ("head_t", [V, D]).
+    head_w, head_b = frozen["head_t"] if dtype == tf.bfloat16 else frozen["head"]
+    assert ("head" in frozen) == (dtype == tf.float32)
+    if dtype == tf.bfloat16:
+        head_w = tf.transpose(head_w)
+    pairs = zip(tf.nest.flatten([live["blocks"], live["head"]]), tf.nest.flatten([frozen["blocks"], (head_w, head_b)]))
+    for a, b in pairs:
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(tf.cast(a, tf.float32).numpy(), tf.cast(b, tf.float32).numpy())
-    head_w, head_b = frozen["head"]
     assert head_w.dtype == dtype and head_b.dtype == tf.float32
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_the_output_layer_gives_the_same_logits_in_either_layout(dtype):
+    """`logits` from the frozen weights (transposed in bfloat16) against the
+    model's own output layer, and a row alone (in float32 twice, as the
+    sampler runs a request of one) against the same row in a batch of 64."""
+    config = GPTConfig(vocab_size=2000, maxlen=8, embed_dim=256, num_heads=2, ff_dim=32, num_layers=1, head_dim=8)
+    model = GPT(config, seed=2, compute_dtype=dtype)
+    frozen = decode.DecodeWeights(model, frozen=True)()
+    f = tf.function(lambda h: decode.logits(h, frozen), input_signature=[tf.TensorSpec([None, 256])])
+    hidden = np.random.default_rng(3).normal(size=(64, 256)).astype(np.float32)
+    batch = f(hidden).numpy()
+    np.testing.assert_array_equal(batch, model.head(tf.constant(hidden)).numpy())
+    for r in range(0, 64, 5):
+        alone = [r] if dtype == tf.bfloat16 else [r, r]
+        np.testing.assert_array_equal(f(hidden[alone]).numpy()[0], batch[r])
 
 
 def test_frozen_float32_weights_copy_only_what_the_step_changes():

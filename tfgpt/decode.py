@@ -29,10 +29,18 @@ from tfgpt import batch_invariant
 from tfgpt.attention import attend_one, causal_mask, softmax, write_rows
 
 
-def logits(hidden, head):
-    """hidden float32 [B, D] -> float32 [B, V], the output layer; head is
-    `DecodeWeights`' "head"."""
-    return _dense(hidden, head)
+def logits(hidden, weights):
+    """hidden float32 [B, D] -> float32 [B, V], the output layer, from the
+    dict of a `DecodeWeights`: its "head" (w [D, V], b), or its "head_t" (w
+    [V, D], b) where the export keeps the bfloat16 matrix transposed. At
+    batch 1 the product with the transposed matrix (a dot product of 256
+    neighbouring numbers per word) measured about 15% faster per token, and
+    in bfloat16 it gives the same bits as the other at every batch size (in
+    float32 its kernel changes with the batch, so float32 keeps [D, V])."""
+    if "head_t" not in weights:
+        return _dense(hidden, weights["head"])
+    w, b = weights["head_t"]
+    return tf.cast(tf.matmul(tf.cast(hidden, w.dtype), w, transpose_b=True), tf.float32) + b
 
 
 class DecodeWeights(tf.Module):
@@ -48,7 +56,8 @@ class DecodeWeights(tf.Module):
     a copy.
 
     Calling it returns {"blocks": per block a dict of (w, b) for q, k, v,
-    out, fc1, fc2; "head": (w, b)}.
+    out, fc1, fc2; and the output layer: "head": (w [D, V], b), or, frozen
+    in bfloat16, "head_t": (w [V, D], b) (see `logits`)}.
     """
 
     def __init__(self, model, frozen: bool = False, name="decode_weights"):
@@ -63,8 +72,12 @@ class DecodeWeights(tf.Module):
                         {name: _keep(f"blocks_{i}_{name}", pair) for name, pair in block.items()}
                         for i, block in enumerate(held["blocks"])
                     ],
-                    "head": _keep("head", held["head"]),
                 }
+                w, b = held["head"]
+                if w.dtype == tf.bfloat16:
+                    self._weights["head_t"] = _keep("head_t", (tf.transpose(w), b))
+                else:
+                    self._weights["head"] = _keep("head", (w, b))
 
     def __call__(self):
         if not self.frozen:

@@ -315,7 +315,6 @@ class Sampler(tf.Module):
         slots = decode.cache_slots(context_len + max_tokens, self.maxlen)
         weights = self.weights()
         hidden, caches, setup = self._start(context, context_len, history, slots, weights)
-        head = weights["head"]
         uniforms = sampling.row_uniforms(seed, steps)  # [B, steps]
         penalised = tf.reduce_any(penalty != 1.0)
         offsets = tf.broadcast_to(tf.range(batch)[:, None] * self.vocab_size, [batch, width])  # [B, W]
@@ -329,7 +328,7 @@ class Sampler(tf.Module):
             def step(i, hidden, caches, history, n, done):
                 # The output layer runs here only, on each row's newest hidden
                 # state: one matrix product per step.
-                logits = decode.logits(hidden, head)  # [B, V]
+                logits = decode.logits(hidden, weights)  # [B, V]
                 logits = tf.cond(
                     penalised, lambda: sampling.penalize(logits, history, penalty, offsets), lambda: logits
                 )
