@@ -30,8 +30,10 @@ def _qkv(b=2, h=3, t=5, k=4, seed=0):
 
 
 def test_causal_mask_is_lower_triangle():
-    """causal_mask(4) is the lower triangle of ones, diagonal included."""
+    """causal_mask(4) is the lower triangle of ones, diagonal included; with
+    more keys than queries, the keys past the last query are hidden."""
     np.testing.assert_array_equal(causal_mask(4).numpy(), np.tril(np.ones((4, 4))))
+    np.testing.assert_array_equal(causal_mask(3, 5).numpy(), np.tril(np.ones((3, 5))))
 
 
 @pytest.mark.parametrize("dtype, tol", [(tf.float32, 1e-5), (tf.bfloat16, 5e-2)])

@@ -105,6 +105,19 @@ def test_layer_norm_matches_numpy():
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_layer_norm_with_another_rsqrt():
+    """The rsqrt generation passes gives the layer's own numbers for a batch
+    whose rows fill whole vector registers (32 rows), and NumPy's for one row."""
+    from tfgpt.batch_invariant import rsqrt_column
+
+    layer = LayerNorm(8)
+    _randomise(layer, seed=5)
+    x = (np.random.default_rng(6).normal(size=(32, 8)) * 2.0).astype(np.float32)
+    np.testing.assert_array_equal(layer(tf.constant(x), rsqrt=rsqrt_column).numpy(), layer(tf.constant(x)).numpy())
+    ref = np_layer_norm(x[:1].astype(np.float64), _np(layer.gamma), _np(layer.beta))
+    np.testing.assert_allclose(layer(tf.constant(x[:1]), rsqrt=rsqrt_column).numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_layer_norm_eps_is_small():
     """A near-constant row is normalised with eps 1e-6, not a larger eps."""
     layer = LayerNorm(4)

@@ -25,10 +25,10 @@ import math
 import tensorflow as tf
 
 
-def causal_mask(t):
-    """[T, T] float mask, 1 where position i may attend to position j (j <= i):
-    the lower triangle of a matrix of ones."""
-    return tf.linalg.band_part(tf.ones([t, t]), -1, 0)
+def causal_mask(t, keys=None):
+    """[T, keys] float mask (keys = T by default), 1 where position i may
+    attend to position j (j <= i): the lower triangle of a matrix of ones."""
+    return tf.linalg.band_part(tf.ones([t, t if keys is None else keys]), -1, 0)
 
 
 def attend(q, k, v, mask, compute_dtype=tf.float32):

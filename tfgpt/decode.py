@@ -7,16 +7,16 @@ that training uses.
 Everything here maps token ids to the last block's hidden state; turning a
 hidden state into the next token is `tfgpt.sampling`, and the loop around
 both is `tfgpt.sampler`. The prefill and the step share their arithmetic
-(`DecodeWeights`' matrices, float32 attention, `_layer_norm`), chosen so
-that a row's numbers do not depend on the other rows of its batch
-(`tfgpt.batch_invariant`); the window pass is the model's own.
+(`DecodeWeights`' matrices, float32 attention, layer norms with the rsqrt
+of `tfgpt.batch_invariant`), chosen so that a row's numbers do not depend
+on the other rows of its batch; the window pass is the model's own.
 
 The cache of a layer is a pair (k, v), each kept flattened to
 [B * H * S, K], the shape the in-place row update takes.
 
-Shapes: B = batch, C = context length (<= maxlen), L = maxlen, S = cache slots (a multiple of 16), W = history width,
-D = model width, H = heads, K = key size, F = feed-forward width,
-V = vocabulary.
+Shapes: B = batch, C = context length (<= maxlen), L = maxlen, S = cache
+slots (a multiple of 16), W = history width, D = model width, H = heads,
+K = key size, F = feed-forward width, V = vocabulary.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _decode_weights(model) -> dict:
 def prefill(model, context, context_len, slots, weights):
     """Runs the contexts through the model's blocks once, with the decode
     step's arithmetic: `DecodeWeights`' matrices (q already scaled), float32
-    attention, the decode step's layer norm.
+    attention, the layer norms with the rsqrt of `tfgpt.batch_invariant`.
 
     context int32 [B, C] (right-padded), context_len int32 [B] (>= 1), slots
     int32 [] (>= C), weights the dict of a `DecodeWeights` -> (hidden float32
@@ -138,7 +138,7 @@ def prefill(model, context, context_len, slots, weights):
     d = model.config.embed_dim
     x = tf.reshape(model.embed(context, tf.range(c)), [-1, d])  # [B * C, D]
     seen = batch_invariant.round_up(c)  # key positions, >= C
-    blocked = (1.0 - tf.linalg.band_part(tf.ones([c, seen]), -1, 0)) * -1e9  # [C, seen]: 0 where j <= i
+    blocked = (1.0 - causal_mask(c, seen)) * -1e9  # [C, seen]: 0 where j <= i
     caches = []
     for block, w in zip(model.blocks, weights["blocks"]):
         h, kd = block.attn.num_heads, block.attn.key_dim
@@ -154,8 +154,8 @@ def prefill(model, context, context_len, slots, weights):
             for i in range(h)
         ]
         out = _dense(tf.reshape(tf.stack(context_h, 2), [-1, h * kd]), w["out"])  # [B * C, D]
-        a = _layer_norm(x + out, block.ln1)
-        x = _layer_norm(a + _dense(_dense(a, w["fc1"], tf.nn.relu), w["fc2"]), block.ln2)
+        a = block.ln1(x + out, rsqrt=batch_invariant.rsqrt_column)
+        x = block.ln2(a + _dense(_dense(a, w["fc1"], tf.nn.relu), w["fc2"]), rsqrt=batch_invariant.rsqrt_column)
         pad = [[0, 0], [0, 0], [0, slots - c], [0, 0]]
         caches.append(tuple(tf.reshape(tf.pad(tf.stack(t, 1), pad), [-1, kd]) for t in (ks, vs)))  # [B * H * S, K]
     return tf.gather(tf.reshape(x, [b, c, d]), context_len - 1, batch_dims=1), caches  # [B, D]
@@ -207,9 +207,10 @@ def decode_hidden(model, token, pos, caches, setup, in_place=True):
 
     The new key and value are written into their slots (`write_rows`), and
     the attention of one query is computed by `attend_one`; residuals, norms
-    and feed-forward are the block's (its layer norms' formula and weights;
-    the feed-forward with `DecodeWeights`' matrices). in_place=False writes with a
-    scatter instead, for XLA, which has no in-place update.
+    and feed-forward are the block's (its layer norms, with the rsqrt of
+    `tfgpt.batch_invariant`; the feed-forward with `DecodeWeights`'
+    matrices). in_place=False writes with a scatter instead, for XLA, which
+    has no in-place update.
     """
     x = model.embed(token, pos)  # [B, D]
     blocked = tf.gather(setup["blocked"], pos)  # [B, S]
@@ -224,10 +225,10 @@ def decode_hidden(model, token, pos, caches, setup, in_place=True):
         context = attend_one(q, tf.reshape(k_cache, shape), tf.reshape(v_cache, shape), blocked)  # [B, H, K]
         out = _dense(tf.reshape(context, [-1, h * kd]), w["out"])  # [B, D]
         # Block.finish without dropout (inference), its feed-forward products
-        # from the weights cast once per call.
-        a = _layer_norm(x + out, block.ln1)  # [B, D]
+        # from `DecodeWeights`' matrices.
+        a = block.ln1(x + out, rsqrt=batch_invariant.rsqrt_column)  # [B, D]
         f = _dense(_dense(a, w["fc1"], tf.nn.relu), w["fc2"])  # [B, D]
-        x = _layer_norm(a + f, block.ln2)
+        x = block.ln2(a + f, rsqrt=batch_invariant.rsqrt_column)
         new.append((k_cache, v_cache))
     return x, new
 
@@ -249,15 +250,6 @@ def window_hidden(model, history, n):
     window = tf.gather(history, index, batch_dims=1)  # [B, size]
     hidden = model.hidden(window)  # [B, size, D]
     return tf.gather(hidden, n - start - 1, batch_dims=1)  # [B, D]
-
-
-def _layer_norm(x, ln):
-    """The block's `LayerNorm` ln of x float32 [B, D], with its rsqrt out of
-    the kernel's scalar tail (`tfgpt.batch_invariant`): the same numbers as
-    the layer's own for a batch whose size is a multiple of 16, and for a
-    row, the same numbers at any batch size."""
-    mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)  # [B, 1]
-    return (x - mean) * batch_invariant.rsqrt_column(var + ln.eps) * ln.gamma + ln.beta
 
 
 def _as_matrix(w, b, rows, dtype, scale=1.0):

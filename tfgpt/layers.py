@@ -99,7 +99,11 @@ class Embedding(tf.Module):
 
 
 class LayerNorm(tf.Module):
-    """Normalises the last axis, in float32. x: [..., D] -> [..., D]."""
+    """Normalises the last axis, in float32. x: [..., D] -> [..., D].
+
+    rsqrt: the function for 1 / sqrt(variance + eps) of the [..., 1]
+    column; generation passes `tfgpt.batch_invariant.rsqrt_column`, whose
+    numbers for a row do not depend on how many rows there are."""
 
     def __init__(self, dim, eps=1e-6, name=None):
         super().__init__(name=name)
@@ -108,9 +112,9 @@ class LayerNorm(tf.Module):
         self.beta = tf.Variable(tf.zeros([dim]), name="beta")
 
     @tf.Module.with_name_scope
-    def __call__(self, x):
+    def __call__(self, x, rsqrt=tf.math.rsqrt):
         mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
-        return (x - mean) * tf.math.rsqrt(var + self.eps) * self.gamma + self.beta
+        return (x - mean) * rsqrt(var + self.eps) * self.gamma + self.beta
 
 
 class MultiHeadAttention(tf.Module):

@@ -18,9 +18,9 @@ How a batch is generated (in `tf.while_loop`s):
 
   1. The prompts are tokenized and right-padded. The last `maxlen` tokens of
      each prompt are its context; the whole prompt is still returned as text.
-  2. One pass over the contexts fills a preallocated key/value cache per layer (`tfgpt.decode.prefill`,
-     the decode step's arithmetic) and gives each row's hidden state at its
-     own last token.
+  2. One pass over the contexts fills a preallocated key/value cache per
+     layer (`tfgpt.decode.prefill`, the decode step's arithmetic) and gives
+     each row's hidden state at its own last token.
   3. Each step turns the hidden states into logits, picks one token per
      row with the row's settings and random numbers (`tfgpt.sampling`),
      appends it to the row's history, and computes the next hidden states.
