@@ -259,15 +259,22 @@ def train_env(**extra) -> dict:
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
 
 
-def run_train_py(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """python train.py args, to the end; its output captured as text."""
+def run_python(args: list[str], env: dict | None = None, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """python args (a script or -m module and its arguments), to the end; its
+    output captured as text. env: train_env() unless given."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py")] + list(args),
+        [sys.executable, *args],
         capture_output=True,
         text=True,
         env=train_env() if env is None else env,
+        cwd=cwd,
         timeout=timeout,
     )
+
+
+def run_train_py(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """python train.py args, to the end; its output captured as text."""
+    return run_python([str(ROOT / "train.py"), *args], env, timeout=timeout)
 
 
 def start_train_py(args: list[str], **kw) -> subprocess.Popen:

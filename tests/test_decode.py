@@ -17,8 +17,9 @@ from tfgpt.model import GPT
 CONFIG = GPTConfig(vocab_size=40, maxlen=8, embed_dim=16, num_heads=2, ff_dim=32, num_layers=2, dropout=0.0, head_dim=8)
 
 
-def model_of(dtype=tf.float32) -> GPT:
-    model = GPT(CONFIG, seed=3, compute_dtype=dtype)
+def model_of(dtype=tf.float32, config=CONFIG, seed=3) -> GPT:
+    """A random model with its weights times 3 (larger activations)."""
+    model = GPT(config, seed=seed, compute_dtype=dtype)
     for v in model.trainable_variables:
         v.assign(v * 3.0)
     return model
@@ -143,9 +144,7 @@ def test_decode_steps_give_a_row_the_same_bits_alone_and_in_a_batch(dtype):
     """The generation loop's contract: a row's hidden states do not depend on
     the rows decoded with it. Alone is one row in bfloat16 and two (the row
     twice) in float32, as the sampler runs a request of one."""
-    model = GPT(ODD, seed=5, compute_dtype=dtype)
-    for v in model.trainable_variables:
-        v.assign(v * 3.0)
+    model = model_of(dtype, ODD, seed=5)
     weights = decode.DecodeWeights(model, frozen=True)()
     rng = np.random.default_rng(0)
     rows, steps = 40, 6
@@ -199,9 +198,7 @@ def test_the_prefill_gives_a_row_the_same_bits_however_far_it_is_padded(dtype):
     config = GPTConfig(
         vocab_size=40, maxlen=40, embed_dim=256, num_heads=2, ff_dim=256, num_layers=2, dropout=0.0, head_dim=256
     )
-    model = GPT(config, seed=6, compute_dtype=dtype)
-    for v in model.trainable_variables:
-        v.assign(v * 3.0)
+    model = model_of(dtype, config, seed=6)
     weights = decode.DecodeWeights(model, frozen=True)()
     rng = np.random.default_rng(1)
     lengths = np.array([1, 2, 5, 9, 16, 30, 3, 12], np.int32)

@@ -7,9 +7,9 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
+from helpers import run_python
 
 from tfgpt import gpu_check
 from tfgpt.config import GPTConfig
@@ -30,14 +30,7 @@ def driver_lists_gpus(path: str | None = None) -> bool:
 
 @pytest.mark.slow
 def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "tfgpt.gpu_check"],
-        cwd=tmp_path,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_python(["-m", "tfgpt.gpu_check"], env=cpu_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert len(lines) == 1, done.stdout
@@ -55,9 +48,7 @@ def test_gpu_check_names_a_hidden_gpu(tmp_path):
     fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA L4 (UUID: GPU-0)'\n")
     fake.chmod(0o755)
     env = cpu_env(PATH=f"{folder}{os.pathsep}{os.environ['PATH']}")
-    done = subprocess.run(
-        [sys.executable, "-m", "tfgpt.gpu_check"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    done = run_python(["-m", "tfgpt.gpu_check"], env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == [
         "gpu-check: no GPU visible to TensorFlow (CUDA_VISIBLE_DEVICES='-1' hides the "
@@ -126,14 +117,7 @@ def test_gpu_check_cpu_smoke_prints_consistent_rows(tmp_path):
     """--cpu-smoke: the check's whole path on the CPU with one small variant.
     Its row's figures must agree with each other: tokens/s = batch x 80 /
     step time, TFLOP/s = tokens/s x FLOPs per token, MFU = TFLOP/s / peak."""
-    done = subprocess.run(
-        [sys.executable, "-m", "tfgpt.gpu_check", "--cpu-smoke"],
-        cwd=tmp_path,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = run_python(["-m", "tfgpt.gpu_check", "--cpu-smoke"], env=cpu_env(), cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     out = done.stdout
     assert re.search(rf"^gpu-check: training on .+\({os.cpu_count()} cores\)$", out, re.M), out

@@ -4,14 +4,12 @@ and training on a store."""
 
 import builtins
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, log_messages, train_env, write_corpus
+from helpers import ROOT, log_messages, run_python, write_corpus
 
 from tfgpt import data, prepare, store_build
 
@@ -208,14 +206,7 @@ def test_prepare_command_prints_its_messages(tmp_path):
     out = tmp_path / "s"
     assert prepare.main(["--data", str(path), "--out", str(out)]) == 0
     (out / "train.starts").unlink()
-    done = subprocess.run(
-        [sys.executable, "-m", "tfgpt.prepare", "--data", str(path), "--out", str(out)],
-        cwd=ROOT,
-        env=train_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_python(["-m", "tfgpt.prepare", "--data", str(path), "--out", str(out)], cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith(f"warning: the token store {out} is damaged (") and lines[0].endswith("; rebuilding it")
