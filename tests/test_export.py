@@ -429,6 +429,17 @@ def test_export_command_errors_are_one_line(tmp_path, capsys, case, message):
         assert "available steps: 30, 60" in err
 
 
+def test_export_help_says_what_it_writes(capsys):
+    with pytest.raises(SystemExit) as done:
+        export_cli.main(["--help"])
+    assert done.value.code == 0
+    flat = " ".join(capsys.readouterr().out.split())
+    # The description is the docstring's whole first sentence, not its first line.
+    assert "the version directories, the warmup requests, and the server's configuration files." in flat
+    for flag in ("--step", "--version", "--precision"):
+        assert flag in flat
+
+
 # --- python -m tfgpt.generate ------------------------------------------------------
 
 

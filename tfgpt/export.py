@@ -337,7 +337,8 @@ def export_run(
 
 def main(argv=None) -> int:
     setup_logging()
-    parser = argparse.ArgumentParser(prog="python -m tfgpt.export", description=__doc__.split("\n")[0])
+    description = __doc__.split("\n\n")[0].replace("\n", " ")
+    parser = argparse.ArgumentParser(prog="python -m tfgpt.export", description=description)
     parser.add_argument("run_dir", help="a training run directory, e.g. logs/<run>")
     parser.add_argument("--step", type=int, help="export the checkpoint of this global step (default: the latest)")
     parser.add_argument(
