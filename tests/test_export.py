@@ -440,6 +440,27 @@ def test_export_help_says_what_it_writes(capsys):
         assert flag in flat
 
 
+@pytest.mark.slow
+def test_the_serving_benchmark_measures_an_export_in_a_tensorflow_only_process(exported):
+    from tfgpt.export import warmup_requests
+    from tfgpt.serving_bench import SETTINGS, first_over_median, measure
+
+    _, _, path = exported
+    tokens = SETTINGS["max_tokens"]
+    report = measure(path, repeats=2)  # a child process takes about 15 s: one
+    records = sum(times for _, _, times in warmup_requests(CONFIG.maxlen, CONFIG.vocab_size))
+    assert report["tfgpt_modules"] == [] and report["warmup_records"] == records
+    for batch in (1, 32):
+        figures = report[f"batch{batch}"]
+        assert len(figures["runs_s"]) == 3 and min(figures["runs_s"]) > 0
+        # The model never samples the padding id, so no row ends early.
+        assert figures["first"]["tokens"] == figures["steady"]["tokens"] == batch * tokens
+        assert figures["steady"]["ms_per_token"] <= figures["median"]["ms_per_token"]
+    assert report["mixed_equal"] == 64 and report["other_prompt_first"]["tokens"] == tokens
+    # first / median of the later requests: 3 s against the median of 1, 2 and 5 s.
+    assert first_over_median({"runs_s": [3.0, 5.0, 1.0, 2.0]}) == 1.5
+
+
 # --- python -m tfgpt.generate ------------------------------------------------------
 
 

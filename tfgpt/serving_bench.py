@@ -2,25 +2,32 @@
 server loads it.
 
     python -m tfgpt.serving_bench [--run logs/<run>] [--precision both] [--repeats 10]
-                                  [--batching] [--json PATH]
+                                  [--loads 3] [--batching] [--json PATH]
 
 For each precision (bfloat16 and float32 by default) the default model is
 exported (from the latest checkpoint of --run, else with random weights) to
-a temporary base path, and a fresh process that imports TensorFlow and the
-serving protos only, not tfgpt:
+a temporary base path, and `loads` fresh processes, one after another, that
+import TensorFlow and the serving protos only, not tfgpt, each:
 
-  1. loads the SavedModel and replays its warmup records
+  1. load the SavedModel and replay its warmup records
      (assets.extra/tf_serving_warmup_requests) through their signatures,
      as TensorFlow Serving does before it serves a version;
-  2. times the first request after that, at batch 1 and at batch 32, then
-     `repeats` more of each, back to back, and keeps the fastest (other
-     work on a shared machine only ever adds time);
+  2. time the first request after that, at batch 1 and at batch 32, then
+     `repeats` more of each, back to back: the steady state, reported as
+     the fastest (other work on a shared machine only ever adds time) and
+     the median.
+The first process also
   3. times the first request whose prompt has another length than the
      warmup's (a new shape for the prefill);
   4. sends one request of 64 rows with 64 different settings and compares
      each row with the same row sent alone;
   5. with --batching, times batches of 1 to 64 rows (the figures behind
      `tfgpt.export.BATCHING`).
+
+Whether the first request pays for something the later ones do not is told
+by first / median of the later requests of the same process, in each of the
+loads: one request's time varies by tens of percent on a shared machine,
+so one process, or a comparison with the fastest of ten, cannot tell.
 
 The requests: PROMPT, 40 new tokens, top-k 10, top-p 0.9, temperature 1,
 repetition penalty 1.2, seeds 0, 1, ... A trained model may end a row
@@ -34,6 +41,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,6 +114,10 @@ for batch in spec["batches"]:
     report[f"batch{batch}"] = {"first": figures(*first, batch), "steady": figures(*per_token[0], batch),
                                "median": figures(*per_token[len(runs) // 2], batch),
                                "runs_s": [first[0]] + [r[0] for r in runs]}
+if not spec["checks"]:
+    report["tfgpt_modules"] = sorted(m for m in sys.modules if m == "tfgpt" or m.startswith("tfgpt."))
+    print("RESULT " + json.dumps(report))
+    sys.exit(0)
 other = timed(inputs([spec["other_prompt"]], settings))
 report["other_prompt_first"] = figures(*other, 1)
 
@@ -158,8 +170,10 @@ def export_for_bench(precision: str, base: Path, run: str | None) -> tuple[Path,
     return export_model(_default_model(precision, vocab), vocab, base), "random weights"
 
 
-def measure(path: Path, repeats: int, batching: bool) -> dict:
-    """Runs CHILD on an export and returns its report."""
+def measure(path: Path, repeats: int, batching: bool = False, checks: bool = True) -> dict:
+    """Runs CHILD on an export and returns its report; checks: also the
+    other prompt's first request and the 64 rows (steps 3-5 of the module's
+    list)."""
     spec = {
         "settings": SETTINGS,
         "repeats": repeats,
@@ -167,6 +181,7 @@ def measure(path: Path, repeats: int, batching: bool) -> dict:
         "prompt": PROMPT,
         "other_prompt": OTHER_PROMPT,
         "batching": batching,
+        "checks": checks,
     }
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(
@@ -177,46 +192,76 @@ def measure(path: Path, repeats: int, batching: bool) -> dict:
     return json.loads(done.stdout.split("RESULT ", 1)[1])
 
 
+def first_over_median(batch_report: dict) -> float:
+    """The first request's time per token over the median of the later
+    requests' (> 1: the first was slower)."""
+    first, *later = batch_report["runs_s"]
+    # runs_s are whole requests of the same prompt, settings and seeds, so
+    # each makes the same tokens: a ratio of times is one of ms/token.
+    return first / statistics.median(later)
+
+
 def serving_bench(
-    precisions=("bfloat16", "float32"), run: str | None = None, repeats: int = 10, batching: bool = False
+    precisions=("bfloat16", "float32"),
+    run: str | None = None,
+    repeats: int = 10,
+    batching: bool = False,
+    loads: int = 3,
 ) -> list[dict]:
-    """Exports and measures each precision; prints the table. Returns one
-    report per precision (`measure`'s, plus precision and source)."""
+    """Exports and measures each precision in `loads` fresh processes;
+    prints the table. Returns one report per precision and load
+    (`measure`'s, plus precision, load (1, 2, ...) and source)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="tfgpt-serving-bench-") as tmp:
         for precision in precisions:
             path, source = export_for_bench(precision, Path(tmp) / precision / "export", run)
-            report = measure(path, repeats, batching)
-            rows.append(dict(report, precision=precision, source=source))
+            for load in range(1, loads + 1):
+                report = measure(path, repeats, batching and load == 1, checks=load == 1)
+                rows.append(dict(report, precision=precision, load=load, source=source))
     s = SETTINGS
     log.info(
         f"generation: the exported SavedModel ({rows[0]['source']}) loaded by TensorFlow alone after its "
-        f"{rows[0]['warmup_records']} warmup records; prompt {PROMPT!r}, {s['max_tokens']} tokens, top-k {s['top_k']}, "
-        f"top-p {s['top_p']}, temperature {s['temperature']}, repetition penalty {s['repetition_penalty']}; "
-        f"steady = best of {repeats}; load average {os.getloadavg()[0]:.2f}"
+        f"{rows[0]['warmup_records']} warmup records, {loads} load(s) per export; prompt {PROMPT!r}, "
+        f"{s['max_tokens']} tokens, top-k {s['top_k']}, top-p {s['top_p']}, temperature {s['temperature']}, "
+        f"repetition penalty {s['repetition_penalty']}; steady = best (median) of the {repeats} requests after the "
+        f"first; load average {os.getloadavg()[0]:.2f}"
     )
     log.info("")
     log.info(
-        "| export | load + warmup | batch 1: first request | batch 1: steady, best (median) "
-        "| batch 32: first request | batch 32: steady, best (median) | first / best (batch 1, 32) "
-        "| first, another prompt length | 64 rows, 64 settings |"
+        "| export | load | load + warmup | batch 1: first request | batch 1: steady, best (median) "
+        "| batch 32: first request | batch 32: steady, best (median) | first / median (batch 1, 32) "
+        "| first / best (batch 1, 32) |"
     )
     log.info("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         one, big = r["batch1"], r["batch32"]
         log.info(
-            f"| {r['precision']} | {r['load_s']:.1f} + {r['warmup_s']:.1f} s "
+            f"| {r['precision']} | {r['load']} | {r['load_s']:.1f} + {r['warmup_s']:.1f} s "
             f"| {one['first']['ms_per_token']:.3f} ms/token "
             f"| {one['steady']['ms_per_token']:.3f} ({one['median']['ms_per_token']:.3f}) ms/token "
             f"| {big['first']['tokens_per_s']:,.0f} tokens/s "
             f"| {big['steady']['tokens_per_s']:,.0f} ({big['median']['tokens_per_s']:,.0f}) tokens/s "
+            f"| {first_over_median(one):.2f}, {first_over_median(big):.2f} "
             f"| {one['first']['ms_per_token'] / one['steady']['ms_per_token']:.2f}, "
-            f"{big['steady']['tokens_per_s'] / big['first']['tokens_per_s']:.2f} "
-            f"| {r['other_prompt_first']['ms_per_token']:.3f} ms/token "
-            f"| {r['mixed_equal']}/64 rows equal alone |"
+            f"{big['steady']['tokens_per_s'] / big['first']['tokens_per_s']:.2f} |"
+        )
+    log.info("")
+    for precision in precisions:
+        mine = [r for r in rows if r["precision"] == precision]
+        ratios = {b: sorted(first_over_median(r[f"batch{b}"]) for r in mine) for b in (1, 32)}
+        checked = mine[0]
+        log.info(
+            f"{precision}: first / median over the loads, batch 1: "
+            + ", ".join(f"{x:.2f}" for x in ratios[1])
+            + "; batch 32: "
+            + ", ".join(f"{x:.2f}" for x in ratios[32])
+            + f". First request with another prompt length: {checked['other_prompt_first']['ms_per_token']:.3f} "
+            f"ms/token. 64 rows, 64 settings: {checked['mixed_equal']}/64 rows equal alone."
         )
     if batching:
         for r in rows:
+            if "batching" not in r:
+                continue
             log.info("")
             log.info(f"batching, {r['precision']}: rows per request -> tokens/s (ms per request)")
             log.info(
@@ -240,11 +285,20 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--precision", choices=("bfloat16", "float32", "both"), default="both")
     parser.add_argument("--repeats", type=int, default=10, help="timed requests per batch size (default 10)")
+    parser.add_argument(
+        "--loads",
+        type=int,
+        default=3,
+        help="fresh processes that load each export, one after another: the first request's figure is one per load "
+        "(default 3)",
+    )
     parser.add_argument("--batching", action="store_true", help="also time batches of 1 to 64 rows")
     parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON to PATH")
     args = parser.parse_args(argv)
     precisions = ("bfloat16", "float32") if args.precision == "both" else (args.precision,)
-    rows = serving_bench(precisions, args.run, args.repeats, args.batching)
+    if args.loads < 1 or args.repeats < 1:
+        parser.error("--loads and --repeats must be at least 1")
+    rows = serving_bench(precisions, args.run, args.repeats, args.batching, args.loads)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
