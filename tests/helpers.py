@@ -32,6 +32,10 @@ TINY = (
     "--quiet --no-export"
 ).split()
 
+# The smallest runs through train.py's whole setup (devices, clusters,
+# precisions), batch 8 of 8 tokens; callers add the corpus and what they check.
+MICRO = "--batch-size 8 --maxlen 8 --embed-dim 16 --ff-dim 16 --gen-tokens 4 --peak-flops 1e11 --quiet".split()
+
 # A small model, batch 16 of 16 tokens: runs that check what a run writes and prints.
 SMALL_BATCH, SMALL_MAXLEN = 16, 16
 SMALL = (

@@ -11,34 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, max_diff, read_events, report, run_train_py, train_env, write_corpus
+from helpers import MICRO, ROOT, max_diff, read_events, report, run_train_py, train_env, write_corpus
 
 from tfgpt import cluster, devices
 from tfgpt.cli import main
 
 TOL = 1e-5
 # A tiny run through train.py.
-CLI_SMALL = [
-    "--batch-size",
-    "8",
-    "--maxlen",
-    "8",
-    "--embed-dim",
-    "16",
-    "--ff-dim",
-    "16",
-    "--vocab-size",
-    "40",
-    "--val-fraction",
-    "0",
-    "--log-every",
-    "1",
-    "--gen-tokens",
-    "4",
-    "--peak-flops",
-    "1e11",
-    "--quiet",
-]
+CLI_SMALL = MICRO + ["--vocab-size", "40", "--val-fraction", "0", "--log-every", "1"]
 
 
 # --- several worker processes ----------------------------------------------------

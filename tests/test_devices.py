@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import tensorflow as tf
-from helpers import run_train_py, train_env
+from helpers import MICRO, run_train_py, train_env
 
 from tfgpt import devices
 
@@ -216,20 +216,8 @@ def test_a_deterministic_float16_run_from_the_command_line(tmp_path):
             "--deterministic",
             "--run-name",
             "r",
-            "--batch-size",
-            "8",
-            "--maxlen",
-            "8",
-            "--embed-dim",
-            "16",
-            "--ff-dim",
-            "16",
-            "--gen-tokens",
-            "4",
-            "--peak-flops",
-            "1e11",
-            "--quiet",
-        ],
+        ]
+        + MICRO,
         tmp_path,
     )
     assert out.returncode == 0, out.stderr[-2000:]
