@@ -72,6 +72,28 @@ def test_vocab_file_round_trip_and_tokenizer(tmp_path):
     assert [t.decode() for t in text.numpy()] == ["the movie", ". [UNK]"]
 
 
+def test_each_tokenizer_reads_its_own_vocabulary(tmp_path):
+    """Tokenizers made one after another in one process, over two vocabularies
+    in turn, each dropped while a handle of its table lives on (as a traced
+    function's capture would keep it): every one maps the words by its own
+    file. Tables shared by name made about a third of them answer with an
+    earlier Tokenizer's vocabulary."""
+    orders = {"abc": ["a", "b", "c"], "cba": ["c", "b", "a"]}
+    for name, words in orders.items():
+        data.write_vocab(["", "[UNK]"] + words, tmp_path / f"{name}.txt")
+    handles, wrong = [], []
+    for i in range(60):
+        name = "abc" if i % 2 == 0 else "cba"
+        tok = data.Tokenizer(tmp_path / f"{name}.txt")
+        ids = tok(tf.constant(["a b c"])).to_list()[0]
+        expected = [orders[name].index(w) + 2 for w in "abc"]
+        if ids != expected:
+            wrong.append((i, ids, expected))
+        handles.append(tok.to_id.resource_handle)
+        del tok  # frees its file object, whose address the next one may get
+    assert not wrong, wrong[:3]
+
+
 def _names(docs):
     return sorted(d.name.split("aclImdb/")[-1] for d in docs)
 

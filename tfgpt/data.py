@@ -24,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,26 @@ def read_vocab(path: str | Path) -> list[str]:
     return [line.split("\t")[0] for line in lines]
 
 
+class _VocabFile(tf.lookup.TextFileInitializer):
+    """A TextFileInitializer whose table has a name of its own.
+
+    TensorFlow names a table from a file after the file argument's repr,
+    which for a `tf.saved_model.Asset` is the object's address; a table
+    created under a name that a live table already has is that table. So a
+    Tokenizer made after another one's Asset was freed could answer with
+    the other's vocabulary, and a SavedModel keeps the name it was saved
+    with. A random suffix keeps the names apart; the table stays named (not
+    anonymous), as TensorFlow Serving's loader needs to initialize it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._unique = uuid.uuid4().hex
+
+    @property
+    def _shared_name(self):
+        return f"{super()._shared_name}_{self._unique}"
+
+
 class Tokenizer(tf.Module):
     """Text <-> ids in the graph, from a vocabulary file (`write_vocab`:
     line number = id, the word in the first tab-separated column). Its tables are created here, not in a tf.function, so
@@ -271,15 +292,11 @@ class Tokenizer(tf.Module):
         self.vocab_file = tf.saved_model.Asset(vocab_path)
         self.size = len(read_vocab(vocab_path))
         self.to_id = tf.lookup.StaticHashTable(
-            tf.lookup.TextFileInitializer(
-                self.vocab_file, tf.string, 0, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, delimiter="\t"
-            ),
+            _VocabFile(self.vocab_file, tf.string, 0, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, delimiter="\t"),
             default_value=1,
         )
         self.to_word = tf.lookup.StaticHashTable(
-            tf.lookup.TextFileInitializer(
-                self.vocab_file, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, tf.string, 0, delimiter="\t"
-            ),
+            _VocabFile(self.vocab_file, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, tf.string, 0, delimiter="\t"),
             default_value=UNK,
         )
 
