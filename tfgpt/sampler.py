@@ -194,8 +194,12 @@ class Sampler(tf.Module):
         }
 
     def signatures(self) -> dict:
-        """The concrete functions to export, by signature name."""
-        return {name: getattr(self, name).get_concrete_function() for name in SIGNATURES}
+        """The functions to export, by signature name: the tf.functions
+        themselves (each has its input signature), which the SavedModel
+        writer traces once. Concrete functions traced before it would be
+        traced again inside it (its tracing is keyed apart), doubling an
+        export's time."""
+        return {name: getattr(self, name) for name in SIGNATURES}
 
     # --- input ------------------------------------------------------------------
 
