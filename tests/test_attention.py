@@ -105,6 +105,30 @@ def test_one_query_gives_a_row_the_same_bits_in_any_batch():
         )
 
 
+def test_one_query_gives_a_row_the_same_bits_with_more_cache_slots():
+    """The batch's longest request sets the cache's slot count; a row's
+    output must not change when slots past its position (zero keys and
+    values, blocked) are added: 48 slots against 64 and 80, as when the row
+    is served alone and with a longer request."""
+    rng = np.random.default_rng(5)
+    rows, s = 64, 48
+    q = (rng.normal(size=(rows, 2, 256)) / 16.0).astype(np.float32)  # already times 1 / sqrt(K)
+    k = rng.normal(size=(rows, 2, s, 256)).astype(np.float32)
+    v = rng.normal(size=(rows, 2, s, 256)).astype(np.float32)
+    last = rng.integers(0, s, rows)  # each row's position
+    blocked = np.where(np.arange(s)[None, :] <= last[:, None], 0.0, -1e9).astype(np.float32)
+    written = (np.arange(s)[None, None, :, None] <= last[:, None, None, None]).astype(np.float32)
+    k, v = k * written, v * written  # slots past a row's position are never written
+    one = tf.function(attend_one)
+    base = one(q, k, v, blocked).numpy()
+    want = np_attention(q[:, :, None] * 16.0, k, v, blocked[:, None, None] == 0)[:, :, 0]
+    np.testing.assert_allclose(base, want, rtol=1e-5, atol=1e-5)
+    for more in (16, 32):
+        pad = [[0, 0], [0, 0], [0, more], [0, 0]]
+        wider = one(q, np.pad(k, pad), np.pad(v, pad), np.pad(blocked, [[0, 0], [0, more]], constant_values=-1e9))
+        np.testing.assert_array_equal(wider.numpy(), base)
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_write_rows_in_place_and_as_a_scatter(in_place):
     """New [B, H, K] rows land at the given rows of a [B * H * S, K] cache,

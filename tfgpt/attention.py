@@ -24,6 +24,8 @@ import math
 
 import tensorflow as tf
 
+from tfgpt import batch_invariant
+
 
 def causal_mask(t, keys=None):
     """[T, keys] float mask (keys = T by default), 1 where position i may
@@ -83,7 +85,9 @@ def attend_one(q, k_cache, v_cache, blocked):
 
 
 def softmax(x):
-    """Softmax over the last axis, written out: for these small tensors it is
-    faster than the fused kernel."""
+    """Softmax over the last axis, written out (for these small tensors it is
+    faster than the fused kernel), its sum added in order
+    (`tfgpt.batch_invariant.row_sum`): keys padded past a row's last
+    position (exp = 0) leave its numbers as they are."""
     e = tf.exp(x - tf.reduce_max(x, -1, keepdims=True))
-    return e / tf.reduce_sum(e, -1, keepdims=True)
+    return e / batch_invariant.row_sum(e)

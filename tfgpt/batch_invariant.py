@@ -15,6 +15,12 @@ before the function and narrowed after, and the row length of the
 attention's softmax is a multiple of `PACKET` by construction (the decode
 step's cache slots, `round_up`). Sizes that are already multiples pay
 nothing but a broadcast.
+
+Sums have the same trouble with the row's length: TensorFlow's reduce_sum
+adds a row of 48 numbers in another order than the same row with zeros
+appended up to 64, and the decode step's softmax sums a row over the cache
+slots, whose count the batch's longest request sets. `row_sum` adds in
+order, so that trailing zeros change nothing.
 """
 
 from __future__ import annotations
@@ -45,3 +51,10 @@ def exp_rows(x):
         return tf.exp(x)
     width = tf.shape(x)[-1]
     return tf.exp(tf.pad(x, [[0, 0], [0, round_up(width) - width]]))[:, :width]
+
+
+def row_sum(x):
+    """The sum of x [..., N] over its last axis -> [..., 1], added from the
+    first number to the last (the last of a cumulative sum): a row's sum
+    does not change with zeros appended to it or with the rows beside it."""
+    return tf.cumsum(x, axis=-1)[..., -1:]

@@ -114,8 +114,8 @@ for batch in spec["batches"]:
     report[f"batch{batch}"] = {"first": figures(*first, batch), "steady": figures(*per_token[0], batch),
                                "median": figures(*per_token[len(runs) // 2], batch),
                                "runs_s": [first[0]] + [r[0] for r in runs]}
+report["tfgpt_modules"] = sorted(m for m in sys.modules if m == "tfgpt" or m.startswith("tfgpt."))
 if not spec["checks"]:
-    report["tfgpt_modules"] = sorted(m for m in sys.modules if m == "tfgpt" or m.startswith("tfgpt."))
     print("RESULT " + json.dumps(report))
     sys.exit(0)
 other = timed(inputs([spec["other_prompt"]], settings))
@@ -150,7 +150,6 @@ if spec["batching"]:
         timed(args)
         runs = [timed(args) for _ in range(max(2, repeats // 2))]
         report["batching"][size] = figures(*min(runs, key=lambda r: r[0] / max(r[1], 1)), size)
-report["tfgpt_modules"] = sorted(m for m in sys.modules if m == "tfgpt" or m.startswith("tfgpt."))
 print("RESULT " + json.dumps(report))
 """
 
