@@ -76,7 +76,7 @@ def test_each_tokenizer_reads_its_own_vocabulary(tmp_path):
     """Tokenizers made one after another in one process, over two vocabularies
     in turn, each dropped while a handle of its table lives on (as a traced
     function's capture would keep it): every one maps the words by its own
-    file. Tables shared by name made about a third of them answer with an
+    file. Tables shared by name made about a quarter of them answer with an
     earlier Tokenizer's vocabulary."""
     orders = {"abc": ["a", "b", "c"], "cba": ["c", "b", "a"]}
     for name, words in orders.items():
