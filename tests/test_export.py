@@ -460,7 +460,7 @@ def test_the_serving_benchmark_measures_an_export_in_a_tensorflow_only_process(e
 
     _, _, path = exported
     tokens = SETTINGS["max_tokens"]
-    report = measure(path, repeats=2)  # a child process takes about 15 s: one
+    report = measure(path, repeats=2)  # one child process (about 15 s)
     records = sum(times for _, _, times in warmup_requests(CONFIG.maxlen, CONFIG.vocab_size))
     assert report["tfgpt_modules"] == [] and report["warmup_records"] == records
     for batch in (1, 32):

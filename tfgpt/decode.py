@@ -34,8 +34,8 @@ def logits(hidden, weights):
     dict of a `DecodeWeights`: its "head" (w [D, V], b), or its "head_t" (w
     [V, D], b) where the export keeps the bfloat16 matrix transposed. At
     batch 1 the product with the transposed matrix (a dot product of 256
-    neighbouring numbers per word) measured about 15% faster per token, and
-    in bfloat16 it gives the same bits as the other at every batch size (in
+    neighbouring numbers per word) is faster (docs/performance.md), and in
+    bfloat16 it gives the same bits as the other at every batch size (in
     float32 its kernel changes with the batch, so float32 keeps [D, V])."""
     if "head_t" not in weights:
         return _dense(hidden, weights["head"])
@@ -69,7 +69,7 @@ class DecodeWeights(tf.Module):
                 held = _decode_weights(model)
                 self._weights = {
                     "blocks": [
-                        {name: _keep(f"blocks_{i}_{name}", pair) for name, pair in block.items()}
+                        {part: _keep(f"blocks_{i}_{part}", pair) for part, pair in block.items()}
                         for i, block in enumerate(held["blocks"])
                     ],
                 }
@@ -130,9 +130,10 @@ def prefill(model, context, context_len, slots, weights):
 
     A row's numbers do not depend on how far the batch's longest prompt pads
     it: its padding comes after its tokens, where the causal mask hides it;
-    the keys are padded with zeros to a multiple of 16 positions (hidden
+    the keys are padded with zeros to a multiple of 16 positions (masked
     too), so that the softmax's exps stay in the vector kernel
-    (`tfgpt.batch_invariant`) and its sums only gain exact zeros.
+    (`tfgpt.batch_invariant`) and its sums, added in order, only gain exact
+    zeros.
     """
     b, c = tf.shape(context)[0], tf.shape(context)[1]
     d = model.config.embed_dim
