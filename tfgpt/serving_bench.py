@@ -171,8 +171,8 @@ def export_for_bench(precision: str, base: Path, run: str | None) -> tuple[Path,
 
 def measure(path: Path, repeats: int, batching: bool = False, checks: bool = True) -> dict:
     """Runs CHILD on an export and returns its report; checks: also the
-    other prompt's first request and the 64 rows (steps 3-5 of the module's
-    list)."""
+    other prompt's first request, the 64 rows and, with batching, the batch
+    sizes (steps 3-5 of the module's list)."""
     spec = {
         "settings": SETTINGS,
         "repeats": repeats,
@@ -215,7 +215,7 @@ def serving_bench(
         for precision in precisions:
             path, source = export_for_bench(precision, Path(tmp) / precision / "export", run)
             for load in range(1, loads + 1):
-                report = measure(path, repeats, batching and load == 1, checks=load == 1)
+                report = measure(path, repeats, batching, checks=load == 1)
                 rows.append(dict(report, precision=precision, load=load, source=source))
     s = SETTINGS
     log.info(
