@@ -4,6 +4,7 @@ workers stop with a one-line error; bad TF_CONFIG values are one-line errors."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,9 +32,16 @@ from tfgpt import report
 
 _on_step = report.Reporter.on_step
 
+def threads():
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("Threads:")))
+
 def on_step(self, info):
     with open(os.environ["LOSS_LOG"], "a") as f:
         f.write(json.dumps([info["step"], info["loss"]]) + "\\n")
+    if os.environ.get("THREAD_LOG"):
+        with open(os.environ["THREAD_LOG"], "a") as f:
+            f.write(json.dumps([info["step"], threads()]) + "\\n")
     _on_step(self, info)
 
 report.Reporter.on_step = on_step
@@ -263,6 +271,59 @@ def test_unreachable_workers_fail_after_the_timeout(corpus, tmp_path):
     assert took < 60
 
 
+@pytest.mark.slow
+def test_a_long_multi_worker_run_keeps_its_thread_count_flat(corpus, tmp_path):
+    """300 tiny steps of two CPU workers: the chief's thread count
+    (/proc/self/status) after step 300 is within a few of its count after
+    step 20. A per-collective timeout started one thread per collective that
+    lived for the whole timeout (about 3,300 threads after 400 steps)."""
+    ports = free_ports(2)
+    args = ["--data", str(corpus), "--max-steps", "300", "--epochs", "1000", "--no-export"] + CLI_SMALL
+    procs = start_workers(
+        tmp_path,
+        [dict(tf_config(ports, i), THREAD_LOG=str(tmp_path / f"threads{i}.jsonl")) for i in range(2)],
+        [args + ["--logdir", str(tmp_path / f"logs{i}"), "--run-name", "r"] for i in range(2)],
+    )
+    codes = wait_all(procs, limit=400)
+    assert codes == [0, 0], [(tmp_path / f"err{i}.txt").read_text()[-2000:] for i in range(2)]
+    counts = dict(json.loads(line) for line in (tmp_path / "threads0.jsonl").read_text().splitlines())
+    assert max(counts) == 300
+    print(f"[measured] multi-worker chief's threads: after step 20 {counts[20]}, after step 300 {counts[300]}")
+    assert counts[300] <= counts[20] + 8, counts
+
+
+@pytest.mark.slow
+def test_a_lost_worker_stops_the_other_after_the_timeout(corpus, tmp_path):
+    """Worker 1 stopped mid-training (SIGSTOP: alive, its connections open,
+    silent): worker 0, waiting in a collective, stops within about
+    --collective-timeout (the coordination service's heartbeats) with one
+    line and exit status 1."""
+    timeout = 10
+    ports = free_ports(2)
+    args = ["--data", str(corpus), "--max-steps", "100000", "--epochs", "100000", "--no-export"] + CLI_SMALL
+    args += ["--collective-timeout", str(timeout)]
+    logs = [args + ["--logdir", str(tmp_path / f"logs{i}")] for i in range(2)]
+    procs = start_workers(tmp_path, [tf_config(ports, i) for i in range(2)], logs)
+    losses = tmp_path / "losses1.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not losses.exists() or len(losses.read_text().splitlines()) < 5):
+        time.sleep(0.5)
+    assert losses.exists(), (tmp_path / "err1.txt").read_text()[-2000:]
+    procs[1].send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    code = wait_all(procs[:1], limit=timeout + 90)[0]
+    took = time.monotonic() - t0
+    procs[1].kill()
+    wait_all(procs[1:], limit=10)
+    print(f"[measured] the other worker stopped {took:.1f} s after worker 1 fell silent")
+    err = (tmp_path / "err0.txt").read_text()
+    assert code == 1, err[-2000:]
+    ours = [line for line in err.splitlines() if line.startswith("train.py:")]
+    assert len(ours) == 1 and "lost contact with the other workers" in ours[0], err[-2000:]
+    assert "Traceback" not in err
+    assert took < timeout + 60
+
+
 # --- errors ---------------------------------------------------------------------
 
 
@@ -368,3 +429,76 @@ def test_bad_tf_config_in_a_subprocess(corpus, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "TF_CONFIG is not valid JSON" in proc.stderr.strip().splitlines()[-1]
+
+
+# --- the devices of each worker ----------------------------------------------------
+
+# A worker on a machine with (faked) GPUs: tf.config reports 2 x N GPUs, and
+# tfgpt builds the strategy of `--gpus N` in a cluster; prints its worker
+# devices and device line. Nothing runs on the GPUs.
+FAKE_GPU_WORKER = """
+import json, sys
+import tensorflow as tf
+per_worker, mode, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(2 * per_worker)]
+visible = list(gpus)
+real = tf.config.list_physical_devices
+tf.config.list_physical_devices = lambda kind=None: list(gpus) if kind == "GPU" else real(kind)
+tf.config.get_visible_devices = lambda kind=None: list(visible) if kind == "GPU" else []
+def set_visible(chosen, kind=None):
+    visible[:] = chosen
+tf.config.set_visible_devices = set_visible
+tf.config.experimental.set_memory_growth = lambda device, on: None
+H100 = {"device_name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0)}
+tf.config.experimental.get_device_details = lambda d: H100
+from tfgpt import devices
+devices.nvidia_smi = lambda *a: ["NVIDIA H100 80GB HBM3, 81559"] if "--query-gpu" in a[0] else []
+from tfgpt.config import TrainConfig
+from tfgpt.distribute import make_strategy
+from tfgpt.run import device_line
+strategy = make_strategy(gpus=per_worker, cluster=mode, collective_timeout=60, cluster_port=port)
+line = device_line(strategy, TrainConfig(compute_precision="bfloat16"))
+print("RESULT " + json.dumps({"devices": list(strategy.extended.worker_devices), "line": line,
+                              "visible": [d.name for d in visible]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["tf_config", "slurm"])
+def test_each_worker_trains_on_its_gpus(tmp_path, source):
+    """Two workers of one machine with four (faked) GPUs, --gpus 2 each: each
+    worker's strategy has the devices GPU:0 and GPU:1 (the resolver is told
+    of them: without it each worker had one CPU), each worker sees its own
+    two GPUs (by local index), and the device line names the GPUs."""
+    script = tmp_path / "fake_gpu_worker.py"
+    script.write_text(FAKE_GPU_WORKER)
+    if source == "tf_config":
+        ports = free_ports(2)
+        configs, port = [tf_config(ports, i) for i in range(2)], 0
+    else:
+        port = consecutive_free_ports(2)
+        configs = [slurm_env(2, i) for i in range(2)]
+    procs = []
+    for config in configs:
+        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith("SLURM_")}
+        env = dict(env, **config, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), "2", source, str(port)],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=180) for p in procs]
+    for i, ((out, err), p) in enumerate(zip(outs, procs)):
+        assert p.returncode == 0, err[-3000:]
+        got = json.loads(out.split("RESULT ", 1)[1])
+        assert got["devices"] == [f"/job:worker/replica:0/task:{i}/device:GPU:{g}" for g in range(2)], got
+        assert got["visible"] == [f"/physical_device:GPU:{2 * i + g}" for g in range(2)]
+        assert got["line"].startswith(
+            "devices: 2 x NVIDIA H100 80GB HBM3 (compute capability 9.0, 80 GiB) on each of 2"
+        )
+        assert "XLA on; 4 replica(s)" in got["line"], got["line"]

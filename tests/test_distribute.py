@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from helpers import TRAINER_BATCH as BATCH
 from helpers import TRAINER_MODEL as MODEL
 from helpers import Recorder, make_windows, max_diff, report, strategy_for, weights
 
+from tfgpt import data as tfdata
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.trainer import Trainer
+from tfgpt.trainer import NonFiniteLoss, Trainer
 
 STEPS = 6
 TOL = 1e-5
@@ -30,6 +32,7 @@ def make_trainer(
     dropout: float = 0.0,
     seed: int = 0,
     max_steps: int = STEPS,
+    lr: float = 3e-3,
     **settings,
 ) -> Trainer:
     cfg = TrainConfig(
@@ -38,7 +41,7 @@ def make_trainer(
         max_steps=max_steps,
         xla=xla,
         seed=seed,
-        lr=3e-3,
+        lr=lr,
         keep_checkpoints=2,
         precision="float32",
         **settings,
@@ -136,16 +139,26 @@ def counting(fn, calls: list):
     return wrapped
 
 
-def test_dropout_is_reproducible_per_seed(runs, windows, tmp_path):
+@pytest.mark.parametrize("xla", ["off", "on"])
+def test_dropout_is_reproducible_per_seed(runs, windows, tmp_path, xla):
+    """Dropout 0.1 (the example's, and with XLA on the GPU default) on two
+    replicas: the same seed gives the same losses, another seed others, and
+    the replicas' copies of every variable stay equal."""
+    trainers = []
+
     def run(name, seed):
-        return train(make_trainer(2, tmp_path / name, dropout=0.2, seed=seed, max_steps=3), windows)
+        trainers.append(make_trainer(2, tmp_path / name, xla=xla, dropout=0.1, seed=seed, max_steps=3))
+        return train(trainers[-1], windows)
 
     first, again, other_seed = run("a", 0), run("b", 0), run("c", 1)
-    no_dropout = runs["off", 2][0][:3]  # the same seed, dropout 0
-    report("dropout 0.2, 2 replicas, same seed twice: max |loss diff|", max_diff(first, again))
+    no_dropout = runs[xla, 2][0][:3]  # the same seed, dropout 0
+    report(f"xla {xla}: dropout 0.1, 2 replicas, same seed twice: max |loss diff|", max_diff(first, again))
     assert max_diff(first, again) <= 1e-6
     assert max_diff(first, other_seed) > 1e-3
     assert max_diff(first, no_dropout) > 1e-3  # dropout is really applied
+    for var in trainers[0].model.trainable_variables:
+        one, two = (np.asarray(c) for c in trainers[0].strategy.experimental_local_results(var))
+        np.testing.assert_array_equal(one, two, err_msg=var.name)
 
 
 # --- checkpoints across device counts -------------------------------------------
@@ -169,3 +182,49 @@ def test_checkpoint_resumes_across_device_counts(runs, windows, tmp_path, saved,
     report(f"checkpoint {saved} -> {resumed} replicas: max |weight diff|", weight_diff)
     assert loss_diff <= TOL
     assert weight_diff <= TOL
+
+
+# --- the steps-per-call loop ----------------------------------------------------
+
+
+def test_the_steps_per_call_loop_reads_no_value_a_step_computes(tmp_path):
+    """The loop of `train_steps` is driven by the host: its condition reads
+    the counter and n alone (int32), never a loss, a finiteness flag or a
+    scale (a GPU would otherwise make the host wait for every step)."""
+    trainer = make_trainer(2, tmp_path, steps_per_call=4)
+    iterator = iter(trainer.distribute(lambda ctx: tfdata.train_dataset(make_windows(), BATCH, 0, 0, "truncate", ctx)))
+    graph = trainer.train_steps.get_concrete_function(iterator, tf.constant(4)).graph
+    loops = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
+    assert len(loops) == 1
+    functions = {f.signature.name: f for f in graph.as_graph_def().library.function}
+    cond = functions[loops[0].get_attr("cond").name]
+    nodes = {n.name: n for n in cond.node_def}
+    args = {a.name: a.type for a in cond.signature.input_arg}
+    read, todo = set(), [cond.ret[cond.signature.output_arg[0].name]]
+    while todo:  # every input the condition's output depends on
+        name = todo.pop().split(":")[0].lstrip("^")
+        if name in args:
+            read.add(name)
+        elif name in nodes:
+            todo.extend(nodes[name].input)
+    assert read and {args[a] for a in read} == {tf.int32.as_datatype_enum}, read
+    # The loop carries a bool (whether training goes on) that the condition does not read.
+    assert tf.bool.as_datatype_enum in args.values()
+
+
+@pytest.mark.parametrize("xla", ["off", "on"])
+def test_a_call_changes_nothing_after_the_step_that_stops_training(tmp_path, xla):
+    """lr 1e30 makes step 2's loss non-finite. With 4 steps per call, steps
+    3 and 4 still run in the same call but change nothing: training stops at
+    step 2 with the same state and weights (those after step 1, finite) as
+    with one step per call, where the host stops the loop itself."""
+    got = {}
+    for per_call in (1, 4):
+        trainer = make_trainer(1, tmp_path / f"spc{per_call}", xla=xla, lr=1e30, steps_per_call=per_call)
+        with pytest.raises(NonFiniteLoss, match="not finite at step 2"):
+            train(trainer, make_windows())
+        state = [int(v.numpy()) for v in (trainer.state.step, trainer.state.batch, trainer.optimizer.step)]
+        got[per_call] = state, weights(trainer)
+        assert state == [2, 2, 1]
+        assert all(np.all(np.isfinite(w)) for w in got[per_call][1].values())
+    assert max_diff(got[1][1], got[4][1]) == 0.0

@@ -296,3 +296,151 @@ def test_an_export_written_on_a_gpu_generates_the_same_text_on_the_cpu(tmp_path)
     out = json.loads(done.stdout.split("RESULT ", 1)[1])
     assert out["gpus"] == 0
     assert out["text"] == on_gpu
+
+
+# --- as a user starts them: train.py --gpus N, XLA with dropout, two workers ------
+
+two_gpus = pytest.mark.skipif(len(GPUS) < 2, reason="needs two GPUs")
+
+
+def train_py_on_gpus(tmp_path: Path, name: str, *flags: str, env: dict | None = None) -> subprocess.Popen:
+    """train.py on a small corpus, started as a user starts it, with TF32 off
+    (NVIDIA_TF32_OVERRIDE=0), so that float32 means float32."""
+    from helpers import MICRO, write_corpus
+
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        write_corpus(corpus, 400, seed=3)
+    args = [*MICRO, "--data", str(corpus), "--val-fraction", "0", "--log-every", "1", "--no-export"]
+    args += ["--precision", "float32", "--dropout", "0", "--max-steps", "5", "--batch-size", "16"]
+    args += ["--logdir", str(tmp_path / "logs"), "--run-name", name, *flags]
+    environ = dict(os.environ, NVIDIA_TF32_OVERRIDE="0", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finished(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out + err
+
+
+@gpu
+@needs_gpu
+@two_gpus
+def test_train_py_on_two_gpus_trains_like_one_gpu(tmp_path):
+    """`train.py --gpus 2` (devices.use_gpus, MirroredStrategy's default
+    all-reduce: NCCL) against `--gpus 1` at the same global batch: its device
+    line names two GPUs, and the losses agree."""
+    from helpers import read_events
+
+    outs = {n: finished(train_py_on_gpus(tmp_path, f"g{n}", "--gpus", str(n), "--xla", "off")) for n in (1, 2)}
+    device = next(line for line in outs[2].splitlines() if line.startswith("devices: "))
+    assert device.startswith("devices: 2 x ") and "compute capability" in device and "; 2 replica(s);" in device
+    losses = {n: [float(v) for _, v in read_events(tmp_path / "logs" / f"g{n}" / "train")["loss"]] for n in (1, 2)}
+    assert len(losses[1]) == len(losses[2]) == 5
+    np.testing.assert_allclose(losses[2], losses[1], rtol=1e-4)
+
+
+@gpu
+@needs_gpu
+def test_xla_with_dropout_on_two_replicas_is_reproducible_on_gpus(tmp_path):
+    """XLA on with dropout 0.1 (the GPU defaults) on two replicas (two GPUs,
+    else two logical GPUs of one): the same seed gives the same losses,
+    another seed others, and the replicas' copies stay equal."""
+    spec = dict(
+        windows=str(tmp_path / "windows.npy"), batch=BATCH, steps=3, lr=LR, model=MODEL, dir=str(tmp_path), dropout=0.1
+    )
+    np.save(tmp_path / "windows.npy", make_windows())
+    done = subprocess.run(
+        [sys.executable, "-c", DROPOUT_ON_TWO_REPLICAS, json.dumps(spec)],
+        cwd=tmp_path,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert all("GPU" in d.upper() for d in out["devices"]) and len(out["devices"]) == 2
+    assert np.all(np.isfinite(out["a"])) and out["copies"] == 0.0
+    assert max_diff(out["a"], out["again"]) <= 1e-6
+    assert max_diff(out["a"], out["other"]) > 1e-3
+
+
+DROPOUT_ON_TWO_REPLICAS = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+spec = json.loads(sys.argv[1])
+gpus = tf.config.list_physical_devices("GPU")
+if len(gpus) >= 2:
+    devices, ops = ["/gpu:0", "/gpu:1"], None
+else:  # two logical GPUs of one: NCCL refuses them, hence another all-reduce
+    tf.config.set_logical_device_configuration(gpus[0], [tf.config.LogicalDeviceConfiguration(1024)] * 2)
+    devices, ops = ["/gpu:0", "/gpu:1"], tf.distribute.HierarchicalCopyAllReduce()
+strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
+from tfgpt.config import GPTConfig, TrainConfig
+from tfgpt.trainer import Trainer
+windows = np.load(spec["windows"])
+out = {"devices": list(strategy.extended.worker_devices)}
+for name, seed in (("a", 0), ("again", 0), ("other", 1)):
+    cfg = TrainConfig(batch_size=spec["batch"], epochs=10, max_steps=spec["steps"], xla="on", lr=spec["lr"],
+                      precision="float32", seed=seed)
+    trainer = Trainer(GPTConfig(dropout=spec["dropout"], **spec["model"]), cfg, strategy, spec["dir"] + "/" + name)
+    losses = []
+
+    class Hooks:
+        def on_step(self, info):
+            losses.append(info["loss"])
+
+        def on_epoch(self, info):
+            pass
+
+    trainer.fit(windows, None, Hooks())
+    out[name] = losses
+    if name == "a":
+        out["copies"] = max(
+            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+            for v in trainer.model.trainable_variables
+            for a, b in [strategy.experimental_local_results(v)]
+        )
+print("RESULT " + json.dumps(out))
+"""
+
+
+@gpu
+@needs_gpu
+@two_gpus
+def test_two_workers_on_one_machine_each_train_on_a_gpu(tmp_path):
+    """A two-worker TF_CONFIG run on one machine's GPUs, one GPU a worker
+    (chosen by local index): both finish, and each worker's device line
+    names a GPU (with today's fault it named the CPU)."""
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = [
+        train_py_on_gpus(
+            tmp_path,
+            "mw",
+            "--gpus",
+            "1",
+            env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        out = finished(proc)
+        device = next(line for line in out.splitlines() if line.startswith("devices: "))
+        assert "compute capability" in device and "on each of 2 workers" in device, device

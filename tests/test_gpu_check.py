@@ -120,7 +120,7 @@ def test_gpu_check_cpu_smoke_prints_consistent_rows(tmp_path):
     done = run_python(["-m", "tfgpt.gpu_check", "--cpu-smoke"], env=cpu_env(), cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     out = done.stdout
-    assert re.search(rf"^gpu-check: training on .+\({os.cpu_count()} cores\)$", out, re.M), out
+    assert re.search(rf"^gpu-check: training on .+\({os.cpu_count()} cores, (oneDNN|Eigen) .+\)$", out, re.M), out
     number = r"([\d.,]+)"
     row = re.search(
         rf"^float32\s+off\s+8\s+1\s+{number}\s+{number}\s+{number}\s+{number}\s+\(measured\)\s+"
@@ -143,3 +143,85 @@ def test_gpu_check_cpu_smoke_prints_consistent_rows(tmp_path):
     assert set(sampled) == {1, 32}, out
     ms_t, tps = sampled[32]
     assert tps == pytest.approx(32 * 1000 / ms_t, rel=2e-3, abs=1)
+
+
+class FakeCheck:
+    """gpu_check.main on a (faked) machine with two GPUs, every process it
+    would start replaced: training variants, `train.py --gpus 2`, the
+    sampler and the GPU tests each succeed or fail as told."""
+
+    def __init__(self, monkeypatch, variant_fails=False, two_gpus=None, tests=0):
+        import tensorflow as tf
+
+        from tfgpt import bench, devices, distribute
+
+        gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(2)]
+        real = tf.config.list_physical_devices
+        monkeypatch.setattr(tf.config, "list_physical_devices", lambda k=None: gpus if k == "GPU" else real(k))
+        detail = dict(name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0), memory=80 << 30)
+        monkeypatch.setattr(devices, "gpu_details", lambda: [detail, detail])
+        monkeypatch.setattr(devices, "describe", lambda s: "1 x NVIDIA H100 80GB HBM3 (compute capability 9.0)")
+        monkeypatch.setattr(devices, "fastest_precision", lambda s: "bfloat16")
+        monkeypatch.setattr(distribute, "make_strategy", lambda **kw: tf.distribute.get_strategy())
+        monkeypatch.setattr(bench, "sampler_bench", lambda **kw: None)
+        row = dict(ms_per_step=10.0, tokens_per_s=1e6, peak_gflops=1e5, warmup_s=1.0)
+        monkeypatch.setattr(
+            gpu_check, "run_variant", lambda spec, t: (None, "failed: boom") if variant_fails else (dict(row), "")
+        )
+        two = two_gpus or (
+            dict(device_line="devices: 2 x H100 (compute capability 9.0); 2 replica(s);", tokens_per_s=2e6),
+            "",
+        )
+        monkeypatch.setattr(gpu_check, "train_two_gpus", lambda *a, **k: two)
+        monkeypatch.setattr(gpu_check, "run_gpu_tests", lambda left: tests)
+
+
+@pytest.mark.parametrize(
+    "fault, status, said",
+    [
+        (None, 0, None),
+        ("variant", 1, "float32 xla off batch 128 x 1 GPU(s)"),
+        ("two_gpus", 1, "train.py --gpus 2: failed: it did not train on two GPUs"),
+        ("tests", 1, "the GPU tests (exit status 1)"),
+    ],
+)
+def test_gpu_check_exits_non_zero_when_anything_fails(monkeypatch, capsys, fault, status, said):
+    """A failed training variant, a `train.py --gpus 2` that trained on
+    anything but two GPUs, or failed GPU tests: exit status 1 and a last
+    line that names them; all well: 0."""
+    two = (None, "failed: it did not train on two GPUs (devices: AMD EPYC (2 cores))") if fault == "two_gpus" else None
+    FakeCheck(monkeypatch, variant_fails=fault == "variant", two_gpus=two, tests=1 if fault == "tests" else 0)
+    assert gpu_check.main(["--budget", "100000", "--steps", "1"]) == status
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    if said:
+        assert last.startswith("gpu-check: FAILED: ") and said in last, out
+    else:
+        assert "FAILED" not in out and "two GPUs / one GPU: 2.00x" in out, out
+
+
+@pytest.mark.parametrize(
+    "status, out, err, want",
+    [
+        (
+            0,
+            "devices: 2 x NVIDIA H100 80GB HBM3 (compute capability 9.0, 80 GiB); precision bfloat16; XLA on; "
+            "2 replica(s); 10 step(s) per call\n"
+            + "".join(
+                f"10/60 - step {i} - loss: 5.0 - 20ms/step - {r} tok/s - ETA 0:01\n"
+                for i, r in enumerate(["1,000", "90,000", "100,000", "110,000", "100,500", "99,000"])
+            ),  # fmt: skip
+            "",
+            100_500.0,
+        ),
+        (0, "devices: AMD EPYC (2 cores, oneDNN AVX2); precision float32; XLA on; 1 replica(s);\n", "", "two GPUs"),
+        (2, "", "train.py: error: --gpus 2 asked for, but TensorFlow sees 1 GPU\n", "exit status 2"),
+        (0, "nothing\n", "", "no device line"),
+    ],
+)
+def test_the_two_gpu_run_is_read_from_what_train_py_prints(status, out, err, want):
+    row, why = gpu_check.read_two_gpu_run(status, out, err)
+    if isinstance(want, float):
+        assert why == "" and row["tokens_per_s"] == want and "2 x NVIDIA" in row["device_line"]
+    else:
+        assert row is None and want in why and "\n" not in why

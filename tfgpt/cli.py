@@ -248,9 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument(
         "--collective-timeout",
         type=float,
-        help="multi-worker runs: seconds a worker waits for the "
-        "others, at start-up and in each collective, before failing with an error "
-        f"(default: {t.collective_timeout:.0f})",
+        help="multi-worker runs: seconds a worker waits for the others to start, and "
+        "how long a worker may stop answering (the coordination service's heartbeats) before "
+        f"the others fail with an error (default: {t.collective_timeout:.0f})",
     )
     r = p.add_argument_group("run directory, logging, samples")
     r.add_argument("--logdir", help=f"TensorBoard root (default: {t.logdir})")

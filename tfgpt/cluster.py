@@ -211,20 +211,33 @@ def is_chief_task(mode: str = "auto") -> bool:
 def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float):
     """MultiWorkerMirroredStrategy for `cluster`; this process trains on
     --gpus N of its machine's GPUs (default 1; chosen by its local index),
-    or on its CPU where the machine has no GPU."""
+    or on its CPU where the machine has no GPU.
+
+    The strategy takes its local devices from the resolver's
+    `num_accelerators()` (for every resolver but TFConfigClusterResolver),
+    so the resolver is told how many GPUs this worker uses: without it each
+    worker would train on its CPU alone. Lost workers are detected by the
+    coordination service's heartbeats (`_bound_cluster_startup`), not by a
+    per-collective timeout, which TensorFlow implements as one sleeping
+    thread per collective for the whole timeout."""
     import tensorflow as tf
 
     from tfgpt.devices import use_gpus
 
     if gpus is not None or tf.config.list_physical_devices("GPU"):
-        use_gpus(gpus or 1, cluster.local_index)
+        accelerators = {"GPU": len(use_gpus(gpus or 1, cluster.local_index))}
         impl = tf.distribute.experimental.CommunicationImplementation.NCCL
     else:
+        accelerators = None  # one CPU replica
         impl = tf.distribute.experimental.CommunicationImplementation.RING
     _bound_cluster_startup(cluster, timeout)
-    options = tf.distribute.experimental.CommunicationOptions(implementation=impl, timeout_seconds=timeout)
+    options = tf.distribute.experimental.CommunicationOptions(implementation=impl)
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-        tf.train.ClusterSpec(cluster.jobs), task_type=cluster.task_type, task_id=cluster.task_index, rpc_layer="grpc"
+        tf.train.ClusterSpec(cluster.jobs),
+        task_type=cluster.task_type,
+        task_id=cluster.task_index,
+        num_accelerators=accelerators,
+        rpc_layer="grpc",
     )
     try:
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
@@ -238,14 +251,17 @@ def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float):
 
 
 def _bound_cluster_startup(cluster: Cluster, timeout: float) -> None:
-    """Makes the start-up wait for the other workers end after `timeout`.
+    """Makes the start-up wait for the other workers, and the silence of a
+    lost one, end after `timeout`.
 
     MultiWorkerMirroredStrategy starts TensorFlow's coordination service with
     no registration deadline, so a worker whose peers never come up waits
-    forever (the collective timeout only covers collectives). Configuring the
-    service first, as the strategy would, but with a registration barrier and
-    deadline, turns that wait into a DeadlineExceededError. The strategy keeps
-    a service configured before it."""
+    forever. Configuring the service first, as the strategy would, but with a
+    registration barrier and deadline, turns that wait into a
+    DeadlineExceededError; its heartbeat timeout is how long a worker may
+    stop answering during training before every other worker's collectives
+    fail. The strategy keeps a service configured before it (and then leaves
+    peer health to its heartbeats)."""
     try:
         from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
         from tensorflow.python.eager import context
@@ -264,6 +280,7 @@ def _bound_cluster_startup(cluster: Cluster, timeout: float) -> None:
             service_leader=f"/job:{leader}/replica:0/task:0",
             coordinated_jobs=jobs,
             cluster_register_timeout_in_ms=max(1, int(timeout * 1000)),
+            heartbeat_timeout_in_ms=max(1, int(timeout * 1000)),
         )
         ctx.coordination_service.cluster_register_with_barrier = True
     except (ImportError, AttributeError, TypeError, ValueError) as e:

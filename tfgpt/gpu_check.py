@@ -12,12 +12,17 @@ Within about eight minutes (--budget) on one GPU it prints:
      measured in the variant's process (`tfgpt.flops.measure_matmul_peak`).
      bfloat16 needs compute capability 8.0 and float16 7.0; below, the rows
      are skipped with a note;
-  3. with two GPUs or more: two GPUs at global batch 256 against one at 128
-     (the same batch per GPU), and the ratio of their tokens/s;
+  3. with two GPUs or more: `train.py --gpus 2` started as a user starts it
+     (a subprocess, `devices.use_gpus` and MirroredStrategy's own
+     all-reduce) at global batch 256, against one GPU at 128 (the same
+     batch per GPU): its device line, which must name two GPUs, and the
+     ratio of the tokens/s;
   4. the sampler (`tfgpt.bench.sampler_bench`): ms per generated token at
      batch 1, tokens/s at batch 32;
-  5. then it runs the GPU tests (tests/test_gpu.py, with TFGPT_TEST_GPU=1)
-     and exits with their status.
+  5. then it runs the GPU tests (tests/test_gpu.py, with TFGPT_TEST_GPU=1).
+
+It exits 1 when a training variant, the two-GPU run or a GPU test failed,
+and prints a last line saying which.
 
 Each training variant runs in a fresh process (`python -m tfgpt.bench
 --variant`), so that no variant inherits another's compiled kernels or
@@ -379,7 +384,12 @@ def main(argv=None) -> int:
                 one = run(precision, True, 128, 1, budget)
             else:
                 print(row_line(precision, True, 128, 1, one, *peak_of(precision, one), per_token))
-            two = run(precision, True, 256, 2, budget)
+            two, why = train_two_gpus(precision, Path(tmp), min(VARIANT_LIMIT_S * 2, max(budget.left(), 60.0)))
+            if two is None:
+                failed.append(f"train.py --gpus 2: {why}")
+                print(f"train.py --gpus 2: {why}", flush=True)
+            else:
+                print(f"train.py --gpus 2: {two['device_line']}; {two['tokens_per_s']:,.0f} tokens/s", flush=True)
             if one and two:
                 ratio = two["tokens_per_s"] / one["tokens_per_s"]
                 print(
@@ -398,11 +408,61 @@ def main(argv=None) -> int:
             sampler_bench(tokens=(40,), modes=("cache", "cache+xla"), repeats=5, precision=precision)
         sys.stdout.flush()
 
+    tests = 0 if args.cpu_smoke or args.no_tests else run_gpu_tests(Budget(started + args.budget).left())
+    if tests:
+        failed.append(f"the GPU tests (exit status {tests})")
     if failed:
-        print(f"\ngpu-check: {len(failed)} training variant(s) failed: {'; '.join(failed)}")
-    if args.cpu_smoke or args.no_tests:
-        return 1 if failed else 0
-    return run_gpu_tests(Budget(started + args.budget).left())
+        print(f"\ngpu-check: FAILED: {'; '.join(failed)}")
+        return 1
+    return 0
+
+
+# A corpus of made-up words: `train.py` needs text; its speed does not depend on it.
+def write_corpus(path: Path, lines: int = 4000, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(500)]
+    path.write_text("\n".join(" ".join(rng.choices(words, k=90)) for _ in range(lines)) + "\n")
+    return path
+
+
+def train_two_gpus(precision: str, tmp: Path, timeout: float, steps: int = 60) -> tuple[dict | None, str]:
+    """`train.py --gpus 2` in a subprocess, as a user starts it: XLA on, the
+    default model, global batch 256. -> ({device_line, tokens_per_s}, "") or
+    (None, why it failed: an error, no GPU in the device line, a time-out)."""
+    corpus = write_corpus(tmp / "two-gpus.txt")
+    args = [
+        *("--data", str(corpus), "--gpus", "2", "--precision", precision, "--xla", "on"),
+        *("--batch-size", "256", "--max-steps", str(steps), "--log-every", "10", "--val-fraction", "0"),
+        *("--no-export", "--gen-tokens", "4", "--logdir", str(tmp / "logs"), "--run-name", "two-gpus"),
+    ]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tfgpt.cli", *args], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    return read_two_gpu_run(done.returncode, done.stdout, done.stderr)
+
+
+def read_two_gpu_run(status: int, out: str, err: str) -> tuple[dict | None, str]:
+    """What `train_two_gpus` makes of a finished run's exit status and output."""
+    if status != 0:
+        return None, f"failed (exit status {status}): " + _error_line(err or out)
+    lines = (out + "\n" + err).splitlines()
+    device = next((line for line in lines if line.startswith("devices: ")), None)
+    if device is None:
+        return None, "failed: no device line in its output"
+    # `devices.describe` names GPUs with their compute capability.
+    if "compute capability" not in device or "; 2 replica(s);" not in device:
+        return None, f"failed: it did not train on two GPUs ({device})"
+    rates = [float(r.replace(",", "")) for line in lines for r in re.findall(r" ([\d,]+) tok/s", line)]
+    if not rates:
+        return None, "failed: no progress line with tokens/s in its output"
+    # The first lines include the first call's tracing and compilation.
+    later = rates[len(rates) // 2 :]
+    return dict(device_line=device, tokens_per_s=sorted(later)[len(later) // 2]), ""
 
 
 def run_gpu_tests(left: float) -> int:

@@ -30,14 +30,15 @@ class LossScale(tf.Module):
             self.scale = tf.Variable(initial, dtype=tf.float32, trainable=False, name="scale")
             self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")
 
-    def update(self, finite):
-        """After a step whose gradients were finite (bool scalar) or not.
-        Branch-free (no data-dependent conditional, which under XLA on a GPU
-        would wait for the host)."""
+    def update(self, finite, where=True):
+        """After a step whose gradients were finite (bool scalar) or not;
+        nothing changes where `where` (bool scalar) is False: a step run after
+        training was told to stop. Branch-free (no data-dependent
+        conditional, which under XLA on a GPU would wait for the host)."""
         good = tf.where(finite, self.good_steps + 1, tf.zeros([], tf.int64))
         grow = good >= self.growth_interval
         scale = tf.where(
             finite, tf.where(grow, tf.minimum(self.scale * 2.0, self.max_scale), self.scale), self.scale * 0.5
         )
-        self.scale.assign(scale)
-        self.good_steps.assign(tf.where(grow, tf.zeros([], tf.int64), good))
+        self.scale.assign(tf.where(where, scale, self.scale))
+        self.good_steps.assign(tf.where(where, tf.where(grow, tf.zeros([], tf.int64), good), self.good_steps))

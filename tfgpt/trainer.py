@@ -14,7 +14,9 @@ default one, MirroredStrategy, MultiWorkerMirroredStrategy):
       the step's loss, norm, lr and count into on-device arrays
     the host reads the arrays once per call
 
-The host thus waits for the device once per call, not once per step. Every
+The loop's condition reads only its counter and n, so the host waits for the
+device once per call, not once per step; a step that must end training
+makes the call's remaining steps change nothing (`train_steps`). Every
 replica applies the same all-reduced update to its own copy of the
 variables, so the copies stay identical. Summaries, progress, samples and
 exports come from the chief, outside any compiled function (the `hooks` of
@@ -179,26 +181,28 @@ class Trainer:
                 stats = [tf.math.unsorted_segment_sum(tf.square(occurrences.values), occurrences.indices, vocab)]
             return loss_sum, tf.reduce_sum(w), grads, stats
 
-        def apply_fn(grads, count, loss, scale, stats):
+        def apply_fn(grads, count, loss, scale, stats, active):
             # grads are sums over the global batch (times scale / rows in
             # float16): the update divides them by the number of real target
             # tokens (and that factor) and clips their global norm.
             divisor = tf.maximum(count, 1.0) * (scale / rows) if scaled else tf.maximum(count, 1.0)
             factor, norm = clip_scale(grads, cfg.clip_norm, divisor)
             # A step with a non-finite loss or gradient leaves every variable
-            # (and the optimizer's step) untouched.
+            # (and the optimizer's step) untouched; so does every step of a
+            # call after one that stopped training (active False).
             finite = tf.math.is_finite(norm) & tf.math.is_finite(loss)
+            applied = finite & active
             by_row = {table: stats[0]} if per_token else None
             if branch_free:
-                lr = optimizer.apply(grads, variables, factor, where=finite, rows=by_row)
+                lr = optimizer.apply(grads, variables, factor, where=applied, rows=by_row)
             else:
                 lr = tf.cond(
-                    finite,
+                    applied,
                     lambda: optimizer.apply(grads, variables, factor, rows=by_row),
                     lambda: optimizer.learning_rate(optimizer.step + 1),
                 )
             if scaled:
-                loss_scale.update(finite)
+                loss_scale.update(finite, where=active)
             return norm, lr, finite
 
         def eval_fn(x, y, w):
@@ -213,7 +217,7 @@ class Trainer:
         shape = [cfg.batch_size // self.replicas, self.model_cfg.maxlen]  # one replica's slice
         count_padding = cfg.padding_targets == "count" and cfg.packing == "truncate"
 
-        def replica_train(x, y, w, seed):
+        def replica_train(x, y, w, seed, active):
             # A multi-worker iterator read inside a loop leaves the batch size
             # unknown; the loss needs it static (every batch is full).
             x, y, w = (tf.ensure_shape(t, shape) for t in (x, y, w))
@@ -227,7 +231,7 @@ class Trainer:
             grads = ctx.all_reduce(sum_, grads)
             stats = ctx.all_reduce(sum_, stats) if stats else stats
             loss = loss_sum / tf.maximum(count, 1.0)
-            norm, lr, finite = apply_fn(grads, count, loss, scale, stats)
+            norm, lr, finite = apply_fn(grads, count, loss, scale, stats, active)
             return loss, norm, lr, count, finite
 
         def replica_eval(x, y, w):
@@ -243,25 +247,33 @@ class Trainer:
         @tf.function
         def train_step(batch, seed):
             """One step on a given global batch; counts no state. -> loss, norm, lr, count, finite."""
-            return first(strategy.run(replica_train, args=(*batch, seed)))
+            return first(strategy.run(replica_train, args=(*batch, seed, tf.constant(True))))
 
         @tf.function
         def train_steps(iterator, n):
-            """Up to n steps on the iterator's next global batches, counting
-            them in the state. Stops after a step that must end training (see
-            `_keeps_going`). -> per-step [steps] loss, norm, lr, count, finite;
-            the loss scale after each step."""
+            """n steps on the iterator's next global batches, counting them in
+            the state. -> per-step [n] loss, norm, lr, count, finite; the loss
+            scale after each step.
+
+            The loop's condition reads only its counter and n, which the host
+            knows: a condition on a value a step computes would make the host
+            wait for each step on a GPU before queueing the next. A step that
+            must end training (`_keeps_going`) instead turns the rest of the
+            call into steps that change nothing (no update, no count); the
+            host stops at that step's row."""
             arrays = [tf.TensorArray(dtype, size=n) for dtype in (tf.float32,) * 4 + (tf.bool, tf.float32)]
             i, going = tf.constant(0), tf.constant(True)
-            while i < n and going:
+            while i < n:
                 seed = tf.stack([tf.constant(cfg.seed, tf.int64), state.step])
-                loss, norm, lr, count, finite = first(strategy.run(replica_train, args=(*next(iterator), seed)))
-                state.step.assign_add(1)
-                state.batch.assign_add(1)
+                args = (*next(iterator), seed, going)
+                loss, norm, lr, count, finite = first(strategy.run(replica_train, args=args))
+                counted = tf.cast(going, tf.int64)
+                state.step.assign_add(counted)
+                state.batch.assign_add(counted)
                 scale = tf.identity(loss_scale.scale)
                 values = (loss, norm, lr, count, finite, scale)
                 arrays = [a.write(i, v) for a, v in zip(arrays, values)]
-                going = self._keeps_going(finite, loss, scale)
+                going = going & self._keeps_going(finite, loss, scale)
                 i += 1
             return [a.stack() for a in arrays]
 
