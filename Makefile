@@ -34,7 +34,7 @@ comma := ,
 EXTRAS := $(if $(filter 1,$(GPU_CHOICE)),test$(comma)lint$(comma)gpu,test$(comma)lint)
 STAMP := $(VENV)/.installed-gpu$(GPU_CHOICE)
 
-.PHONY: venv train test test-fast lint format test-gpu gpu-check bench clean
+.PHONY: venv train test test-isa test-fast lint format test-gpu gpu-check bench clean
 
 venv: $(STAMP)
 
@@ -62,8 +62,28 @@ train: venv
 # worker, so that a file's shared runs and exports are made once. JOBS=0 runs
 # the tests in this process, one at a time.
 JOBS ?= 2
+# 1 on a CPU with AVX-512 (see ISA_RUNS below).
+AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo 1)
 test: venv
 	$(PY) -m pytest -q -m "not gpu" -n $(JOBS) --dist loadfile --durations=10 $(ARGS)
+ifeq ($(AVX512)$(ARGS),1)
+	$(ISA_RUNS)
+endif
+
+# The tests whose figures depend on the CPU's kernels (marker `kernels`: a row
+# alone and in a batch, bit for bit or within a bound: docs/serving.md), run again as a CPU
+# without AVX-512 runs them: with oneDNN's AVX2 kernels
+# (ONEDNN_MAX_CPU_ISA=AVX2), then with Eigen (TF_ENABLE_ONEDNN_OPTS=0), which
+# is where an AVX2 CPU sends bfloat16 products (under the AVX2 cap TensorFlow
+# would still send them to oneDNN, which aborts: tests/conftest.py skips
+# them there). A whole `make test` (no ARGS) on an AVX-512 machine adds
+# these runs, so that CI on either kind of CPU covers both.
+define ISA_RUNS
+ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m "kernels and not gpu" -n $(JOBS) --dist loadfile
+	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q -m "kernels and not gpu" -n $(JOBS) --dist loadfile
+endef
+test-isa: venv
+	$(ISA_RUNS)
 
 # The same without the `slow` tests (end-to-end runs and subprocesses).
 test-fast: venv

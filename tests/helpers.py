@@ -259,6 +259,32 @@ def log_messages():
 # --- train.py in a subprocess ---------------------------------------------------------
 
 
+# --- a row alone and in a batch -------------------------------------------------------
+
+# How far a row's numbers may move with its batch on CPU kernels that do not
+# keep them bit-equal (`tfgpt.devices.rows_batch_invariant` is False: AVX2,
+# AVX-512 without BF16 in bfloat16, Eigen): (largest, mean) absolute
+# difference per entry. float32: the last bits of products added in another
+# order. bfloat16: a product rounded one bfloat16 step the other way, which
+# later steps carry on; bounded by bfloat16's own error against float32 (the
+# decode tests' 0.15), and rare (the mean). docs/serving.md quotes these.
+ROW_TOLERANCE = {"float32": (1e-4, 1e-4), "bfloat16": (0.15, 0.01)}
+
+
+def assert_rows_equal(got, want, precision: str, err_msg: str = ""):
+    """A row's numbers alone (got) against the same row in a batch (want):
+    bit for bit where this CPU's kernels promise it (an AVX-512 machine must
+    not hide a regression behind a tolerance), else within ROW_TOLERANCE."""
+    from tfgpt.devices import rows_batch_invariant
+
+    if rows_batch_invariant(precision):
+        np.testing.assert_array_equal(got, want, err_msg=err_msg)
+    else:
+        largest, mean = ROW_TOLERANCE[precision]
+        np.testing.assert_allclose(got, want, rtol=0, atol=largest, err_msg=err_msg)
+        assert np.mean(np.abs(np.asarray(got, np.float64) - want)) <= mean, err_msg
+
+
 def train_env(**extra) -> dict:
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
 

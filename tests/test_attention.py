@@ -8,6 +8,9 @@ import tensorflow as tf
 
 from tfgpt.attention import attend, attend_one, causal_mask, write_rows
 
+# Every test here depends on the CPU's kernels (`make test-isa`).
+pytestmark = pytest.mark.kernels
+
 
 def np_attention(q, k, v, visible):
     """q [B, H, Tq, K], k/v [B, H, Tk, K], visible bool [B or 1, 1, Tq, Tk]

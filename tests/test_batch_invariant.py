@@ -9,6 +9,9 @@ import tensorflow as tf
 
 from tfgpt.batch_invariant import PACKET, exp_rows, round_up, row_sum, rsqrt_column
 
+# Every test here depends on the CPU's kernels (`make test-isa`).
+pytestmark = pytest.mark.kernels
+
 
 def test_round_up_to_the_packet():
     assert [round_up(n) for n in (1, 15, 16, 17, 80)] == [16, 16, 16, 32, 80]

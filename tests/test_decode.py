@@ -9,10 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import assert_rows_equal
 
 from tfgpt import decode
 from tfgpt.config import GPTConfig
 from tfgpt.model import GPT
+
+# Every test here depends on the CPU's kernels (`make test-isa`).
+pytestmark = pytest.mark.kernels
 
 CONFIG = GPTConfig(vocab_size=40, maxlen=8, embed_dim=16, num_heads=2, ff_dim=32, num_layers=2, dropout=0.0, head_dim=8)
 
@@ -109,7 +113,7 @@ def test_the_output_layer_gives_the_same_logits_in_either_layout(dtype):
     np.testing.assert_array_equal(batch, model.head(tf.constant(hidden)).numpy())
     for r in range(0, 64, 5):
         alone = [r] if dtype == tf.bfloat16 else [r, r]
-        np.testing.assert_array_equal(f(hidden[alone]).numpy()[0], batch[r])
+        assert_rows_equal(f(hidden[alone]).numpy()[0], batch[r], dtype.name, f"row {r}")
 
 
 def test_frozen_float32_weights_copy_only_what_the_step_changes():
@@ -186,7 +190,7 @@ def test_decode_steps_give_a_row_the_same_bits_alone_and_in_a_batch(dtype):
     batched = run(list(range(rows)))
     for r in range(rows):
         alone = run([r] if dtype == tf.bfloat16 else [r, r])[:, 0]
-        np.testing.assert_array_equal(alone, batched[:, r], err_msg=f"row {r}")
+        assert_rows_equal(alone, batched[:, r], dtype.name, f"row {r}")
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
@@ -220,12 +224,12 @@ def test_the_prefill_gives_a_row_the_same_bits_however_far_it_is_padded(dtype):
         # Alone as the sampler runs a request of one: two rows in float32.
         alone = [r] if dtype == tf.bfloat16 else [r, r]
         alone_hidden, alone_caches = start(padded(alone), lengths[alone])
-        np.testing.assert_array_equal(alone_hidden.numpy()[0], hidden.numpy()[r], err_msg=f"row {r}")
+        assert_rows_equal(alone_hidden.numpy()[0], hidden.numpy()[r], dtype.name, f"row {r}")
         for (k1, v1), (k, v) in zip(alone_caches, caches):
             for one, batch in ((k1, k), (v1, v)):
                 one = one.numpy().reshape(len(alone), h, slots, kd)[0, :, : lengths[r]]
                 batch = batch.numpy().reshape(len(rows), h, slots, kd)[r, :, : lengths[r]]
-                np.testing.assert_array_equal(one, batch, err_msg=f"row {r}")
+                assert_rows_equal(one, batch, dtype.name, f"row {r}")
 
 
 # The example's widths and context, a small vocabulary: the cache's slot

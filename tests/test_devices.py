@@ -271,23 +271,112 @@ def test_a_run_without_gpus_flag_warns_when_the_driver_lists_gpus_tensorflow_can
 # --- precision ------------------------------------------------------------------
 
 
-def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
+AVX512 = "avx2 avx512f avx512bw avx512vl avx512dq"
+
+
+def fake_cpuinfo(monkeypatch, tmp_path):
+    """/proc/cpuinfo replaced by a file of the test's; returns its path."""
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(
-        "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\n"
-        "processor\t: 1\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
-    )
     real_open = open
     monkeypatch.setattr(
         "builtins.open", lambda path, *a, **k: real_open(cpuinfo if str(path) == "/proc/cpuinfo" else path, *a, **k)
     )
-    assert devices.cpu_info() == ("Some CPU", {"fpu", "sse", "avx2", "avx512f", "avx512_bf16"})
+    for name in ("ONEDNN_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS"):
+        monkeypatch.delenv(name, raising=False)
+    return cpuinfo
+
+
+def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
+    cpuinfo = fake_cpuinfo(monkeypatch, tmp_path)
+    cpuinfo.write_text(
+        f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse {AVX512} avx512_bf16\n\n"
+        f"processor\t: 1\nflags\t\t: fpu sse {AVX512} avx512_bf16\n"
+    )
+    assert devices.cpu_info() == ("Some CPU", {"fpu", "sse", *AVX512.split(), "avx512_bf16"})
     strategy = tf.distribute.get_strategy()
     if not tf.config.list_physical_devices("GPU"):
         assert devices.fastest_precision(strategy) == "bfloat16"
-        for flags, want in (("fpu avx2 amx_bf16", "bfloat16"), ("fpu avx2 avx512f", "float32")):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN told to act as an AVX2 CPU
+        assert devices.fastest_precision(strategy) == "float32"
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        for flags, want in (("fpu avx2 amx_bf16", "bfloat16"), (f"fpu {AVX512}", "float32"), ("avx2", "float32")):
             cpuinfo.write_text(f"flags\t: {flags}\n")
             assert devices.fastest_precision(strategy) == want
         cpuinfo.unlink()  # no /proc/cpuinfo at all
         assert devices.cpu_info() == ("unknown CPU", set())
         assert devices.fastest_precision(strategy) == "float32"
+
+
+@pytest.mark.parametrize(
+    "flags, cap, onednn, isa, kernels, exact_float32, exact_bfloat16, aborts",
+    [
+        (f"{AVX512} avx512_bf16", None, None, "AVX512_CORE_BF16", "oneDNN AVX512_CORE_BF16", True, True, False),
+        (f"{AVX512} avx512_bf16", "AVX2", None, "AVX2", "oneDNN AVX2 (ONEDNN_MAX_CPU_ISA)", False, False, True),
+        (
+            f"{AVX512} avx512_bf16",
+            "avx512_core",
+            None,
+            "AVX512_CORE",
+            "oneDNN AVX512_CORE (ONEDNN_MAX_CPU_ISA)",
+            True,
+            False,
+            False,
+        ),  # fmt: skip
+        (f"{AVX512} avx512_bf16", "ALL", None, "AVX512_CORE_BF16", "oneDNN AVX512_CORE_BF16", True, True, False),
+        (f"{AVX512} avx512_vnni", None, None, "AVX512_CORE_VNNI", "oneDNN AVX512_CORE_VNNI", True, False, False),
+        ("sse4_1 avx avx2 fma", None, None, "AVX2", "oneDNN AVX2", False, False, False),
+        ("sse4_1 avx avx2 fma", "AVX512_CORE", None, "AVX2", "oneDNN AVX2", False, False, False),  # a cap only lowers
+        (
+            f"{AVX512} avx512_bf16",
+            None,
+            "0",
+            "AVX512_CORE_BF16",
+            "Eigen (TF_ENABLE_ONEDNN_OPTS=0)",
+            False,
+            False,
+            False,
+        ),  # fmt: skip
+        ("fp asimd", None, None, None, "not x86-64", False, False, False),
+    ],
+)
+def test_the_cpu_kernels_follow_the_flags_and_onednns_settings(
+    monkeypatch, tmp_path, flags, cap, onednn, isa, kernels, exact_float32, exact_bfloat16, aborts
+):
+    """Which kernels oneDNN runs (its ISA capped by ONEDNN_MAX_CPU_ISA, or
+    Eigen with oneDNN off) decides the precision, the batch-invariance
+    guarantee and whether bfloat16 runs at all."""
+    fake_cpuinfo(monkeypatch, tmp_path).write_text(f"flags\t: {flags}\n")
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    if onednn:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", onednn)
+    assert devices.cpu_isa() == isa
+    assert devices.cpu_kernels() == kernels
+    assert devices.rows_batch_invariant("float32") == exact_float32
+    assert devices.rows_batch_invariant("bfloat16") == exact_bfloat16
+    assert devices.bfloat16_aborts() == aborts
+    if aborts:
+        with pytest.raises(devices.DeviceError, match="ONEDNN_MAX_CPU_ISA=AVX2 leaves oneDNN no bfloat16 kernel"):
+            devices.resolve_precision("bfloat16", tf.distribute.get_strategy())
+    elif not tf.config.list_physical_devices("GPU"):
+        assert devices.resolve_precision("bfloat16", tf.distribute.get_strategy()) == "bfloat16"
+
+
+def test_bfloat16_where_it_would_abort_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    """train.py --precision bfloat16 where oneDNN has no bfloat16 kernel
+    (ONEDNN_MAX_CPU_ISA below AVX512_CORE on an AVX-512 CPU): exit status 2
+    and one line, before any bfloat16 product could abort the process."""
+    from helpers import write_corpus
+
+    from tfgpt.cli import main
+
+    monkeypatch.setattr(devices, "bfloat16_aborts", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    corpus = write_corpus(tmp_path / "c.txt", 50)
+    args = ["--data", str(corpus), "--logdir", str(tmp_path), "--precision", "bfloat16", *MICRO]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "train.py: error: bfloat16 cannot run here: TensorFlow sends it to oneDNN, and ONEDNN_MAX_CPU_ISA=AVX2 "
+        "leaves oneDNN no bfloat16 kernel; unset it, or use --precision float32"
+    ]

@@ -7,6 +7,7 @@ import re
 import tensorflow as tf
 
 from tfgpt.config import GPTConfig
+from tfgpt.devices import bfloat16_aborts
 from tfgpt.flops import flops_per_token, matmul_params, measure_matmul_peak
 
 
@@ -29,6 +30,7 @@ def test_flops_formula_matches_the_model():
 
 
 def test_measure_matmul_peak():
-    for dtype in (tf.float32, "bfloat16"):
+    # bfloat16 aborts where oneDNN is capped below its bfloat16 kernels (tests/conftest.py).
+    for dtype in (tf.float32,) + (() if bfloat16_aborts() else ("bfloat16",)):
         peak = measure_matmul_peak(dtype, "/CPU:0", sizes=(128, 256), seconds=0.2)
         assert math.isfinite(peak) and 1e8 < peak < 1e15, (dtype, peak)

@@ -171,6 +171,29 @@ def test_the_test_and_check_targets_run_these_commands(tmp_path, target, command
     assert lines == [command.format(py=f"{venv}/bin/python")]
 
 
+def test_a_whole_make_test_on_an_avx512_cpu_also_runs_the_kernel_dependent_tests_as_avx2(tmp_path):
+    """Without ARGS, on a CPU with AVX-512, `make test` runs the tests that
+    depend on the CPU's kernels again under oneDNN's AVX2 kernels and under
+    Eigen (docs/serving.md); on an AVX2 CPU the suite alone."""
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed-gpu0").touch()
+    newest = max((ROOT / name).stat().st_mtime for name in ("setup.cfg", "pyproject.toml"))
+    os.utime(venv / ".installed-gpu0", (newest + 10, newest + 10))
+    py = f"{venv}/bin/python"
+    suite = f'{py} -m pytest -q -m "not gpu" -n 2 --dist loadfile --durations=10'
+    again = [f'{env} {py} -m pytest -q -m "kernels and not gpu" -n 2 --dist loadfile' for env in ISA_ENVS]
+    with open("/proc/cpuinfo") as f:
+        avx512 = "avx512f" in f.read().split()
+    assert [line.rstrip() for line in make_dry_run(tmp_path, None, target="test")] == [suite] + (
+        again if avx512 else []
+    )
+    assert [line.rstrip() for line in make_dry_run(tmp_path, None, target="test-isa")] == again
+
+
+ISA_ENVS = ("ONEDNN_MAX_CPU_ISA=AVX2", "TF_ENABLE_ONEDNN_OPTS=0")
+
+
 def test_setup_cfg_has_the_extras_and_the_marker_the_makefile_uses():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")

@@ -152,6 +152,7 @@ def test_a_frozen_sampler_generates_what_the_model_does(vocab_path, dtype):
     assert rows(generate(frozen, [prompts[2]], max_tokens=14)) == [reference_greedy(model, ids_of(prompts[2]), 14)]
 
 
+@pytest.mark.kernels
 def test_batch_of_different_lengths_equals_each_prompt_alone(model, sampler):
     # 1, 3, 6 and 11 tokens: the rows reach maxlen (8) at different steps, and
     # the last starts past it (its context is its last 8 tokens).
@@ -298,6 +299,7 @@ def test_repetition_penalty_as_in_ctrl(fixed_sampler):
     assert len(set(rows(generate(fixed_sampler, ["w3"], max_tokens=5, repetition_penalty=10.0))[0])) > 3
 
 
+@pytest.mark.kernels
 def test_rows_with_their_own_settings_equal_their_requests_alone(model, sampler):
     # 64 rows, each with its own prompt, max_tokens, top_k, top_p,
     # temperature, penalty and seed, in one request: every row gives what
@@ -321,6 +323,7 @@ def test_rows_with_their_own_settings_equal_their_requests_alone(model, sampler)
         assert batch["text"].numpy()[i] == alone["text"].numpy()[0]
 
 
+@pytest.mark.kernels
 def test_bfloat16_rows_equal_their_requests_alone_at_the_example_width(tmp_path):
     # The same in bfloat16 at the example's width, where a product's input
     # is rounded to 8 bits: a last-bit difference in a float32 sum (another

@@ -44,6 +44,95 @@ def cpu_info() -> tuple[str, set[str]]:
     return field("model name") or "unknown CPU", set((field("flags") or "").split())
 
 
+# oneDNN's instruction-set levels, lowest first: the names ONEDNN_MAX_CPU_ISA
+# takes (with AVX10_1_* as newer names of two of them).
+ISA_LEVELS = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+)
+_ISA_ALIASES = {"AVX10_1_512": "AVX512_CORE_FP16", "AVX10_1_512_AMX": "AVX512_CORE_AMX"}
+
+
+def _cpu_best_isa(flags: set[str]) -> str | None:
+    """The highest oneDNN level whose instructions the CPU flags list; None
+    for a CPU that is not x86-64 (no sse4_1 flag)."""
+    if "amx_bf16" in flags:
+        return "AVX512_CORE_AMX"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        if "avx512_bf16" in flags:
+            return "AVX512_CORE_BF16"
+        return "AVX512_CORE_VNNI" if "avx512_vnni" in flags else "AVX512_CORE"
+    for level, flag in (("AVX2", "avx2"), ("AVX", "avx"), ("SSE41", "sse4_1")):
+        if flag in flags:
+            return level
+    return None
+
+
+def cpu_isa() -> str | None:
+    """The instruction set of oneDNN's CPU kernels in this process: the CPU's
+    best, lowered by ONEDNN_MAX_CPU_ISA when that names a lower level (oneDNN
+    reads it once, at start-up); None on a CPU that is not x86-64."""
+    best = _cpu_best_isa(cpu_info()[1])
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    cap = _ISA_ALIASES.get(cap, cap)
+    if best is not None and cap in ISA_LEVELS and ISA_LEVELS.index(cap) < ISA_LEVELS.index(best):
+        return cap
+    return best
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow sends matrix products to oneDNN (on x86-64 unless
+    TF_ENABLE_ONEDNN_OPTS turns it off), rather than to Eigen."""
+    return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() not in ("0", "false")
+
+
+def isa_at_least(level: str) -> bool:
+    """Whether oneDNN runs here at `level` (a name of ISA_LEVELS) or above."""
+    isa = cpu_isa()
+    return onednn_enabled() and isa is not None and ISA_LEVELS.index(isa) >= ISA_LEVELS.index(level)
+
+
+def cpu_kernels() -> str:
+    """The CPU's matrix-product kernels in a few words, for the device line
+    and the benchmarks: e.g. "oneDNN AVX512_CORE_BF16", "oneDNN AVX2
+    (ONEDNN_MAX_CPU_ISA)", "Eigen (TF_ENABLE_ONEDNN_OPTS=0)"."""
+    if not onednn_enabled():
+        return "Eigen (TF_ENABLE_ONEDNN_OPTS=0)"
+    isa = cpu_isa()
+    if isa is None:
+        return "not x86-64"
+    capped = isa != _cpu_best_isa(cpu_info()[1])
+    return f"oneDNN {isa}" + (" (ONEDNN_MAX_CPU_ISA)" if capped else "")
+
+
+def bfloat16_aborts() -> bool:
+    """True where a bfloat16 product would abort the process: TensorFlow sends
+    bfloat16 products to oneDNN on any CPU with AVX-512 (it asks the CPU,
+    not ONEDNN_MAX_CPU_ISA), and oneDNN has no bfloat16 kernel below its
+    AVX512_CORE level ("could not create a primitive descriptor")."""
+    return onednn_enabled() and "avx512f" in cpu_info()[1] and cpu_isa() is not None and not isa_at_least("AVX512_CORE")
+
+
+def rows_batch_invariant(precision: str) -> bool:
+    """Whether a row's numbers in generation (the decode step and the output
+    layer) are bit for bit the same alone and in any batch on this CPU, in
+    this precision: on oneDNN's AVX-512 kernels, and for bfloat16 only with
+    native bfloat16 (AVX512_CORE_BF16 or AMX). Elsewhere (AVX2, AVX-512
+    without BF16 in bfloat16, Eigen) the products' kernels change with the
+    number of rows, and a row's numbers differ in their last bits
+    (docs/serving.md says by how much)."""
+    return isa_at_least("AVX512_CORE_BF16" if precision == "bfloat16" else "AVX512_CORE")
+
+
 def nvidia_smi(*args: str) -> list[str] | None:
     """The output lines of `nvidia-smi ARGS`; None where there is no working
     nvidia-smi (no NVIDIA driver)."""
@@ -262,7 +351,7 @@ def describe(strategy) -> str:
             return f"{len(parts)} x {parts[0]}"
         return ", ".join(parts)
     name, _ = cpu_info()
-    what = f"{name} ({os.cpu_count()} cores)"
+    what = f"{name} ({os.cpu_count()} cores, {cpu_kernels()})"
     return f"{local} logical devices on {what}" if local > 1 else what
 
 
@@ -276,8 +365,10 @@ def fastest_precision(strategy) -> str:
 
     GPUs: bfloat16 from compute capability 8.0 (A100, H100), float16 with
     loss scaling on 7.x (V100, T4: tensor cores without bfloat16), float32
-    below. CPUs: bfloat16 with AMX or AVX512-BF16 in /proc/cpuinfo (native
-    bfloat16 products), else float32 (bfloat16 would be emulated, slower).
+    below. CPUs: bfloat16 where oneDNN runs at AVX512_CORE_BF16 or above
+    (AMX or AVX512-BF16 in /proc/cpuinfo, not capped by ONEDNN_MAX_CPU_ISA:
+    native bfloat16 products), else float32 (bfloat16 would be emulated,
+    slower, or abort: `bfloat16_aborts`).
     The measured speeds are in docs/performance.md.
     """
     if all_gpus(strategy):
@@ -285,7 +376,7 @@ def fastest_precision(strategy) -> str:
         if min(majors) >= 8:
             return "bfloat16"
         return "float16" if min(majors) >= 7 else "float32"
-    return "bfloat16" if cpu_info()[1] & {"amx_bf16", "avx512_bf16"} else "float32"
+    return "bfloat16" if isa_at_least("AVX512_CORE_BF16") else "float32"
 
 
 def native(precision: str, strategy) -> bool:
@@ -295,7 +386,7 @@ def native(precision: str, strategy) -> bool:
     if all_gpus(strategy):
         majors = [d["compute_capability"][0] for d in gpu_details()] or [0]
         return min(majors) >= (8 if precision == "bfloat16" else 7)
-    return precision == "bfloat16" and bool(cpu_info()[1] & {"amx_bf16", "avx512_bf16"})
+    return precision == "bfloat16" and isa_at_least("AVX512_CORE_BF16")
 
 
 def compute_dtype(precision: str):
@@ -311,4 +402,17 @@ def resolve_precision(asked: str, strategy) -> str:
         return fastest_precision(strategy)
     if asked not in PRECISIONS:
         raise DeviceError(f"--precision must be auto or one of {', '.join(PRECISIONS)}, got {asked!r}")
+    if asked == "bfloat16" and not all_gpus(strategy):
+        check_bfloat16_runs()
     return asked
+
+
+def check_bfloat16_runs() -> None:
+    """Raises DeviceError where bfloat16 products would abort the process on
+    this CPU (`bfloat16_aborts`)."""
+    if bfloat16_aborts():
+        raise DeviceError(
+            f"bfloat16 cannot run here: TensorFlow sends it to oneDNN, and ONEDNN_MAX_CPU_ISA="
+            f"{os.environ.get('ONEDNN_MAX_CPU_ISA')} leaves oneDNN no bfloat16 kernel; unset it, or use "
+            "--precision float32"
+        )

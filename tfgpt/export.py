@@ -7,9 +7,12 @@ Rebuilds the model from <run>/config.json, restores the latest checkpoint in
 <run>/ckpt (or ckpt-N with --step N), and writes <run>/export/<version>/ with
 the vocabulary <run>/vocab.txt as an asset. Without --version the next
 integer version is used, so a server watching <run>/export picks it up.
-The exported model computes its matrix products in the precision the run
-trained with (as the export at the end of training does), unless --precision
-says otherwise.
+The exported model computes its matrix products in float32, whatever the
+run trained in (as the export at the end of training does), unless
+--precision says otherwise: float32 serves well on every CPU, where
+bfloat16 is 2-4x slower without native bfloat16 (AVX2 CPUs); bfloat16 is
+for servers that multiply it natively (AVX512-BF16, AMX, recent GPUs).
+docs/serving.md has the figures.
 
 What one export writes, under the model base path <base> (= <run>/export):
 
@@ -34,7 +37,10 @@ import sys
 from pathlib import Path
 
 from tfgpt.console import setup_logging
-from tfgpt.devices import PRECISIONS, compute_dtype
+from tfgpt.devices import PRECISIONS, DeviceError, check_bfloat16_runs, compute_dtype
+
+# The precision of an export unless asked otherwise (see the module's docstring).
+SERVING_PRECISION = "float32"
 
 # Named after the module also when it runs as `python -m tfgpt.export` (__name__ is then
 # "__main__", a logger outside "tfgpt").
@@ -86,6 +92,20 @@ def next_version(export_base) -> int:
         [int(p.name) for p in base.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name)] if base.is_dir() else []
     )
     return max(versions, default=0) + 1
+
+
+def in_precision(model, precision: str = SERVING_PRECISION):
+    """The model computing in `precision`: itself when it already does, else
+    a new GPT with its weights (float32 variables in every precision)."""
+    from tfgpt.model import GPT
+
+    dtype = compute_dtype(precision)
+    if model.compute_dtype == dtype:
+        return model
+    twin = GPT(model.config, compute_dtype=dtype)
+    for mine, theirs in zip(twin.variables, model.variables, strict=True):
+        mine.assign(theirs)
+    return twin
 
 
 def export_model(model, vocab_path, export_base, version: int | None = None) -> Path:
@@ -294,7 +314,7 @@ def export_run(
     """Restores a run's checkpoint into a fresh model and exports it.
 
     precision: "float32", "bfloat16" or "float16" matrix products in the exported model;
-    None takes the run's training precision. export_base: the model base
+    None: SERVING_PRECISION. export_base: the model base
     path to write into (default <run>/export). Returns the version
     directory written."""
     run_dir = Path(run_dir)
@@ -315,12 +335,12 @@ def export_run(
     except (ValueError, KeyError, TypeError) as e:
         raise ExportError(f"cannot read {config_path}: {e}") from None
     checkpoint = find_checkpoint(run_dir, step)
-    # config.json records the precision the run resolved "auto" to.
-    precision = (
-        precision
-        or train_config.compute_precision
-        or (train_config.precision if train_config.precision != "auto" else "float32")
-    )
+    precision = precision or SERVING_PRECISION
+    if precision == "bfloat16":
+        try:
+            check_bfloat16_runs()
+        except DeviceError as e:
+            raise ExportError(str(e)) from None
     model = GPT(model_config, compute_dtype=compute_dtype(precision))
     try:
         status = tf.train.Checkpoint(model=model).read(checkpoint).expect_partial()
@@ -347,7 +367,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="matrix products of the exported model (default: the run's training precision)",
+        help=f"matrix products of the exported model (default {SERVING_PRECISION}, fast on every CPU; bfloat16 for "
+        "servers with native bfloat16: AVX512-BF16, AMX or a recent GPU)",
     )
     args = parser.parse_args(argv)
     if args.version is not None and args.version < 1:

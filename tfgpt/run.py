@@ -122,7 +122,10 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    cfg, notes = resolve_devices(cfg, strategy, resume)
+    try:
+        cfg, notes = resolve_devices(cfg, strategy, resume)
+    except DeviceError as e:
+        return _fail(e, 2)
     log.info(device_line(strategy, cfg))
     for note in notes:
         log.info(note)
@@ -210,11 +213,16 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief) -> int:
     if isinstance(history, int):  # the exit status of a run that stopped early
         return history
     if chief and cfg.export:
-        from tfgpt.export import export_model
+        from tfgpt.export import SERVING_PRECISION, export_model, in_precision
 
         with op_determinism(False):  # serving_default draws a fresh seed per request
-            path = export_model(trainer.model, vocab_path, run_dir / "export")
-        log.info(f"exported SavedModel: {path}")
+            path = export_model(in_precision(trainer.model), vocab_path, run_dir / "export")
+        log.info(
+            f"exported SavedModel: {path} ({SERVING_PRECISION}; `python -m tfgpt.export {run_dir} --precision "
+            "bfloat16` for a server with native bfloat16)"
+            if trainer.precision != SERVING_PRECISION
+            else f"exported SavedModel: {path}"
+        )
     if history and history[-1]["val_loss"] is not None:
         log.info(f"final validation loss {history[-1]['val_loss']:.4f}")
     log.info(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
