@@ -23,6 +23,7 @@ from helpers import ROOT, SMALL, SMALL_BATCH, SMALL_MAXLEN, read_events, run_tra
 
 from tfgpt.config import GPTConfig
 from tfgpt.flops import flops_per_token
+from tfgpt.loss import auto_chunk
 
 # Every test here trains end to end, starts train.py or a TensorBoard server.
 pytestmark = pytest.mark.slow
@@ -324,6 +325,12 @@ def test_speed_scalars(run):
     assert hparams["flops_per_token"] == fpt
     np.testing.assert_allclose(mfu, fpt * tps / hparams["mfu_peak_flops"], rtol=1e-5)
     assert re.search(r"mfu: [\d.]+ MFLOP per token; peak 1 x [\d.]+ TFLOP/s \(float32 matmuls measured", stdout)
+    # The CPU-dependent choices are stated: the kernels, and the loss's chunk
+    # (the largest divisor of the rows whose float32 logits fit 32 MiB).
+    assert re.search(r"^devices: .+ \(\d+ cores, (oneDNN \w+|Eigen).*\); precision float32;", stdout, re.M), stdout
+    rows = BATCH * MAXLEN
+    chunk = auto_chunk(rows, vocab)
+    assert f"output layer and loss in chunks of {chunk} of a replica's {rows} positions" in stdout
 
 
 def session_hparams(run_dir: Path) -> dict:
