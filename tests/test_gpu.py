@@ -77,6 +77,21 @@ def train_on_gpu(
     return trainer, rec
 
 
+def run_script(script: str, spec: dict, folder: Path) -> dict:
+    """Runs `script` (which prints "RESULT <json>") in a fresh process with
+    the spec as its argument; returns the result."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(spec)],
+        cwd=folder,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.split("RESULT ", 1)[1])
+
+
 # --- XLA -------------------------------------------------------------------------
 
 
@@ -176,16 +191,7 @@ def test_two_logical_gpus_train_like_one_gpu(tmp_path):
     spec = dict(
         windows=str(tmp_path / "windows.npy"), batch=BATCH, steps=STEPS, lr=LR, model=MODEL, xla="on", dir=str(tmp_path)
     )
-    done = subprocess.run(
-        [sys.executable, "-c", TWO_LOGICAL_GPUS, json.dumps(spec)],
-        cwd=tmp_path,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.split("RESULT ", 1)[1])
+    out = run_script(TWO_LOGICAL_GPUS, spec, tmp_path)
     assert out["replicas"] == 2 and len(out["devices"]) == 2
     assert all("GPU" in d.upper() for d in out["devices"]) and out["devices"][0] != out["devices"][1]
     assert len(out["two"]) == len(out["one"]) == STEPS and out["one"][-1] < out["one"][0]
@@ -358,16 +364,7 @@ def test_xla_with_dropout_on_two_replicas_is_reproducible_on_gpus(tmp_path):
         windows=str(tmp_path / "windows.npy"), batch=BATCH, steps=3, lr=LR, model=MODEL, dir=str(tmp_path), dropout=0.1
     )
     np.save(tmp_path / "windows.npy", make_windows())
-    done = subprocess.run(
-        [sys.executable, "-c", DROPOUT_ON_TWO_REPLICAS, json.dumps(spec)],
-        cwd=tmp_path,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.split("RESULT ", 1)[1])
+    out = run_script(DROPOUT_ON_TWO_REPLICAS, spec, tmp_path)
     assert all("GPU" in d.upper() for d in out["devices"]) and len(out["devices"]) == 2
     assert np.all(np.isfinite(out["a"])) and out["copies"] == 0.0
     assert max_diff(out["a"], out["again"]) <= 1e-6
