@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tfgpt.devices import cpu_info
+
 ROOT = Path(__file__).resolve().parents[1]
 MAKE = shutil.which("make")
 pytestmark = pytest.mark.skipif(MAKE is None, reason="needs make")
@@ -152,6 +154,17 @@ def test_a_bad_gpu_value_is_a_one_line_error(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def installed_venv(tmp_path: Path) -> Path:
+    """A .venv folder whose stamp is newer than setup.cfg and pyproject.toml,
+    so that make has nothing to install."""
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed-gpu0").touch()
+    newest = max((ROOT / name).stat().st_mtime for name in ("setup.cfg", "pyproject.toml"))
+    os.utime(venv / ".installed-gpu0", (newest + 10, newest + 10))
+    return venv
+
+
 @pytest.mark.parametrize(
     "target, command",
     [
@@ -162,11 +175,7 @@ def test_a_bad_gpu_value_is_a_one_line_error(tmp_path):
     ],
 )
 def test_the_test_and_check_targets_run_these_commands(tmp_path, target, command):
-    venv = tmp_path / "venv"
-    venv.mkdir()
-    (venv / ".installed-gpu0").touch()
-    newest = max((ROOT / name).stat().st_mtime for name in ("setup.cfg", "pyproject.toml"))
-    os.utime(venv / ".installed-gpu0", (newest + 10, newest + 10))
+    venv = installed_venv(tmp_path)
     lines = make_dry_run(tmp_path, None, "ARGS=-x", target=target)
     assert lines == [command.format(py=f"{venv}/bin/python")]
 
@@ -175,16 +184,11 @@ def test_a_whole_make_test_on_an_avx512_cpu_also_runs_the_kernel_dependent_tests
     """Without ARGS, on a CPU with AVX-512, `make test` runs the tests that
     depend on the CPU's kernels again under oneDNN's AVX2 kernels and under
     Eigen (docs/serving.md); on an AVX2 CPU the suite alone."""
-    venv = tmp_path / "venv"
-    venv.mkdir()
-    (venv / ".installed-gpu0").touch()
-    newest = max((ROOT / name).stat().st_mtime for name in ("setup.cfg", "pyproject.toml"))
-    os.utime(venv / ".installed-gpu0", (newest + 10, newest + 10))
+    venv = installed_venv(tmp_path)
     py = f"{venv}/bin/python"
     suite = f'{py} -m pytest -q -m "not gpu" -n 2 --dist loadfile --durations=10'
     again = [f'{env} {py} -m pytest -q -m "kernels and not gpu" -n 2 --dist loadfile' for env in ISA_ENVS]
-    with open("/proc/cpuinfo") as f:
-        avx512 = "avx512f" in f.read().split()
+    avx512 = "avx512f" in cpu_info()[1]
     assert [line.rstrip() for line in make_dry_run(tmp_path, None, target="test")] == [suite] + (
         again if avx512 else []
     )

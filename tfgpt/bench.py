@@ -510,13 +510,11 @@ def main(argv=None) -> int:
         "keras_example": KERAS_EXAMPLE,
     }
     print(f"machine: {report['machine']['cpu']}", flush=True)
-    from tfgpt.devices import bfloat16_aborts
+    from tfgpt.devices import BFLOAT16_LEFT_OUT, runnable_precisions
 
-    # bfloat16 would abort the process where oneDNN is capped below its
-    # bfloat16 kernels (ONEDNN_MAX_CPU_ISA on an AVX-512 CPU).
-    precisions = ("float32",) if bfloat16_aborts() else ("float32", "bfloat16")
-    if len(precisions) == 1:
-        print("note: bfloat16 left out: oneDNN has no bfloat16 kernel under this ONEDNN_MAX_CPU_ISA", flush=True)
+    precisions = runnable_precisions(("float32", "bfloat16"))
+    if "bfloat16" not in precisions:
+        print(BFLOAT16_LEFT_OUT, flush=True)
     with tempfile.TemporaryDirectory(prefix="tfgpt-bench-") as tmp:
         if args.train or args.pipeline or run_all:
             print(f"corpus: {args.data or 'generated'}", flush=True)

@@ -417,21 +417,14 @@ def main(argv=None) -> int:
     return 0
 
 
-# A corpus of made-up words: `train.py` needs text; its speed does not depend on it.
-def write_corpus(path: Path, lines: int = 4000, seed: int = 0) -> Path:
-    import random
-
-    rng = random.Random(seed)
-    words = [f"w{i}" for i in range(500)]
-    path.write_text("\n".join(" ".join(rng.choices(words, k=90)) for _ in range(lines)) + "\n")
-    return path
-
-
 def train_two_gpus(precision: str, tmp: Path, timeout: float, steps: int = 60) -> tuple[dict | None, str]:
     """`train.py --gpus 2` in a subprocess, as a user starts it: XLA on, the
     default model, global batch 256. -> ({device_line, tokens_per_s}, "") or
     (None, why it failed: an error, no GPU in the device line, a time-out)."""
-    corpus = write_corpus(tmp / "two-gpus.txt")
+    from tfgpt.bench import generated_corpus
+
+    corpus = tmp / "two-gpus.txt"  # made-up words: the speed does not depend on the text
+    corpus.write_text("\n".join(generated_corpus(reviews=4000)) + "\n")
     args = [
         *("--data", str(corpus), "--gpus", "2", "--precision", precision, "--xla", "on"),
         *("--batch-size", "256", "--max-steps", str(steps), "--log-every", "10", "--val-fraction", "0"),

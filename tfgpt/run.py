@@ -207,10 +207,9 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief) -> int:
             if path
             else "resume: no checkpoint yet, starting from step 0"
         )
-    rows = cfg.batch_size // trainer.replicas * model_cfg.maxlen
     log.info(
         f"model: {count_params(trainer.model):,} parameters; {per_epoch} steps per epoch; output layer and loss "
-        f"in chunks of {trainer.loss_chunk} of a replica's {rows} positions"
+        f"in chunks of {trainer.loss_chunk} of a replica's {trainer.loss_rows} positions"
     )
     reporter = make_reporter(trainer, model_cfg, cfg, run_dir, chief, vocab_path)
     history = _fit(strategy, trainer, reporter, cfg, train_windows, val_windows)

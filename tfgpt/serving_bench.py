@@ -48,7 +48,15 @@ import tempfile
 from pathlib import Path
 
 from tfgpt.console import quiet, setup_logging
-from tfgpt.devices import bfloat16_aborts, cpu_info, cpu_kernels, rows_batch_invariant
+from tfgpt.devices import (
+    BFLOAT16_LEFT_OUT,
+    DeviceError,
+    check_bfloat16_runs,
+    cpu_info,
+    cpu_kernels,
+    rows_batch_invariant,
+    runnable_precisions,
+)
 
 # Named after the module also when it runs as `python -m tfgpt.serving_bench` (__name__ is then
 # "__main__", a logger outside "tfgpt").
@@ -301,11 +309,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON to PATH")
     args = parser.parse_args(argv)
     precisions = ("bfloat16", "float32") if args.precision == "both" else (args.precision,)
-    if bfloat16_aborts() and "bfloat16" in precisions:
-        if args.precision == "bfloat16":
-            parser.error(f"bfloat16 aborts under ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']} on this CPU")
-        log.info("note: bfloat16 left out: it aborts in oneDNN under ONEDNN_MAX_CPU_ISA below AVX512_CORE here")
-        precisions = ("float32",)
+    if args.precision == "bfloat16":
+        try:
+            check_bfloat16_runs()
+        except DeviceError as e:
+            parser.error(str(e))
+    if "bfloat16" in precisions and "bfloat16" not in runnable_precisions(precisions):
+        log.info(BFLOAT16_LEFT_OUT)
+        precisions = runnable_precisions(precisions)
     if args.loads < 1 or args.repeats < 1:
         parser.error("--loads and --repeats must be at least 1")
     rows = serving_bench(precisions, args.run, args.repeats, args.batching, args.loads)

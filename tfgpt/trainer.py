@@ -113,9 +113,9 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {self.replicas} replicas")
         self.precision = cfg.compute_precision or resolve_precision(cfg.precision, strategy)
         self.steps_per_call = auto_steps_per_call(cfg.steps_per_call, strategy, cfg.log_every)
-        rows = cfg.batch_size // self.replicas * model_cfg.maxlen  # loss rows per replica
+        self.loss_rows = cfg.batch_size // self.replicas * model_cfg.maxlen  # loss rows per replica
         self.loss_chunk = cfg.loss_chunk or auto_chunk(
-            rows, model_cfg.vocab_size, CHUNK_BUDGET["GPU" if all_gpus(strategy) else "CPU"]
+            self.loss_rows, model_cfg.vocab_size, CHUNK_BUDGET["GPU" if all_gpus(strategy) else "CPU"]
         )
         with strategy.scope():
             self.model = GPT(model_cfg, seed=cfg.seed, compute_dtype=compute_dtype(self.precision))
