@@ -106,10 +106,10 @@ test-gpu: venv
 # A few minutes on a GPU machine: the device, training and sampler speed per
 # precision and XLA setting, then the GPU tests.
 gpu-check: venv
-	$(PY) -m tfgpt.gpu_check $(ARGS)
+	$(PY) -m benchmarks.gpu_check $(ARGS)
 
 bench: venv
-	$(PY) -m tfgpt.bench $(ARGS)
+	$(PY) -m benchmarks.bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -46,7 +46,7 @@ def no_samples(monkeypatch):
     resuming, stores and locks have no use for it. The samples themselves are
     checked by tests/test_train.py and tests/test_tensorboard.py, and train.py
     subprocesses always write them."""
-    from tfgpt import run
+    from tfgpt.train import run
 
     monkeypatch.setattr(run, "make_sample_fn", lambda *args: None)
 
@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(config, items):
     parametrized with bfloat16 or named after it are skipped, saying why; a
     real AVX2 CPU runs them through Eigen, as TF_ENABLE_ONEDNN_OPTS=0 does
     here (.ci/run)."""
-    from tfgpt.devices import bfloat16_aborts
+    from tfgpt.runtime.devices import bfloat16_aborts
 
     if not bfloat16_aborts():
         return

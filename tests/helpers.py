@@ -171,7 +171,7 @@ def reference_greedy(model, prompt: list[int], steps: int, stop_at_padding: bool
     return out
 
 
-# --- a tiny model trained by tfgpt.trainer.Trainer ------------------------------------
+# --- a tiny model trained by tfgpt.train.trainer.Trainer ------------------------------------
 
 TRAINER_MODEL = dict(vocab_size=40, maxlen=8, embed_dim=16, num_heads=2, ff_dim=16, num_layers=1)
 TRAINER_BATCH = 8
@@ -205,7 +205,7 @@ class Recorder:
 
 def strategy_for(replicas: int):
     """1: the default strategy (one device); 2: MirroredStrategy over 2 logical CPUs."""
-    from tfgpt import distribute
+    from tfgpt.runtime import distribute
 
     return distribute.make_strategy(cpu_replicas=None if replicas == 1 else replicas)
 
@@ -262,7 +262,7 @@ def log_messages():
 # --- a row alone and in a batch -------------------------------------------------------
 
 # How far a row's numbers may move with its batch on CPU kernels that do not
-# keep them bit-equal (`tfgpt.devices.rows_batch_invariant` is False: AVX2,
+# keep them bit-equal (`tfgpt.runtime.devices.rows_batch_invariant` is False: AVX2,
 # AVX-512 without BF16 in bfloat16, Eigen): (largest, mean) absolute
 # difference per entry. float32: the last bits of products added in another
 # order, carried through the layers and steps (the largest seen: 1.2e-4;
@@ -277,7 +277,7 @@ def assert_rows_equal(got, want, precision: str, err_msg: str = ""):
     """A row's numbers alone (got) against the same row in a batch (want):
     bit for bit where this CPU's kernels promise it (an AVX-512 machine must
     not hide a regression behind a tolerance), else within ROW_TOLERANCE."""
-    from tfgpt.devices import rows_batch_invariant
+    from tfgpt.runtime.devices import rows_batch_invariant
 
     if rows_batch_invariant(precision):
         np.testing.assert_array_equal(got, want, err_msg=err_msg)

@@ -1,4 +1,4 @@
-"""Attention (tfgpt.attention) against a NumPy softmax attention: the
+"""Attention (tfgpt.model.attention) against a NumPy softmax attention: the
 causal mask, full causal attention in float32 and bfloat16, causality, one
 query against a cache equal to the full pass, and the cache row writes."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgpt.attention import attend, attend_one, causal_mask, write_rows
+from tfgpt.model.attention import attend, attend_one, causal_mask, write_rows
 
 # Every test here depends on the CPU's kernels (`make test-isa`).
 pytestmark = pytest.mark.kernels
@@ -93,7 +93,7 @@ def test_one_query_gives_a_row_the_same_bits_in_any_batch():
     """A row's attention output does not depend on the rows batched with it
     (a kernel chosen by the batch's size would add in another order), at
     the example's key size and a slot count the sampler uses (a multiple of
-    16, `tfgpt.decode.cache_slots`)."""
+    16, `tfgpt.serving.decode.cache_slots`)."""
     rng = np.random.default_rng(4)
     s = 48
     q = rng.normal(size=(64, 2, 256)).astype(np.float32)

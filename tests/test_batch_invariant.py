@@ -1,4 +1,4 @@
-"""tfgpt.batch_invariant: a row's numbers computed alone equal the same
+"""tfgpt.model.batch_invariant: a row's numbers computed alone equal the same
 row's numbers inside a batch, and the functions agree with NumPy."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgpt.batch_invariant import PACKET, exp_rows, round_up, row_sum, rsqrt_column
+from tfgpt.model.batch_invariant import PACKET, exp_rows, round_up, row_sum, rsqrt_column
 
 # Every test here depends on the CPU's kernels (`make test-isa`).
 pytestmark = pytest.mark.kernels

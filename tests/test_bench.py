@@ -1,8 +1,9 @@
-"""`python -m tfgpt.bench` on a CPU where bfloat16 would abort: its machine
+"""`python -m benchmarks.bench` on a CPU where bfloat16 would abort: its machine
 line names the kernels, and bfloat16 is left out with a note rather than
 taking the process down."""
 
-from tfgpt import bench, devices
+from benchmarks import bench
+from tfgpt.runtime import devices
 
 
 def test_bfloat16_is_left_out_where_it_would_abort(monkeypatch, capsys):

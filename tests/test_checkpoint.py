@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from helpers import log_messages
 
-from tfgpt.checkpoint import Checkpoints
+from tfgpt.train.checkpoint import Checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_other_worker_saves_to_scratch_and_restores_from_the_run(tmp_path):
 @pytest.mark.slow  # starts a process
 def test_worker_scratch_is_removed_at_exit(tmp_path):
     code = (
-        "from tfgpt.checkpoint import worker_scratch; s = worker_scratch(); assert worker_scratch() == s; "
+        "from tfgpt.train.checkpoint import worker_scratch; s = worker_scratch(); assert worker_scratch() == s; "
         "(s / 'vocab.txt').write_text('x'); print(s)"
     )
     env = dict(os.environ, TMPDIR=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")

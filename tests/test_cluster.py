@@ -1,4 +1,4 @@
-"""Several worker processes (tfgpt.cluster): a cluster from TF_CONFIG or a
+"""Several worker processes (tfgpt.runtime.cluster): a cluster from TF_CONFIG or a
 SLURM job step trains like one process with as many replicas; unreachable
 workers stop with a one-line error; bad TF_CONFIG values are one-line errors."""
 
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from helpers import MICRO, ROOT, max_diff, read_events, report, run_train_py, train_env, write_corpus
 
-from tfgpt import cluster, devices
 from tfgpt.cli import main
+from tfgpt.errors import UserError
+from tfgpt.runtime import cluster
 
 TOL = 1e-5
 # A tiny run through train.py.
@@ -28,7 +29,7 @@ CLI_SMALL = MICRO + ["--vocab-size", "40", "--val-fraction", "0", "--log-every",
 # so that the test sees the losses of every worker, not only the chief's.
 WORKER = """
 import json, os, sys
-from tfgpt import report
+from tfgpt.train import report
 
 _on_step = report.Reporter.on_step
 
@@ -176,8 +177,8 @@ def reference(corpus, tmp_path_factory):
     """Every step's loss of one process with MirroredStrategy over 2 (logical
     CPU) devices, the reference of both cluster tests (without the per-epoch
     sample, which changes no loss)."""
-    from tfgpt import report as report_module
-    from tfgpt import run
+    from tfgpt.train import report as report_module
+    from tfgpt.train import run
 
     losses = []
     original = report_module.Reporter.on_step
@@ -406,7 +407,7 @@ def test_a_slurm_job_step_gives_the_cluster(monkeypatch):
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     assert cluster.detect("auto") is None
     monkeypatch.delenv("SLURM_PROCID")
-    with pytest.raises(devices.DeviceError, match="--cluster slurm: SLURM_PROCID and SLURM_STEP_NUM_TASKS"):
+    with pytest.raises(UserError, match="--cluster slurm: SLURM_PROCID and SLURM_STEP_NUM_TASKS"):
         cluster.detect("slurm")
     assert cluster.detect("auto") is None
 
@@ -451,11 +452,11 @@ tf.config.set_visible_devices = set_visible
 tf.config.experimental.set_memory_growth = lambda device, on: None
 H100 = {"device_name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0)}
 tf.config.experimental.get_device_details = lambda d: H100
-from tfgpt import devices
+from tfgpt.runtime import devices
 devices.nvidia_smi = lambda *a: ["NVIDIA H100 80GB HBM3, 81559"] if "--query-gpu" in a[0] else []
 from tfgpt.config import TrainConfig
-from tfgpt.distribute import make_strategy
-from tfgpt.run import device_line
+from tfgpt.runtime.distribute import make_strategy
+from tfgpt.train.run import device_line
 strategy = make_strategy(gpus=per_worker, cluster=mode, collective_timeout=60, cluster_port=port)
 line = device_line(strategy, TrainConfig(compute_precision="bfloat16"))
 print("RESULT " + json.dumps({"devices": list(strategy.extended.worker_devices), "line": line,

@@ -12,7 +12,10 @@ import pytest
 import tensorflow as tf
 from helpers import log_messages, tar_folder, write_imdb_tree
 
-from tfgpt import data
+from tfgpt import errors
+from tfgpt.data.corpus import IMDB_SHA256, Document, read_corpus, resolve_imdb, split_lines, train_val_split
+from tfgpt.data.text import Tokenizer, build_vocab, read_vocab, split_words, write_vocab
+from tfgpt.data.windows import batches_per_epoch, eval_dataset, make_windows, split_window, train_dataset
 
 
 def reference_words(text: str) -> list[str]:
@@ -23,7 +26,7 @@ def reference_words(text: str) -> list[str]:
 
 
 def tf_words(text: str) -> list[str]:
-    return [w.decode() for w in data.split_words(tf.constant([text]))[0].numpy()]
+    return [w.decode() for w in split_words(tf.constant([text]))[0].numpy()]
 
 
 @pytest.mark.parametrize(
@@ -50,10 +53,10 @@ def test_standardize_keeps_text_after_a_nul_byte():
 def test_vocab_order_counts_then_word_and_cap():
     lines = ["b a a c c c", "d d e e", "z"]
     # counts: c3, a2, d2, e2, b1, z1 ; ties by the word
-    words, counts = data.build_vocab(lines, 100)
+    words, counts = build_vocab(lines, 100)
     assert words == ["", "[UNK]", "c", "a", "d", "e", "b", "z"]
     assert counts == [0, 0, 3, 2, 2, 2, 1, 1]
-    words, counts = data.build_vocab(lines, 4)
+    words, counts = build_vocab(lines, 4)
     assert words == ["", "[UNK]", "c", "a"]
     assert counts == [0, 6, 3, 2]  # [UNK] stands for the 6 words left out
 
@@ -61,10 +64,10 @@ def test_vocab_order_counts_then_word_and_cap():
 def test_vocab_file_round_trip_and_tokenizer(tmp_path):
     vocab = ["", "[UNK]", "the", "movie", "'s", "."]
     path = tmp_path / "vocab.txt"
-    data.write_vocab(vocab, path, [0, 0, 9, 8, 7, 6])
-    assert data.read_vocab(path) == vocab
+    write_vocab(vocab, path, [0, 0, 9, 8, 7, 6])
+    assert read_vocab(path) == vocab
     assert path.read_text().splitlines()[:3] == ["\t0", "[UNK]\t0", "the\t9"]
-    tok = data.Tokenizer(path)
+    tok = Tokenizer(path)
     assert tok.size == 6
     ids = tok(tf.constant(["The movie's unknownword.", ""]))
     assert ids.to_list() == [[2, 3, 4, 1, 5], []]
@@ -80,11 +83,11 @@ def test_each_tokenizer_reads_its_own_vocabulary(tmp_path):
     earlier Tokenizer's vocabulary."""
     orders = {"abc": ["a", "b", "c"], "cba": ["c", "b", "a"]}
     for name, words in orders.items():
-        data.write_vocab(["", "[UNK]"] + words, tmp_path / f"{name}.txt")
+        write_vocab(["", "[UNK]"] + words, tmp_path / f"{name}.txt")
     handles, wrong = [], []
     for i in range(60):
         name = "abc" if i % 2 == 0 else "cba"
-        tok = data.Tokenizer(tmp_path / f"{name}.txt")
+        tok = Tokenizer(tmp_path / f"{name}.txt")
         ids = tok(tf.constant(["a b c"])).to_list()[0]
         expected = [orders[name].index(w) + 2 for w in "abc"]
         if ids != expected:
@@ -102,13 +105,13 @@ def test_imdb_folder_reads_four_splits_and_unsup_only_on_request(tmp_path):
     base = write_imdb_tree(tmp_path, per_split=3, unsup=2)
     (base / "imdb.vocab").write_text("the\nmovie\n")
     (base / "README").write_text("readme")
-    docs = data.read_corpus(base)
+    docs = read_corpus(base)
     assert len(docs) == 12
     assert all("unsup" not in d.name for d in docs)
-    with_unsup = data.read_corpus(base, imdb_unsup=True)
+    with_unsup = read_corpus(base, imdb_unsup=True)
     assert len(with_unsup) == 14
     # The parent folder (holding aclImdb/) reads the same reviews.
-    assert _names(data.read_corpus(tmp_path)) == _names(docs)
+    assert _names(read_corpus(tmp_path)) == _names(docs)
 
 
 def test_official_and_shared_archive_layouts(tmp_path):
@@ -118,16 +121,16 @@ def test_official_and_shared_archive_layouts(tmp_path):
         tmp_path / "aclImdb_v1.tar.gz",
         extra={"aclImdb/imdb.vocab": "the\n", "aclImdb/README": "x", "aclImdb/train/labeledBow.feat": "0:1"},
     )
-    docs = data.read_corpus(official)
+    docs = read_corpus(official)
     assert len(docs) == 8 and all("unsup" not in d.name for d in docs)
-    assert len(data.read_corpus(official, imdb_unsup=True)) == 11
+    assert len(read_corpus(official, imdb_unsup=True)) == 11
     # The development archive: the same four folders and nothing else.
     import shutil
 
     shutil.rmtree(base / "train" / "unsup")
     shared = tar_folder(base, tmp_path / "aclImdb.tar.gz")
-    assert _names(data.read_corpus(shared)) == _names(docs)
-    assert [d.text for d in data.read_corpus(shared)] == [d.text for d in docs]
+    assert _names(read_corpus(shared)) == _names(docs)
+    assert [d.text for d in read_corpus(shared)] == [d.text for d in docs]
 
 
 def test_plain_folder_of_txt_files_recursive_and_single_file(tmp_path):
@@ -135,10 +138,10 @@ def test_plain_folder_of_txt_files_recursive_and_single_file(tmp_path):
     (tmp_path / "a" / "one.txt").write_text("first line\nsecond line\n")
     (tmp_path / "a" / "b" / "two.txt").write_text("third")
     (tmp_path / "a" / "skip.md").write_text("not text")
-    docs = data.read_corpus(tmp_path / "a")
+    docs = read_corpus(tmp_path / "a")
     assert [d.name for d in docs] == ["b/two.txt", "one.txt"]
-    assert data.split_lines(docs) == ["third", "first line", "second line", ""]
-    single = data.read_corpus(tmp_path / "a" / "one.txt")
+    assert split_lines(docs) == ["third", "first line", "second line", ""]
+    single = read_corpus(tmp_path / "a" / "one.txt")
     assert len(single) == 1 and single[0].text.startswith("first")
 
 
@@ -148,20 +151,20 @@ def test_gzip_text_files_alone_in_folders_and_in_archives(tmp_path):
 
     text = "first line\nsecond caf\u00e9 line\n"
     (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text.encode()))
-    docs = data.read_corpus(tmp_path / "a.txt.gz")
+    docs = read_corpus(tmp_path / "a.txt.gz")
     assert [(d.name, d.text) for d in docs] == [("a.txt.gz", text)]  # decompressed, not decoded as bytes
     folder = tmp_path / "f"
     folder.mkdir()
     (folder / "b.txt").write_text("plain\n")
     (folder / "a.txt.gz").write_bytes(gzip.compress(b"packed\n"))
-    assert [(d.name, d.text) for d in data.read_corpus(folder)] == [("a.txt.gz", "packed\n"), ("b.txt", "plain\n")]
+    assert [(d.name, d.text) for d in read_corpus(folder)] == [("a.txt.gz", "packed\n"), ("b.txt", "plain\n")]
     with tarfile.open(tmp_path / "t.tar", "w") as tar:
         tar.add(folder, arcname="f")
-    assert [d.text for d in data.read_corpus(tmp_path / "t.tar")] == ["packed\n", "plain\n"]
+    assert [d.text for d in read_corpus(tmp_path / "t.tar")] == ["packed\n", "plain\n"]
     whole = gzip.compress(" ".join(str(i) for i in range(5000)).encode())
     (tmp_path / "broken.txt.gz").write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(data.DataError, match="not a readable gzip file"):
-        data.read_corpus(tmp_path / "broken.txt.gz")
+    with pytest.raises(errors.UserError, match="not a readable gzip file"):
+        read_corpus(tmp_path / "broken.txt.gz")
 
 
 def test_several_paths_and_globs(tmp_path):
@@ -171,41 +174,41 @@ def test_several_paths_and_globs(tmp_path):
         (tmp_path / name).write_text(name)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "z.txt").write_text("z")
-    docs = data.read_corpus(f"{tmp_path / 'd'}{os.pathsep}{tmp_path / '*.txt'}")
+    docs = read_corpus(f"{tmp_path / 'd'}{os.pathsep}{tmp_path / '*.txt'}")
     assert [d.text for d in docs] == ["z", "a.txt", "b.txt"]  # in the order given, a glob's matches sorted
-    with pytest.raises(data.DataError, match="matches no file"):
-        data.read_corpus(str(tmp_path / "*.csv"))
-    with pytest.raises(data.DataError, match="no such file"):
-        data.read_corpus(f"{tmp_path / 'a.txt'}{os.pathsep}{tmp_path / 'missing.txt'}")
+    with pytest.raises(errors.UserError, match="matches no file"):
+        read_corpus(str(tmp_path / "*.csv"))
+    with pytest.raises(errors.UserError, match="no such file"):
+        read_corpus(f"{tmp_path / 'a.txt'}{os.pathsep}{tmp_path / 'missing.txt'}")
 
 
 def test_bad_paths_and_non_utf8(tmp_path):
-    with pytest.raises(data.DataError, match="no such file"):
-        data.read_corpus(tmp_path / "missing")
+    with pytest.raises(errors.UserError, match="no such file"):
+        read_corpus(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(data.DataError, match="no .txt files"):
-        data.read_corpus(tmp_path / "empty")
+    with pytest.raises(errors.UserError, match="no .txt files"):
+        read_corpus(tmp_path / "empty")
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "bad.txt").write_bytes(b"caf\xe9 ok\n")
     (tmp_path / "t" / "good.txt").write_text("fine\n")
     with log_messages() as messages:
-        docs = data.read_corpus(tmp_path / "t")
+        docs = read_corpus(tmp_path / "t")
     assert docs[0].text == "caf\ufffd ok\n"
     assert len(messages) == 1 and "1 file(s)" in messages[0]
 
 
 def test_split_is_deterministic_and_holds_out_files(tmp_path):
-    docs = [data.Document(f"{i}.txt", f"review {i}") for i in range(100)]
-    a = data.train_val_split(docs, 0.1, seed=3)
-    b = data.train_val_split(docs, 0.1, seed=3)
-    c = data.train_val_split(docs, 0.1, seed=4)
+    docs = [Document(f"{i}.txt", f"review {i}") for i in range(100)]
+    a = train_val_split(docs, 0.1, seed=3)
+    b = train_val_split(docs, 0.1, seed=3)
+    c = train_val_split(docs, 0.1, seed=4)
     assert a == b and a != c
     assert len(a[1]) == 10 and len(a[0]) == 90
     assert not set(a[0]) & set(a[1])
-    assert data.train_val_split(docs, 0.0, seed=3)[1] == []
+    assert train_val_split(docs, 0.0, seed=3)[1] == []
     # A single document is split by lines.
-    one = [data.Document("all.txt", "\n".join(f"l{i}" for i in range(50)))]
-    train, val = data.train_val_split(one, 0.1, seed=0)
+    one = [Document("all.txt", "\n".join(f"l{i}" for i in range(50)))]
+    train, val = train_val_split(one, 0.1, seed=0)
     assert len(val) == 5 and len(train) == 45
 
 
@@ -240,19 +243,19 @@ def test_download_verifies_and_caches(tmp_path, server, monkeypatch):
     sha = hashlib.sha256(_Handler.payload).hexdigest()
     cache = tmp_path / "cache"
     monkeypatch.chdir(tmp_path)  # no ./aclImdb here
-    got = data.resolve_imdb(url, sha, cache)
+    got = resolve_imdb(url, sha, cache)
     assert got == cache / "aclImdb_v1.tar.gz" and got.read_bytes() == _Handler.payload
-    assert len(data.read_corpus(got)) == 4
+    assert len(read_corpus(got)) == 4
     # Cached now: no second download even with a wrong URL.
-    assert data.resolve_imdb("http://127.0.0.1:1/none", sha, cache) == got
+    assert resolve_imdb("http://127.0.0.1:1/none", sha, cache) == got
 
 
 def test_download_checksum_mismatch_deletes_file(tmp_path, server, monkeypatch):
     _Handler.payload = b"not the archive"
     url = f"http://127.0.0.1:{server.server_port}/x.tar.gz"
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(data.DataError, match="checksum mismatch"):
-        data.resolve_imdb(url, data.IMDB_SHA256, tmp_path / "cache")
+    with pytest.raises(errors.UserError, match="checksum mismatch"):
+        resolve_imdb(url, IMDB_SHA256, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
@@ -261,22 +264,22 @@ def test_download_without_network_says_pass_data(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(data.DataError, match="--data PATH"):
-        data.resolve_imdb(f"http://127.0.0.1:{port}/a.tar.gz", data.IMDB_SHA256, tmp_path / "c")
+    with pytest.raises(errors.UserError, match="--data PATH"):
+        resolve_imdb(f"http://127.0.0.1:{port}/a.tar.gz", IMDB_SHA256, tmp_path / "c")
 
 
 def test_local_acl_imdb_folder_is_used_first(tmp_path, monkeypatch):
     write_imdb_tree(tmp_path, per_split=1)
     monkeypatch.chdir(tmp_path)
-    assert str(data.resolve_imdb("http://127.0.0.1:1/none", "0", tmp_path / "c")) == "aclImdb"
+    assert str(resolve_imdb("http://127.0.0.1:1/none", "0", tmp_path / "c")) == "aclImdb"
 
 
 def test_truncate_windows():
     ids = np.array([5, 6, 7, 8, 9, 3, 4, 2], np.int32)
     lengths = np.array([5, 1, 2], np.int64)  # rows: 5 6 7 8 9 | 3 | 4 2
-    w = data.make_windows(ids, lengths, maxlen=3, packing="truncate")
+    w = make_windows(ids, lengths, maxlen=3, packing="truncate")
     np.testing.assert_array_equal(w, [[5, 6, 7, 8], [4, 2, 0, 0]])
-    x, y, weight = data.split_window(tf.constant(w), "truncate")
+    x, y, weight = split_window(tf.constant(w), "truncate")
     np.testing.assert_array_equal(x, [[5, 6, 7], [4, 2, 0]])
     np.testing.assert_array_equal(y, [[6, 7, 8], [2, 0, 0]])
     np.testing.assert_array_equal(weight, [[1, 1, 1], [1, 0, 0]])
@@ -285,10 +288,10 @@ def test_truncate_windows():
 def test_pack_windows_keep_every_token_once():
     ids = np.array([5, 6, 7, 8, 9, 3, 4, 2], np.int32)
     lengths = np.array([5, 1, 2], np.int64)
-    w = data.make_windows(ids, lengths, maxlen=3, packing="pack")
+    w = make_windows(ids, lengths, maxlen=3, packing="pack")
     stream = [5, 6, 7, 8, 9, 0, 3, 0, 4, 2, 0]
     np.testing.assert_array_equal(w, [stream[0:4], stream[3:7], stream[6:10]])
-    _, y, weight = data.split_window(tf.constant(w), "pack")
+    _, y, weight = split_window(tf.constant(w), "pack")
     assert np.asarray(y).ravel().tolist() == stream[1:10]  # each target once, in order
     assert float(tf.reduce_min(weight)) == 1.0
 
@@ -299,44 +302,44 @@ def _batches(ds):
 
 def test_train_dataset_order_is_a_function_of_seed_and_epoch():
     windows = np.arange(40 * 5, dtype=np.int32).reshape(40, 5)
-    a = _batches(data.train_dataset(windows, 8, seed=1, epoch=0, packing="truncate"))
-    b = _batches(data.train_dataset(windows, 8, seed=1, epoch=0, packing="truncate"))
-    c = _batches(data.train_dataset(windows, 8, seed=1, epoch=1, packing="truncate"))
+    a = _batches(train_dataset(windows, 8, seed=1, epoch=0, packing="truncate"))
+    b = _batches(train_dataset(windows, 8, seed=1, epoch=0, packing="truncate"))
+    c = _batches(train_dataset(windows, 8, seed=1, epoch=1, packing="truncate"))
     assert len(a) == 5 and all(x[0].shape == (8, 4) for x in a)
     assert all(np.array_equal(p[0], q[0]) for p, q in zip(a, b))
     assert not all(np.array_equal(p[0], q[0]) for p, q in zip(a, c))
     seen = np.sort(np.concatenate([x[0][:, 0] for x in a]))
     np.testing.assert_array_equal(seen, np.sort(windows[:, 0]))  # a permutation
-    skipped = _batches(data.train_dataset(windows, 8, seed=1, epoch=0, packing="truncate", skip=2))
+    skipped = _batches(train_dataset(windows, 8, seed=1, epoch=0, packing="truncate", skip=2))
     assert all(np.array_equal(p[0], q[0]) for p, q in zip(a[2:], skipped))
 
 
 def test_replica_slices_reassemble_the_global_batch():
     windows = np.arange(32 * 5, dtype=np.int32).reshape(32, 5)
-    full = _batches(data.train_dataset(windows, 8, seed=2, epoch=0, packing="truncate"))
+    full = _batches(train_dataset(windows, 8, seed=2, epoch=0, packing="truncate"))
     # Two workers with two replicas each: every worker yields its replicas' slices in order.
     parts = []
     for worker in range(2):
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=4)
-        parts.append(_batches(data.train_dataset(windows, 8, seed=2, epoch=0, packing="truncate", input_context=ctx)))
+        parts.append(_batches(train_dataset(windows, 8, seed=2, epoch=0, packing="truncate", input_context=ctx)))
     for step, batch in enumerate(full):
         pieces = [parts[w][2 * step + r][0] for w in range(2) for r in range(2)]
         assert all(p.shape == (2, 4) for p in pieces)
         np.testing.assert_array_equal(np.concatenate(pieces), batch[0])
-    with pytest.raises(data.DataError, match="not divisible"):
+    with pytest.raises(errors.UserError, match="not divisible"):
         ctx = tf.distribute.InputContext(1, 0, 3)
-        data.train_dataset(windows, 8, seed=2, epoch=0, packing="truncate", input_context=ctx)
+        train_dataset(windows, 8, seed=2, epoch=0, packing="truncate", input_context=ctx)
 
 
 def test_eval_dataset_pads_with_zero_weight_windows():
     windows = np.ones([10, 5], np.int32)
     for packing in ("truncate", "pack"):
-        batches = _batches(data.eval_dataset(windows, 4, packing))
+        batches = _batches(eval_dataset(windows, 4, packing))
         assert len(batches) == 3
         assert sum(float(b[2].sum()) for b in batches) == 10 * 4
 
 
 def test_batches_per_epoch_drops_the_partial_batch_and_refuses_none():
-    assert data.batches_per_epoch(300, 128) == 2
-    with pytest.raises(data.DataError, match="fewer than one global batch of 128"):
-        data.batches_per_epoch(127, 128)
+    assert batches_per_epoch(300, 128) == 2
+    with pytest.raises(errors.UserError, match="fewer than one global batch of 128"):
+        batches_per_epoch(127, 128)

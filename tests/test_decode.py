@@ -1,4 +1,4 @@
-"""The decode step (tfgpt.decode) against the full model: the prefill and
+"""The decode step (tfgpt.serving.decode) against the full model: the prefill and
 one-token steps give the hidden states the model gives for the whole
 sequence, in float32 and bfloat16, with in-place and scatter cache writes;
 and the window pass. The attention kernels themselves are
@@ -11,9 +11,9 @@ import pytest
 import tensorflow as tf
 from helpers import assert_rows_equal
 
-from tfgpt import decode
 from tfgpt.config import GPTConfig
-from tfgpt.model import GPT
+from tfgpt.model.gpt import GPT
+from tfgpt.serving import decode
 
 # Every test here depends on the CPU's kernels (`make test-isa`).
 pytestmark = pytest.mark.kernels
@@ -137,7 +137,7 @@ def test_frozen_float32_weights_copy_only_what_the_step_changes():
 
 # maxlen 11 (cache rows of 2 x 11 slots unless rounded up) and the layer
 # norm's [B, 1] variance: both reach the CPU kernels' scalar tail unless
-# handled (tfgpt.batch_invariant).
+# handled (tfgpt.model.batch_invariant).
 ODD = GPTConfig(
     vocab_size=40, maxlen=11, embed_dim=256, num_heads=2, ff_dim=256, num_layers=2, dropout=0.0, head_dim=256
 )

@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 from helpers import MICRO, run_train_py, train_env
 
-from tfgpt import devices
+from tfgpt.errors import UserError
+from tfgpt.runtime import devices
 
 
 class FakeGPUs:
@@ -55,7 +56,7 @@ def test_gpus_are_chosen_by_local_index_with_memory_growth(monkeypatch):
     assert fake.visible == fake.gpus[2:4]
     assert fake.growth == [(fake.gpus[2], True), (fake.gpus[3], True)]
     assert devices.use_gpus(1, local_index=3) and fake.visible == [fake.gpus[3]]
-    with pytest.raises(devices.DeviceError, match=r"local index 2 needs GPUs 4\.\.5, but TensorFlow sees 4"):
+    with pytest.raises(UserError, match=r"local index 2 needs GPUs 4\.\.5, but TensorFlow sees 4"):
         devices.use_gpus(2, local_index=2)
 
 
@@ -69,7 +70,7 @@ def test_a_scheduler_that_gave_each_process_its_gpus_is_respected(monkeypatch):
 
 def test_too_few_gpus_is_one_line_saying_what_tensorflow_sees(monkeypatch):
     FakeGPUs(monkeypatch, 2)
-    with pytest.raises(devices.DeviceError) as e:
+    with pytest.raises(UserError) as e:
         devices.use_gpus(3)
     assert str(e.value).startswith("--gpus 3 asked for, but TensorFlow sees 2 GPUs; use --gpus 2 or fewer")
     assert "\n" not in str(e.value)
@@ -235,7 +236,7 @@ def test_resume_checks_the_precision_against_the_devices(monkeypatch):
     devices where auto means float16 trains on in float16 and says so; an
     explicit bfloat16 on devices without it is pointed out."""
     from tfgpt.config import TrainConfig
-    from tfgpt.run import resolve_devices
+    from tfgpt.train.run import resolve_devices
 
     strategy = tf.distribute.get_strategy()
     FakeGPUs(monkeypatch, 1, capability=(7, 0), name="Tesla V100-SXM2-16GB")
@@ -356,7 +357,7 @@ def test_the_cpu_kernels_follow_the_flags_and_onednns_settings(
     assert devices.rows_batch_invariant("bfloat16") == exact_bfloat16
     assert devices.bfloat16_aborts() == aborts
     if aborts:
-        with pytest.raises(devices.DeviceError, match="ONEDNN_MAX_CPU_ISA=AVX2 leaves oneDNN no bfloat16 kernel"):
+        with pytest.raises(UserError, match="ONEDNN_MAX_CPU_ISA=AVX2 leaves oneDNN no bfloat16 kernel"):
             devices.resolve_precision("bfloat16", tf.distribute.get_strategy())
     elif not tf.config.list_physical_devices("GPU"):
         assert devices.resolve_precision("bfloat16", tf.distribute.get_strategy()) == "bfloat16"

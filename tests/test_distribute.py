@@ -14,9 +14,9 @@ from helpers import TRAINER_BATCH as BATCH
 from helpers import TRAINER_MODEL as MODEL
 from helpers import Recorder, make_windows, max_diff, report, strategy_for, weights
 
-from tfgpt import data as tfdata
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.trainer import NonFiniteLoss, Trainer
+from tfgpt.data.windows import train_dataset
+from tfgpt.train.trainer import NonFiniteLoss, Trainer
 
 STEPS = 6
 TOL = 1e-5
@@ -198,7 +198,7 @@ def test_the_steps_per_call_loop_reads_no_value_a_step_computes(tmp_path):
     the counter and n alone (int32), never a loss, a finiteness flag or a
     scale (a GPU would otherwise make the host wait for every step)."""
     trainer = make_trainer(2, tmp_path, steps_per_call=4)
-    iterator = iter(trainer.distribute(lambda ctx: tfdata.train_dataset(make_windows(), BATCH, 0, 0, "truncate", ctx)))
+    iterator = iter(trainer.distribute(lambda ctx: train_dataset(make_windows(), BATCH, 0, 0, "truncate", ctx)))
     graph = trainer.train_steps.get_concrete_function(iterator, tf.constant(4)).graph
     loops = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
     assert len(loops) == 1

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgpt import evaluate as evaluate_cli
 from tfgpt.config import GPTConfig, TrainConfig, save_config
-from tfgpt.data import PAD, UNK, write_vocab
-from tfgpt.export import export_run
-from tfgpt.model import GPT
+from tfgpt.data.text import PAD, UNK, write_vocab
+from tfgpt.model.gpt import GPT
+from tfgpt.serving import evaluate as evaluate_cli
+from tfgpt.serving.export import export_run
 
 WORDS = [PAD, UNK] + [f"w{i}" for i in range(2, 30)]
 CONFIG = GPTConfig(vocab_size=len(WORDS), maxlen=6, embed_dim=16, num_heads=2, ff_dim=16, dropout=0.0)

@@ -20,14 +20,14 @@ import pytest
 import tensorflow as tf
 from helpers import reference_greedy
 
-from tfgpt import devices
-from tfgpt import export as export_cli
-from tfgpt import generate as generate_cli
 from tfgpt.config import GPTConfig, TrainConfig, save_config
-from tfgpt.data import PAD, UNK, read_vocab, write_vocab
-from tfgpt.export import BATCHING, MODEL_NAME, SERVED_BASE_PATH, WARMUP_BATCH, export_model, next_version
-from tfgpt.model import GPT
-from tfgpt.sampler import SIGNATURES
+from tfgpt.data.text import PAD, UNK, read_vocab, write_vocab
+from tfgpt.model.gpt import GPT
+from tfgpt.runtime import devices
+from tfgpt.serving import export as export_cli
+from tfgpt.serving import generate as generate_cli
+from tfgpt.serving.export import BATCHING, MODEL_NAME, SERVED_BASE_PATH, WARMUP_BATCH, export_model, next_version
+from tfgpt.serving.sampler import SIGNATURES
 
 WORDS = [PAD, UNK] + [f"w{i}" for i in range(2, 40)]
 CONFIG = GPTConfig(
@@ -125,7 +125,7 @@ def load_once(monkeypatch, exported, loaded):
 def test_the_savedmodel_writer_traces_each_signature_once(tmp_path):
     """Each signature is traced once, inside the writer: a function traced
     before it is traced again there, which doubled an export's time."""
-    from tfgpt.sampler import Sampler
+    from tfgpt.serving.sampler import Sampler
 
     write_vocab(WORDS, tmp_path / "vocab.txt")
     sampler = Sampler(make_model(), tmp_path / "vocab.txt", frozen=True)
@@ -464,8 +464,8 @@ def test_export_help_says_what_it_writes(capsys):
 
 @pytest.mark.slow
 def test_the_serving_benchmark_measures_an_export_in_a_tensorflow_only_process(exported):
-    from tfgpt.export import warmup_requests
-    from tfgpt.serving_bench import SETTINGS, first_over_median, measure
+    from benchmarks.serving_bench import SETTINGS, first_over_median, measure
+    from tfgpt.serving.export import warmup_requests
 
     _, _, path = exported
     tokens = SETTINGS["max_tokens"]

@@ -1,4 +1,4 @@
-"""FLOPs (tfgpt.flops): the per-token formula against the model's own
+"""FLOPs (tfgpt.runtime.flops): the per-token formula against the model's own
 matrix-product weights, and the measured matmul peak is a plausible number."""
 
 import math
@@ -7,12 +7,12 @@ import re
 import tensorflow as tf
 
 from tfgpt.config import GPTConfig
-from tfgpt.devices import bfloat16_aborts
-from tfgpt.flops import flops_per_token, matmul_params, measure_matmul_peak
+from tfgpt.runtime.devices import bfloat16_aborts
+from tfgpt.runtime.flops import flops_per_token, matmul_params, measure_matmul_peak
 
 
 def test_flops_formula_matches_the_model():
-    from tfgpt.model import GPT
+    from tfgpt.model.gpt import GPT
 
     cfg = GPTConfig(vocab_size=50, maxlen=12, embed_dim=16, num_heads=3, head_dim=8, ff_dim=24, num_layers=2)
     model = GPT(cfg)

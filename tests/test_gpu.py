@@ -11,7 +11,7 @@ Each compares with a run of the same tiny model from the same initial weights
 (the same seed) on the same windows, dropout 0. float32 runs keep TF32 off,
 so that float32 means float32 (see `exact_float32`).
 
-`python -m tfgpt.gpu_check` on any machine (the CPU suite runs it) is
+`python -m benchmarks.gpu_check` on any machine (the CPU suite runs it) is
 tests/test_gpu_check.py.
 """
 
@@ -29,9 +29,9 @@ import tensorflow as tf
 from helpers import TRAINER_MODEL as MODEL
 from helpers import Recorder, make_windows, max_diff, report, weights
 
-from tfgpt import gpu_check
+from benchmarks import gpu_check
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.trainer import Trainer
+from tfgpt.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 GPUS = tf.config.list_physical_devices("GPU")
@@ -137,7 +137,7 @@ tf.config.set_logical_device_configuration(gpu, [tf.config.LogicalDeviceConfigur
 tf.config.experimental.enable_tensor_float_32_execution(False)
 
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.trainer import Trainer
+from tfgpt.train.trainer import Trainer
 
 windows = np.load(args["windows"])
 
@@ -268,8 +268,8 @@ print("RESULT " + json.dumps(dict(text=out["text"].numpy()[0].decode(),
 def test_an_export_written_on_a_gpu_generates_the_same_text_on_the_cpu(tmp_path):
     from test_export import PROMPT, WORDS, greedy_text, make_model
 
-    from tfgpt.data import write_vocab
-    from tfgpt.export import export_model
+    from tfgpt.data.text import write_vocab
+    from tfgpt.serving.export import export_model
 
     model = make_model()  # well-separated logits: greedy decoding does not hinge on rounding
     assert all("GPU" in v.device.upper() for v in model.trainable_variables)
@@ -384,7 +384,7 @@ else:  # two logical GPUs of one: NCCL refuses them, hence another all-reduce
     devices, ops = ["/gpu:0", "/gpu:1"], tf.distribute.HierarchicalCopyAllReduce()
 strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=ops)
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.trainer import Trainer
+from tfgpt.train.trainer import Trainer
 windows = np.load(spec["windows"])
 out = {"devices": list(strategy.extended.worker_devices)}
 for name, seed in (("a", 0), ("again", 0), ("other", 1)):

@@ -1,4 +1,4 @@
-"""`python -m tfgpt.gpu_check` on any machine: its one line without a GPU,
+"""`python -m benchmarks.gpu_check` on any machine: its one line without a GPU,
 the data-sheet peaks, the precisions skipped below their compute capability,
 a failing variant in one line, and the --cpu-smoke path's consistent rows.
 The GPU tests themselves are tests/test_gpu.py."""
@@ -11,9 +11,9 @@ import subprocess
 import pytest
 from helpers import run_python
 
-from tfgpt import gpu_check
+from benchmarks import gpu_check
 from tfgpt.config import GPTConfig
-from tfgpt.flops import flops_per_token
+from tfgpt.runtime.flops import flops_per_token
 
 
 def cpu_env(**extra) -> dict:
@@ -30,7 +30,7 @@ def driver_lists_gpus(path: str | None = None) -> bool:
 
 @pytest.mark.slow
 def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
-    done = run_python(["-m", "tfgpt.gpu_check"], env=cpu_env(), cwd=tmp_path)
+    done = run_python(["-m", "benchmarks.gpu_check"], env=cpu_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert len(lines) == 1, done.stdout
@@ -48,7 +48,7 @@ def test_gpu_check_names_a_hidden_gpu(tmp_path):
     fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA L4 (UUID: GPU-0)'\n")
     fake.chmod(0o755)
     env = cpu_env(PATH=f"{folder}{os.pathsep}{os.environ['PATH']}")
-    done = run_python(["-m", "tfgpt.gpu_check"], env=env, cwd=tmp_path)
+    done = run_python(["-m", "benchmarks.gpu_check"], env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == [
         "gpu-check: no GPU visible to TensorFlow (CUDA_VISIBLE_DEVICES='-1' hides the "
@@ -117,7 +117,7 @@ def test_gpu_check_cpu_smoke_prints_consistent_rows(tmp_path):
     """--cpu-smoke: the check's whole path on the CPU with one small variant.
     Its row's figures must agree with each other: tokens/s = batch x 80 /
     step time, TFLOP/s = tokens/s x FLOPs per token, MFU = TFLOP/s / peak."""
-    done = run_python(["-m", "tfgpt.gpu_check", "--cpu-smoke"], env=cpu_env(), cwd=tmp_path, timeout=900)
+    done = run_python(["-m", "benchmarks.gpu_check", "--cpu-smoke"], env=cpu_env(), cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     out = done.stdout
     assert re.search(rf"^gpu-check: training on .+\({os.cpu_count()} cores, (oneDNN|Eigen) .+\)$", out, re.M), out
@@ -153,7 +153,7 @@ class FakeCheck:
     def __init__(self, monkeypatch, variant_fails=False, two_gpus=None, tests=0):
         import tensorflow as tf
 
-        from tfgpt import bench, devices, distribute
+        from tfgpt.runtime import devices
 
         gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(2)]
         real = tf.config.list_physical_devices
@@ -162,8 +162,8 @@ class FakeCheck:
         monkeypatch.setattr(devices, "gpu_details", lambda: [detail, detail])
         monkeypatch.setattr(devices, "describe", lambda s: "1 x NVIDIA H100 80GB HBM3 (compute capability 9.0)")
         monkeypatch.setattr(devices, "fastest_precision", lambda s: "bfloat16")
-        monkeypatch.setattr(distribute, "make_strategy", lambda **kw: tf.distribute.get_strategy())
-        monkeypatch.setattr(bench, "sampler_bench", lambda **kw: None)
+        monkeypatch.setattr(gpu_check, "make_strategy", lambda **kw: tf.distribute.get_strategy())
+        monkeypatch.setattr(gpu_check, "sampler_bench", lambda **kw: None)
         row = dict(ms_per_step=10.0, tokens_per_s=1e6, peak_gflops=1e5, warmup_s=1.0)
         monkeypatch.setattr(
             gpu_check, "run_variant", lambda spec, t: (None, "failed: boom") if variant_fails else (dict(row), "")

@@ -10,9 +10,9 @@ import textwrap
 import pytest
 
 from tfgpt.config import GPTConfig
-from tfgpt.data import PAD, UNK, write_vocab
-from tfgpt.export import export_model
-from tfgpt.model import GPT
+from tfgpt.data.text import PAD, UNK, write_vocab
+from tfgpt.model.gpt import GPT
+from tfgpt.serving.export import export_model
 
 CLIENT = textwrap.dedent(r"""
     import json, random, sys

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tfgpt.devices import cpu_info
+from tfgpt.runtime.devices import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE = shutil.which("make")
@@ -171,7 +171,7 @@ def installed_venv(tmp_path: Path) -> Path:
         ("test", '{py} -m pytest -q -m "not gpu" -n 2 --dist loadfile --durations=10 -x'),
         ("test-fast", '{py} -m pytest -q -m "not gpu and not slow" -n 2 --dist loadfile --durations=10 -x'),
         ("test-gpu", "TFGPT_TEST_GPU=1 {py} -m pytest -q -m gpu tests/test_gpu.py -x"),
-        ("gpu-check", "{py} -m tfgpt.gpu_check -x"),
+        ("gpu-check", "{py} -m benchmarks.gpu_check -x"),
     ],
 )
 def test_the_test_and_check_targets_run_these_commands(tmp_path, target, command):
@@ -227,10 +227,10 @@ def test_the_version_has_one_source_and_the_commands_are_installed():
     }
     assert scripts == {
         "tfgpt-train": "tfgpt.cli:main",
-        "tfgpt-prepare": "tfgpt.prepare:main",
-        "tfgpt-export": "tfgpt.export:main",
-        "tfgpt-generate": "tfgpt.generate:main",
-        "tfgpt-evaluate": "tfgpt.evaluate:main",
+        "tfgpt-prepare": "tfgpt.data.prepare:main",
+        "tfgpt-export": "tfgpt.serving.export:main",
+        "tfgpt-generate": "tfgpt.serving.generate:main",
+        "tfgpt-evaluate": "tfgpt.serving.evaluate:main",
     }
     # The five commands side by side rather than one after another.
     procs = {

@@ -4,16 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgpt.attention import causal_mask
-from tfgpt.layers import (
-    Block,
-    Dense,
-    Embedding,
-    FeedForward,
-    LayerNorm,
-    MultiHeadAttention,
-    dropout,
-)
+from tfgpt.model.attention import causal_mask
+from tfgpt.model.layers import Block, Dense, Embedding, FeedForward, LayerNorm, MultiHeadAttention, dropout
 
 # --- NumPy references ---------------------------------------------------------
 
@@ -108,7 +100,7 @@ def test_layer_norm_matches_numpy():
 def test_layer_norm_with_another_rsqrt():
     """The rsqrt generation passes gives the layer's own numbers for a batch
     whose rows fill whole vector registers (32 rows), and NumPy's for one row."""
-    from tfgpt.batch_invariant import rsqrt_column
+    from tfgpt.model.batch_invariant import rsqrt_column
 
     layer = LayerNorm(8)
     _randomise(layer, seed=5)

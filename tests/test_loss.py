@@ -1,4 +1,4 @@
-"""Loss checks (tfgpt.loss): the chunked cross-entropy sum and its
+"""Loss checks (tfgpt.model.loss): the chunked cross-entropy sum and its
 gradients against NumPy and against tf.GradientTape of a plain
 sparse-softmax cross-entropy, chunked against unchunked, bfloat16, targets
 whose probability underflows float32, label smoothing, row weights, the
@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 from tfgpt.config import GPTConfig
-from tfgpt.loss import auto_chunk, chunked_xent_sum, token_log_probs
-from tfgpt.model import GPT, count_params
+from tfgpt.model.gpt import GPT, count_params
+from tfgpt.model.loss import auto_chunk, chunked_xent_sum, token_log_probs
 
 TINY = GPTConfig(vocab_size=23, maxlen=8, embed_dim=8, num_heads=2, ff_dim=12, num_layers=2, dropout=0.0, head_dim=4)
 

@@ -9,8 +9,8 @@ from helpers import TRAINER_MODEL as MODEL
 from helpers import Recorder, make_windows, max_diff, report, strategy_for, weights
 
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.loss_scale import LossScale
-from tfgpt.trainer import Trainer
+from tfgpt.train.loss_scale import LossScale
+from tfgpt.train.trainer import Trainer
 
 
 def reference_scales(flags, initial, interval, max_scale):

@@ -5,7 +5,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from tfgpt import memory
+from tfgpt.runtime import memory
 
 ROOT = "/site-packages/tensorflow/"
 SMAPS = f"""\
@@ -65,7 +65,7 @@ def test_peak_rss_of_a_child_is_its_own():
     # This process holds TensorFlow (hundreds of MB); a child started from it
     # inherits that peak in its ru_maxrss, but not in peak_rss_mb.
     code = (
-        "import resource; from tfgpt.memory import peak_rss_mb; "
+        "import resource; from tfgpt.runtime.memory import peak_rss_mb; "
         "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfgpt.config import GPTConfig
-from tfgpt.model import GPT, count_params
+from tfgpt.model.gpt import GPT, count_params
 
 TINY = GPTConfig(vocab_size=23, maxlen=8, embed_dim=8, num_heads=2, ff_dim=12, num_layers=2, dropout=0.0, head_dim=4)
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from helpers import NumpyAdam
 
-from tfgpt.optim import Adam, clip_scale, make_schedule
+from tfgpt.train.optim import Adam, clip_scale, make_schedule
 
 
 def _problem(seed=0, steps=5):

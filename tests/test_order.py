@@ -1,11 +1,11 @@
-"""The keyed permutation of an epoch (tfgpt.order): a permutation for any
+"""The keyed permutation of an epoch (tfgpt.data.order): a permutation for any
 size, a function of (seed, epoch) that looks uniformly shuffled, and the same
 order whatever batches its positions are computed in."""
 
 import numpy as np
 import pytest
 
-from tfgpt.order import EpochOrder
+from tfgpt.data.order import EpochOrder
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4099])

@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 from helpers import ROOT, log_messages, run_python, write_corpus
 
-from tfgpt import data, prepare, store_build
+from tfgpt import errors
+from tfgpt.data import prepare, store_build
+from tfgpt.data.corpus import read_corpus, train_val_split
+from tfgpt.data.text import Tokenizer, tokenize_lines, write_vocab
+from tfgpt.data.windows import make_windows
 
 
 def ensure(spec, tmp_path, messages=None, **kw):
@@ -107,7 +111,7 @@ def test_full_disk_is_one_error_and_leaves_no_store(tmp_path, monkeypatch):
     from the kernel."""
     path = write_corpus(tmp_path / "r.txt", 200)
     full_disk_for(monkeypatch, "train-00001.u32")
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(errors.UserError) as e:
         ensure(path, tmp_path, shard_tokens=300)
     message = str(e.value)
     assert "no space left" in message and "nothing was kept" in message and "\n" not in message
@@ -154,7 +158,7 @@ def test_interrupted_build_leaves_nothing_and_the_next_one_builds(tmp_path, monk
 
 
 def _params(path):
-    from tfgpt import sources
+    from tfgpt.data import sources
 
     paths = sources.expand(str(path))
     return prepare.store_params(
@@ -173,13 +177,11 @@ def test_resumed_run_keeps_its_vocabulary(tmp_path):
     assert store.root != own.root and store.vocab() == given
     assert ensure(path, tmp_path, vocab=given).action == "reused"
     assert ensure(path, tmp_path).action == "reused"  # both stores are kept
-    data.write_vocab(given, tmp_path / "given.txt")
-    tok = data.Tokenizer(tmp_path / "given.txt")
-    train, _ = data.train_val_split(data.read_corpus(path), 0.1, 0)
-    ids, lengths = data.tokenize_lines(tok, train)
-    np.testing.assert_array_equal(
-        all_windows(store, packing="truncate"), data.make_windows(ids, lengths, 8, "truncate")
-    )
+    write_vocab(given, tmp_path / "given.txt")
+    tok = Tokenizer(tmp_path / "given.txt")
+    train, _ = train_val_split(read_corpus(path), 0.1, 0)
+    ids, lengths = tokenize_lines(tok, train)
+    np.testing.assert_array_equal(all_windows(store, packing="truncate"), make_windows(ids, lengths, 8, "truncate"))
 
 
 def test_named_store_is_used_as_it_is_and_rebuilt_when_its_input_changes(tmp_path):

@@ -1,8 +1,8 @@
-"""The progress line of long data passes (tfgpt.progress)."""
+"""The progress line of long data passes (tfgpt.data.progress)."""
 
 from helpers import log_messages
 
-from tfgpt.progress import Progress
+from tfgpt.data.progress import Progress
 
 
 def test_progress_line():

@@ -1,4 +1,4 @@
-"""The Reporter (tfgpt.report): the scalars it writes are the means since
+"""The Reporter (tfgpt.train.report): the scalars it writes are the means since
 the last write, pending steps are written on close, the epoch line, and
 other workers write nothing."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import read_events
 
-from tfgpt.report import ReportConfig, Reporter
+from tfgpt.train.report import ReportConfig, Reporter
 
 
 def test_reporter_close_writes_pending_steps(tmp_path):

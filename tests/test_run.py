@@ -1,4 +1,4 @@
-"""A whole run (tfgpt.run) never loses work: exact resume, signals, kill -9,
+"""A whole run (tfgpt.train.run) never loses work: exact resume, signals, kill -9,
 corrupt checkpoints, divergence. The run lock is tests/test_runlock.py; the
 one-line errors for bad input are tests/test_cli.py."""
 

@@ -1,4 +1,4 @@
-"""One process per run directory (tfgpt.runlock): a second holder is refused
+"""One process per run directory (tfgpt.train.runlock): a second holder is refused
 with the first one's pid in the message, the lock is free again once
 released, and train.py refuses a run another process trains."""
 
@@ -8,7 +8,7 @@ import pytest
 from helpers import TINY, write_corpus
 
 from tfgpt.cli import main
-from tfgpt.runlock import RunLock, RunLocked
+from tfgpt.train.runlock import RunLock, RunLocked
 
 
 def test_a_second_holder_is_refused_until_the_first_releases(tmp_path):

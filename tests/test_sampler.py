@@ -12,11 +12,11 @@ import pytest
 import tensorflow as tf
 from helpers import reference_greedy
 
-from tfgpt.bench import _sampler_variants
+from benchmarks.bench import _sampler_variants
 from tfgpt.config import GPTConfig
-from tfgpt.data import PAD, UNK, write_vocab
-from tfgpt.model import GPT
-from tfgpt.sampler import MAX_TOKENS, Sampler
+from tfgpt.data.text import PAD, UNK, write_vocab
+from tfgpt.model.gpt import GPT
+from tfgpt.serving.sampler import MAX_TOKENS, Sampler
 
 WORDS = [PAD, UNK] + [f"w{i}" for i in range(2, 40)]  # id i <-> word "w{i}" for i >= 2
 CONFIG = GPTConfig(

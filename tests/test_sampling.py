@@ -1,4 +1,4 @@
-"""Choosing the next token (tfgpt.sampling) against a NumPy reference: the
+"""Choosing the next token (tfgpt.serving.sampling) against a NumPy reference: the
 per-row random numbers, the repetition penalty, top-k, top-p and
 temperature, and each row alone against the same row in a batch."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgpt import sampling
-from tfgpt.sampling import CANDIDATES, top_k_logits
+from tfgpt.serving import sampling
+from tfgpt.serving.sampling import CANDIDATES, top_k_logits
 
 V = 20000  # the default vocabulary
 

@@ -13,14 +13,17 @@ import pytest
 import tensorflow as tf
 from helpers import make_review, write_imdb_tree
 
-from tfgpt import data, prepare
-from tfgpt.order import EpochOrder
-from tfgpt.store import StoreWindows
+from tfgpt.data import prepare
+from tfgpt.data.corpus import Document, read_corpus, train_val_split
+from tfgpt.data.order import EpochOrder
+from tfgpt.data.store import StoreWindows
+from tfgpt.data.text import Tokenizer, build_vocab, tokenize_lines, write_vocab
+from tfgpt.data.windows import eval_dataset, make_windows, train_dataset
 
 MAXLEN = 9
 
 
-def reference_docs(paths: list[Path]) -> list[data.Document]:
+def reference_docs(paths: list[Path]) -> list[Document]:
     """Documents read the simple way: each path's .txt files (or the file
     itself), sorted by name, decoded with replacement characters."""
     docs = []
@@ -31,21 +34,21 @@ def reference_docs(paths: list[Path]) -> list[data.Document]:
             files = [(path.name, path)]
         for name, p in files:
             raw = p.read_bytes()
-            docs.append(data.Document(name, raw.decode("utf-8", errors="replace")))
+            docs.append(Document(name, raw.decode("utf-8", errors="replace")))
     return docs
 
 
 def reference_windows(docs, vocab_size, val_fraction, seed, folder: Path):
     """Today's path: split, vocabulary, Tokenizer, make_windows."""
-    train, val = data.train_val_split(docs, val_fraction, seed)
-    words, counts = data.build_vocab(train, vocab_size)
-    data.write_vocab(words, folder / "ref_vocab.txt", counts)
-    tok = data.Tokenizer(folder / "ref_vocab.txt")
+    train, val = train_val_split(docs, val_fraction, seed)
+    words, counts = build_vocab(train, vocab_size)
+    write_vocab(words, folder / "ref_vocab.txt", counts)
+    tok = Tokenizer(folder / "ref_vocab.txt")
     out = {}
     for name, lines in (("train", train), ("val", val)):
-        ids, lengths = data.tokenize_lines(tok, lines)
+        ids, lengths = tokenize_lines(tok, lines)
         for packing in ("truncate", "pack"):
-            out[name, packing] = data.make_windows(ids, lengths, MAXLEN, packing)
+            out[name, packing] = make_windows(ids, lengths, MAXLEN, packing)
     return (folder / "ref_vocab.txt").read_text(), out, (len(train), len(val))
 
 
@@ -78,7 +81,7 @@ def write_lines(path: Path, n: int, seed: int = 1, end: str = "\n") -> Path:
 def test_single_file_split_by_lines(tmp_path, chunk_bytes, monkeypatch):
     """One document: the validation lines are chosen among its lines. Small
     chunks put chunk boundaries everywhere."""
-    from tfgpt import store_build
+    from tfgpt.data import store_build
 
     monkeypatch.setattr(store_build, "CHUNK_BYTES", chunk_bytes)
     path = write_lines(tmp_path / "reviews.txt", 300)
@@ -109,7 +112,7 @@ def test_imdb_archive(tmp_path):
         tar.add(base, arcname="aclImdb")
     store, settings = build(archive, tmp_path)
     docs = [d for d in reference_docs([base]) if "unsup" not in d.name]
-    docs = [data.Document("aclImdb/" + d.name, d.text) for d in docs]
+    docs = [Document("aclImdb/" + d.name, d.text) for d in docs]
     assert store.manifest["documents"] == 24
     assert_store_equals_reference(store, docs, settings, tmp_path)
 
@@ -117,7 +120,7 @@ def test_imdb_archive(tmp_path):
 def test_awkward_text(tmp_path, monkeypatch):
     """Undecodable bytes next to line ends, CRLF, NUL, <br />, capitals
     beyond ASCII, long lines and empty lines, in chunks of a few bytes."""
-    from tfgpt import store_build
+    from tfgpt.data import store_build
 
     monkeypatch.setattr(store_build, "CHUNK_BYTES", 16)
     lines = [
@@ -175,7 +178,7 @@ def test_several_paths_and_globs(tmp_path):
     docs = reference_docs(paths)
     assert store.manifest["documents"] == len(docs) == 7
     assert_store_equals_reference(store, docs, settings, tmp_path)
-    assert [d.name for d in data.read_corpus(spec)] == [d.name for d in docs]
+    assert [d.name for d in read_corpus(spec)] == [d.name for d in docs]
 
 
 def test_large_vocabulary_takes_uint32(tmp_path):
@@ -188,7 +191,7 @@ def test_large_vocabulary_takes_uint32(tmp_path):
 
 
 def test_workers_and_chunks_do_not_change_the_bytes(tmp_path, monkeypatch):
-    from tfgpt import store_build
+    from tfgpt.data import store_build
 
     path = write_lines(tmp_path / "r.txt", 400)
     one, _ = build(path, tmp_path / "one", workers=1)
@@ -213,15 +216,15 @@ def test_pipeline_reads_the_same_batches_from_store_and_memory(tmp_path):
     for packing in ("truncate", "pack"):
         windows = store.windows("train", MAXLEN, packing)
         for epoch, skip in ((0, 0), (1, 0), (1, 3)):
-            a = _batches(data.train_dataset(windows, 16, seed=5, epoch=epoch, packing=packing, skip=skip))
-            b = _batches(data.train_dataset(ref["train", packing], 16, 5, epoch, packing, skip=skip))
+            a = _batches(train_dataset(windows, 16, seed=5, epoch=epoch, packing=packing, skip=skip))
+            b = _batches(train_dataset(ref["train", packing], 16, 5, epoch, packing, skip=skip))
             assert len(a) == len(b) == len(ref["train", packing]) // 16 - skip
             for x, y in zip(a, b):
                 for p, q in zip(x, y):
                     np.testing.assert_array_equal(p, q)
         val = store.windows("val", MAXLEN, packing)
-        a = _batches(data.eval_dataset(val, 16, packing))
-        b = _batches(data.eval_dataset(ref["val", packing], 16, packing))
+        a = _batches(eval_dataset(val, 16, packing))
+        b = _batches(eval_dataset(ref["val", packing], 16, packing))
         assert len(a) == len(b) == -(-len(val) // 16)
         for x, y in zip(a, b):
             for p, q in zip(x, y):
@@ -235,7 +238,7 @@ def test_each_worker_reads_only_its_slice(tmp_path):
     path = write_lines(tmp_path / "r.txt", 200)
     store, _ = build(path, tmp_path)
     full_windows = store.windows("train", MAXLEN, "pack")
-    full = _batches(data.train_dataset(full_windows, 8, seed=2, epoch=0, packing="pack"))
+    full = _batches(train_dataset(full_windows, 8, seed=2, epoch=0, packing="pack"))
     order = EpochOrder(len(full_windows), 2, 0).numpy(np.arange(len(full) * 8))
     parts, reads = [], []
     for worker in range(2):
@@ -244,7 +247,7 @@ def test_each_worker_reads_only_its_slice(tmp_path):
         original = windows.read
         windows.read = lambda rows, original=original, seen=seen: (seen.extend(rows.tolist()), original(rows))[1]
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=4)
-        parts.append(_batches(data.train_dataset(windows, 8, seed=2, epoch=0, packing="pack", input_context=ctx)))
+        parts.append(_batches(train_dataset(windows, 8, seed=2, epoch=0, packing="pack", input_context=ctx)))
         reads.append(seen)
     for worker in range(2):
         # Worker w reads rows 4w..4w+3 of every global batch of 8, nothing else.

@@ -7,7 +7,7 @@ import tensorflow as tf
 from helpers import read_events
 
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.summaries import Summaries, run_hparams, sample_markdown, write_hparams
+from tfgpt.train.summaries import Summaries, run_hparams, sample_markdown, write_hparams
 
 
 def test_scalars_and_text_read_back(tmp_path):

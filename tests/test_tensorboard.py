@@ -22,8 +22,8 @@ import tensorflow as tf
 from helpers import ROOT, SMALL, SMALL_BATCH, SMALL_MAXLEN, read_events, run_train_py, write_corpus
 
 from tfgpt.config import GPTConfig
-from tfgpt.flops import flops_per_token
-from tfgpt.loss import auto_chunk
+from tfgpt.model.loss import auto_chunk
+from tfgpt.runtime.flops import flops_per_token
 
 # Every test here trains end to end, starts train.py or a TensorBoard server.
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""One training step of tfgpt.trainer.Trainer against an independent
+"""One training step of tfgpt.train.trainer.Trainer against an independent
 computation: TensorFlow's plain cross-entropy and gradient, the global-norm
 clip, and Adam in NumPy; the per-token embedding update against its formula.
 Several replicas against one device are tests/test_distribute.py."""
@@ -12,9 +12,9 @@ from helpers import TRAINER_BATCH as BATCH
 from helpers import TRAINER_MODEL as MODEL
 from helpers import NumpyAdam, make_windows, strategy_for
 
-from tfgpt import data as tfdata
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.trainer import Trainer
+from tfgpt.data.windows import eval_dataset, split_window
+from tfgpt.train.trainer import Trainer
 
 
 @pytest.mark.parametrize("clip, padding", [(None, "ignore"), (0.05, "ignore"), (None, "count")])
@@ -37,7 +37,7 @@ def test_train_step_matches_an_independent_update(tmp_path, clip, padding):
     trainer = Trainer(GPTConfig(dropout=0.0, **MODEL), cfg, strategy_for(1), tmp_path)
     model, variables = trainer.model, trainer.model.trainable_variables
     before = [v.numpy().astype(np.float64) for v in variables]
-    x, y, w = tfdata.split_window(tf.constant(make_windows(BATCH, seed=3)), "truncate")
+    x, y, w = split_window(tf.constant(make_windows(BATCH, seed=3)), "truncate")
     assert 0 < float(tf.reduce_sum(w)) < w.shape.num_elements()  # some padding targets
     if padding == "count":
         w = tf.ones_like(w)
@@ -49,7 +49,7 @@ def test_train_step_matches_an_independent_update(tmp_path, clip, padding):
     if clip:
         assert norm > clip
         grads, _ = tf.clip_by_global_norm(grads, clip)
-    real = tfdata.split_window(tf.constant(make_windows(BATCH, seed=3)), "truncate")[2]
+    real = split_window(tf.constant(make_windows(BATCH, seed=3)), "truncate")[2]
     got_loss, got_norm = trainer.train_step((x, y, real), trainer.step_seed(0))[:2]
     np.testing.assert_allclose(float(got_loss), float(loss), rtol=1e-5)
     np.testing.assert_allclose(float(got_norm), norm, rtol=1e-4)
@@ -78,7 +78,7 @@ def test_per_token_embedding_update_matches_its_formula(tmp_path, replicas):
     model = trainer.model
     table, pos = model.token_emb.table.numpy().astype(np.float64), model.pos_emb.table.numpy().astype(np.float64)
     windows = make_windows(BATCH, seed=4)
-    x, y, w = tfdata.split_window(tf.constant(windows), "truncate")
+    x, y, w = split_window(tf.constant(windows), "truncate")
     with tf.GradientTape() as tape:
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=model(x))
         loss = tf.reduce_sum(ce * w) / tf.reduce_sum(w)
@@ -90,7 +90,7 @@ def test_per_token_embedding_update_matches_its_formula(tmp_path, replicas):
     np.add.at(squares, ids, occ**2)
     assert np.abs(squares - summed**2).max() > 1e-6 * np.abs(squares).max()  # repeated tokens in the batch
     # The one global batch, cut into the replicas' slices as training cuts it.
-    batches = trainer.distribute(lambda ctx: tfdata.eval_dataset(windows, BATCH, "truncate", ctx))
+    batches = trainer.distribute(lambda ctx: eval_dataset(windows, BATCH, "truncate", ctx))
     trainer.train_steps(iter(batches), tf.constant(1))
     b1, b2, eps, lr = (float(np.float32(z)) for z in (0.9, 0.999, 1e-7, 3e-3))
     lr_t = lr * math.sqrt(1 - b2) / (1 - b1)

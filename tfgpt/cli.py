@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from tfgpt.cluster import MODES, is_chief_task
 from tfgpt.config import GPTConfig, TrainConfig, load_config
-from tfgpt.devices import PRECISIONS
+from tfgpt.errors import UserError
+from tfgpt.runtime.cluster import MODES, is_chief_task
+from tfgpt.runtime.devices import PRECISIONS
 
 # Fields that may differ from the saved config.json when resuming a run.
 RESUMABLE = {
@@ -57,10 +58,6 @@ RECIPES = {
     "example": {},
     "tuned": {"lr": 5e-3, "beta2": 0.95},
 }
-
-
-class UsageError(ValueError):
-    """Bad command-line input: one line on stderr, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,11 +321,11 @@ def validate(model: GPTConfig, train: TrainConfig) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise UsageError(message)
+            raise UserError(message)
     try:
         train.profile_range()
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 def resolve_run(args: dict) -> tuple[GPTConfig, TrainConfig, Path, bool]:
@@ -338,15 +335,15 @@ def resolve_run(args: dict) -> tuple[GPTConfig, TrainConfig, Path, bool]:
     model, train = configs_from_args(args)
     if resume:
         if not train.run_name:
-            raise UsageError("--resume needs --run-name, the run directory under --logdir to continue")
+            raise UserError("--resume needs --run-name, the run directory under --logdir to continue")
         run_dir = Path(train.logdir) / train.run_name
         if not (run_dir / "config.json").exists():
-            raise UsageError(f"--resume: {run_dir} holds no config.json; nothing to resume")
+            raise UserError(f"--resume: {run_dir} holds no config.json; nothing to resume")
         saved_model, saved_train = load_config(run_dir / "config.json")
         for key, value in args.items():
             saved = getattr(saved_model, key, getattr(saved_train, key, None))
             if key not in RESUMABLE | {"logdir", "run_name"} and value != saved:
-                raise UsageError(
+                raise UserError(
                     f"--resume: --{key.replace('_', '-')} {value} conflicts with the saved "
                     f"config.json ({key} = {saved}); leave it out or start a new run"
                 )
@@ -362,7 +359,7 @@ def resolve_run(args: dict) -> tuple[GPTConfig, TrainConfig, Path, bool]:
         train = dataclasses.replace(train, run_name=train.run_name or time.strftime("%Y%m%d-%H%M%S"))
         run_dir = Path(train.logdir) / train.run_name
         if (run_dir / "config.json").exists() and is_chief_task(train.cluster):  # other workers write nothing there
-            raise UsageError(f"{run_dir} already exists; pass --resume to continue it or choose another --run-name")
+            raise UserError(f"{run_dir} already exists; pass --resume to continue it or choose another --run-name")
     validate(model, train)
     return model, train, run_dir, resume
 
@@ -376,10 +373,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if gpu_machine else "2")
     try:
         model_cfg, train_cfg, run_dir, resume = resolve_run(args)
-    except UsageError as e:
+    except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    from tfgpt.run import train  # imports TensorFlow; after the cheap checks
+    from tfgpt.train.run import train  # imports TensorFlow; after the cheap checks
 
     return train(model_cfg, train_cfg, run_dir, resume)
 

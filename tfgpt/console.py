@@ -86,7 +86,7 @@ def setup_logging(chief: bool = True) -> logging.Logger:
 
 @contextlib.contextmanager
 def quiet(name: str, level: int = logging.ERROR):
-    """For the block, the logger `name` (a module's, e.g. "tfgpt.export")
+    """For the block, the logger `name` (a module's, e.g. "tfgpt.serving.export")
     passes on only messages at `level` and above: for a caller to which that
     module's notes and warnings say nothing useful."""
     logger = logging.getLogger(name)

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import logging
 
-from tfgpt import cluster as clusters
-from tfgpt.devices import DeviceError, local_devices, unused_gpus_warning
+import tensorflow as tf
+
+from tfgpt.errors import UserError
+from tfgpt.runtime import cluster as clusters
+from tfgpt.runtime.devices import local_devices, unused_gpus_warning
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +32,11 @@ def make_strategy(
     cluster_port: int = 8888,
 ):
     """Builds the strategy for this process (see the module docstring)."""
-    import tensorflow as tf
 
     found = clusters.detect(cluster, port_base=cluster_port)
     if found is not None:
         if cpu_replicas is not None:
-            raise DeviceError(
+            raise UserError(
                 "--cpu-replicas is for one process; in a multi-worker run each worker "
                 "without GPUs trains one CPU replica"
             )

@@ -12,8 +12,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfgpt.config import GPTConfig
-from tfgpt.layers import Block, Dense, Embedding, TiedOutput, fold_seed
-from tfgpt.loss import chunked_xent_sum
+from tfgpt.model.layers import Block, Dense, Embedding, TiedOutput, fold_seed
+from tfgpt.model.loss import chunked_xent_sum
 
 
 class GPT(tf.Module):

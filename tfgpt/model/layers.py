@@ -14,7 +14,7 @@ import math
 
 import tensorflow as tf
 
-from tfgpt import attention
+from tfgpt.model import attention
 
 
 def _uniform_init(shape, fan_in, fan_out, seed):
@@ -102,7 +102,7 @@ class LayerNorm(tf.Module):
     """Normalises the last axis, in float32. x: [..., D] -> [..., D].
 
     rsqrt: the function for 1 / sqrt(variance + eps) of the [..., 1]
-    column; generation passes `tfgpt.batch_invariant.rsqrt_column`, whose
+    column; generation passes `tfgpt.model.batch_invariant.rsqrt_column`, whose
     numbers for a row do not depend on how many rows there are."""
 
     def __init__(self, dim, eps=1e-6, name=None):
@@ -123,7 +123,7 @@ class MultiHeadAttention(tf.Module):
     Variables (as Keras' MultiHeadAttention lays them out):
       q, k, v: w [D, H, K], b [H, K];  out: w [H, K, D], b [D].
 
-    The attention itself is `tfgpt.attention.attend`; this module adds the
+    The attention itself is `tfgpt.model.attention.attend`; this module adds the
     projections around it. Training calls it on a whole sequence; `qkv` and
     `attend` are the same function in the [B, H, T, K] layout (the reference
     tests/test_layers.py holds `__call__` to). Generation (tfgpt/decode.py)

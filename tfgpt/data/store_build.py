@@ -43,12 +43,13 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfgpt import sources
 from tfgpt.config import write_text_atomic
-from tfgpt.data import PAD, UNK, DataError, standardize, write_vocab
-from tfgpt.memory import release_library_pages
-from tfgpt.progress import Progress
-from tfgpt.store import FORMAT, MANIFEST, VERSION, file_sha256
+from tfgpt.data import sources
+from tfgpt.data.progress import Progress
+from tfgpt.data.store import FORMAT, MANIFEST, VERSION, file_sha256
+from tfgpt.data.text import PAD, UNK, standardize, write_vocab
+from tfgpt.errors import UserError
+from tfgpt.runtime.memory import release_library_pages
 
 CHUNK_BYTES = 1 << 20
 SHARD_TOKENS = 1 << 27  # ids per shard file (2^27: 256 MiB as uint16)
@@ -80,7 +81,7 @@ def plan_split(docs: list, val_fraction: float, seed: int, on_read=lambda n: Non
     if val_fraction > 0 and n_val == 0:
         n_val = 1
     if n_val >= n:
-        raise DataError(f"--val-fraction {val_fraction} leaves no training data ({n} documents)")
+        raise UserError(f"--val-fraction {val_fraction} leaves no training data ({n} documents)")
     val = np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
     if single:
         return Plan(docs, set(), val.astype(np.int64))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.hparams import summary_v2 as hp
 
 # Config fields that say where a run lives, not how it trains.
 NOT_HPARAMS = ("logdir", "run_name")
@@ -98,7 +99,6 @@ def write_hparams(run_dir: Path, hparams: dict):
     The writer is the plugin's `summary_v2.hparams`, which its public module
     `tensorboard.plugins.hparams.api` re-exports; that module also defines a
     Keras callback and so cannot be imported without Keras."""
-    from tensorboard.plugins.hparams import summary_v2 as hp
 
     run_dir = Path(run_dir)
     writer = tf.summary.create_file_writer(str(run_dir))

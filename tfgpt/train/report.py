@@ -17,7 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfgpt.console import epoch_line, perplexity, progress_line
-from tfgpt.summaries import Summaries, run_hparams, sample_markdown, write_hparams
+from tfgpt.model.gpt import count_params
+from tfgpt.runtime.flops import flops_per_token
+from tfgpt.train.summaries import Summaries, run_hparams, sample_markdown, write_hparams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +86,6 @@ class Reporter:
         """The reporter of a training run: its hparams and the FLOPs per token
         of the model. peak_flops: of all training devices together (for mfu),
         or None."""
-        from tfgpt.flops import flops_per_token
-        from tfgpt.model import count_params
 
         fpt = flops_per_token(model_cfg)
         extra = {"num_params": count_params(trainer.model), "flops_per_token": fpt}

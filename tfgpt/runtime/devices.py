@@ -21,10 +21,7 @@ import os
 import shutil
 import subprocess
 
-
-class DeviceError(ValueError):
-    """A problem with --gpus, --cpu-replicas or the cluster: reported as one line."""
-
+from tfgpt.errors import UserError
 
 # --- what the machine has -------------------------------------------------------
 
@@ -254,19 +251,19 @@ def use_gpus(count: int, local_index: int = 0) -> list[str]:
     first = 0 if len(found) == count else local_index * count
     if len(found) < first + count:
         if first:
-            raise DeviceError(
+            raise UserError(
                 f"--gpus {count} for the process of local index {local_index} needs GPUs "
                 f"{first}..{first + count - 1}, but TensorFlow sees {len(found)}; give each process "
                 "on a machine its own GPUs, or fewer --gpus"
             )
-        raise DeviceError(why_no_gpus(count, len(found)))
+        raise UserError(why_no_gpus(count, len(found)))
     chosen = found[first : first + count]
     try:
         tf.config.set_visible_devices(chosen, "GPU")
         for gpu in chosen:
             tf.config.experimental.set_memory_growth(gpu, True)
     except RuntimeError as e:
-        raise DeviceError(f"cannot choose GPUs after TensorFlow has started ({e})") from None
+        raise UserError(f"cannot choose GPUs after TensorFlow has started ({e})") from None
     return [f"/gpu:{i}" for i in range(count)]
 
 
@@ -280,7 +277,7 @@ def use_logical_cpus(n: int) -> list[str]:
         try:
             tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
         except RuntimeError as e:
-            raise DeviceError(f"cannot split the CPU into {n} devices after TensorFlow has started ({e})") from None
+            raise UserError(f"cannot split the CPU into {n} devices after TensorFlow has started ({e})") from None
     return [f"/cpu:{i}" for i in range(n)]
 
 
@@ -299,14 +296,14 @@ def local_devices(gpus: int | None, cpu_replicas: int | None = None, local_index
     """The devices of this process for --gpus / --cpu-replicas; None for the
     default (one device)."""
     if gpus is not None and cpu_replicas is not None:
-        raise DeviceError("--gpus and --cpu-replicas exclude each other: train on GPUs or on the CPU")
+        raise UserError("--gpus and --cpu-replicas exclude each other: train on GPUs or on the CPU")
     if gpus is not None:
         if gpus < 1:
-            raise DeviceError(f"--gpus must be at least 1, got {gpus}")
+            raise UserError(f"--gpus must be at least 1, got {gpus}")
         return use_gpus(gpus, local_index)
     if cpu_replicas is not None:
         if cpu_replicas < 1:
-            raise DeviceError(f"--cpu-replicas must be at least 1, got {cpu_replicas}")
+            raise UserError(f"--cpu-replicas must be at least 1, got {cpu_replicas}")
         hide_unused_gpus()
         return use_logical_cpus(cpu_replicas)
     return None
@@ -416,17 +413,17 @@ def resolve_precision(asked: str, strategy) -> str:
     if asked == "auto":
         return fastest_precision(strategy)
     if asked not in PRECISIONS:
-        raise DeviceError(f"--precision must be auto or one of {', '.join(PRECISIONS)}, got {asked!r}")
+        raise UserError(f"--precision must be auto or one of {', '.join(PRECISIONS)}, got {asked!r}")
     if asked == "bfloat16" and not all_gpus(strategy):
         check_bfloat16_runs()
     return asked
 
 
 def check_bfloat16_runs() -> None:
-    """Raises DeviceError where bfloat16 products would abort the process on
+    """Raises UserError where bfloat16 products would abort the process on
     this CPU (`bfloat16_aborts`)."""
     if bfloat16_aborts():
-        raise DeviceError(
+        raise UserError(
             f"bfloat16 cannot run here: TensorFlow sends it to oneDNN, and ONEDNN_MAX_CPU_ISA="
             f"{os.environ.get('ONEDNN_MAX_CPU_ISA')} leaves oneDNN no bfloat16 kernel; unset it, or use "
             "--precision float32"

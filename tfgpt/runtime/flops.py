@@ -19,6 +19,8 @@ import time
 
 import tensorflow as tf
 
+from tfgpt.runtime.devices import compute_dtype
+
 
 def matmul_params(config) -> int:
     """The number of weights that take part in a matrix product for every
@@ -139,7 +141,6 @@ _PEAKS: dict = {}
 def measured_peak(precision: str, device: str) -> float:
     """measure_matmul_peak for the training precision on device, once per
     process (later runs in the same process reuse it)."""
-    from tfgpt.devices import compute_dtype
 
     key = (precision, device)
     if key not in _PEAKS:

@@ -1,7 +1,7 @@
 """The generation benchmark of the exported SavedModel, loaded the way a
 server loads it.
 
-    python -m tfgpt.serving_bench [--run logs/<run>] [--precision both] [--repeats 10]
+    python -m benchmarks.serving_bench [--run logs/<run>] [--precision both] [--repeats 10]
                                   [--loads 3] [--batching] [--json PATH]
 
 For each precision (bfloat16 and float32 by default) the default model is
@@ -22,7 +22,7 @@ The first process also
   4. sends one request of 64 rows with 64 different settings and compares
      each row with the same row sent alone;
   5. with --batching, times batches of 1 to 64 rows (the figures behind
-     `tfgpt.export.BATCHING`).
+     `tfgpt.serving.export.BATCHING`).
 
 Whether the first request pays for something the later ones do not is told
 by first / median of the later requests of the same process, in each of the
@@ -47,18 +47,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.bench import _default_model
 from tfgpt.console import quiet, setup_logging
-from tfgpt.devices import (
+from tfgpt.errors import UserError
+from tfgpt.runtime.devices import (
     BFLOAT16_LEFT_OUT,
-    DeviceError,
     check_bfloat16_runs,
     cpu_info,
     cpu_kernels,
     rows_batch_invariant,
     runnable_precisions,
 )
+from tfgpt.serving.export import export_model, export_run
 
-# Named after the module also when it runs as `python -m tfgpt.serving_bench` (__name__ is then
+# Named after the module also when it runs as `python -m benchmarks.serving_bench` (__name__ is then
 # "__main__", a logger outside "tfgpt").
 log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
@@ -166,12 +168,10 @@ print("RESULT " + json.dumps(report))
 def export_for_bench(precision: str, base: Path, run: str | None) -> tuple[Path, str]:
     """(version directory, what was exported): the run's latest checkpoint,
     or the default model with random weights."""
-    from tfgpt.export import export_model, export_run
 
     if run:
-        with quiet("tfgpt.export"):  # the table names the checkpoint's run
+        with quiet("tfgpt.serving.export"):  # the table names the checkpoint's run
             return export_run(run, precision=precision, export_base=base), f"{run}, latest checkpoint"
-    from tfgpt.bench import _default_model
 
     base.parent.mkdir(parents=True, exist_ok=True)
     vocab = base.parent / f"vocab-{precision}.txt"
@@ -290,7 +290,7 @@ def serving_bench(
 def main(argv=None) -> int:
     setup_logging()
     parser = argparse.ArgumentParser(
-        prog="python -m tfgpt.serving_bench", description=__doc__.split("\n\n")[0].replace("\n", " ")
+        prog="python -m benchmarks.serving_bench", description=__doc__.split("\n\n")[0].replace("\n", " ")
     )
     parser.add_argument(
         "--run",
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
     if args.precision == "bfloat16":
         try:
             check_bfloat16_runs()
-        except DeviceError as e:
+        except UserError as e:
             parser.error(str(e))
     if "bfloat16" in precisions and "bfloat16" not in runnable_precisions(precisions):
         log.info(BFLOAT16_LEFT_OUT)

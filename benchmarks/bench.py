@@ -1,10 +1,10 @@
-"""Benchmarks: `python -m tfgpt.bench [--train] [--pipeline] [--sampler]
+"""Benchmarks: `python -m benchmarks.bench [--train] [--pipeline] [--sampler]
 [--data PATH] [--quick] [--json PATH]` (with no benchmark named, all run).
 
 The training benchmark runs each variant (float32 / bfloat16, XLA on / off,
 1 / 2 replicas) of the default model at the example's global batch (128 x 80)
 in a fresh process, so that its peak resident memory is its own, and prints
-ms/step, tokens/s, achieved GFLOP/s (`tfgpt.flops`), the matmul peak measured
+ms/step, tokens/s, achieved GFLOP/s (`tfgpt.runtime.flops`), the matmul peak measured
 in that process at that precision, MFU, peak RSS, and the ratio to the Keras
 example's tokens/s on the reference machine. The pipeline benchmark times the
 vocabulary build and the tf.data pipeline alone.
@@ -22,7 +22,7 @@ token at batch 1 and the tokens per second at batch 32:
 
 Each setting is timed `repeats` times after a warm-up call and the fastest
 run is kept: other work on the machine only ever adds time. The exported
-SavedModel as a server loads it is timed by `tfgpt.serving_bench`.
+SavedModel as a server loads it is timed by `benchmarks.serving_bench`.
 """
 
 from __future__ import annotations
@@ -32,15 +32,33 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from tfgpt.console import quiet, setup_logging
+import numpy as np
+import tensorflow as tf
 
-# Named after the module also when it runs as `python -m tfgpt.bench` (__name__ is then
+from tfgpt.config import GPTConfig, TrainConfig
+from tfgpt.console import quiet, setup_logging
+from tfgpt.data.corpus import read_corpus, split_lines
+from tfgpt.data.text import PAD, UNK, Tokenizer, build_vocab, tokenize_lines, write_vocab
+from tfgpt.data.windows import make_windows, train_dataset
+from tfgpt.errors import UserError
+from tfgpt.model.gpt import GPT
+from tfgpt.runtime.devices import BFLOAT16_LEFT_OUT, compute_dtype, cpu_info, cpu_kernels, runnable_precisions
+from tfgpt.runtime.distribute import make_strategy
+from tfgpt.runtime.flops import flops_per_token, measure_matmul_peak
+from tfgpt.runtime.memory import peak_rss_mb
+from tfgpt.serving import decode
+from tfgpt.serving.evaluate import heldout_protocol
+from tfgpt.serving.sampler import Sampler
+from tfgpt.train.trainer import Trainer
+
+# Named after the module also when it runs as `python -m benchmarks.bench` (__name__ is then
 # "__main__", a logger outside "tfgpt").
 log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
@@ -51,7 +69,6 @@ def cpu_summary() -> str:
     """This machine's CPU: model name, cores and the instructions that decide
     its bfloat16 speed (the bfloat16 matmul peak measured 1,411 GFLOP/s on a
     2-core CPU with AMX, about 400 on one with AVX512-BF16 alone)."""
-    from tfgpt.devices import cpu_info, cpu_kernels
 
     name, flags = cpu_info()
     found = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
@@ -61,12 +78,6 @@ def cpu_summary() -> str:
 def _default_model(precision: str, vocab_path: Path):
     """The example's model with random weights, and its vocabulary written to
     vocab_path."""
-    import tensorflow as tf
-
-    from tfgpt.config import GPTConfig
-    from tfgpt.data import PAD, UNK, write_vocab
-    from tfgpt.devices import compute_dtype
-    from tfgpt.model import GPT
 
     config = GPTConfig()
     model = GPT(config, seed=0, compute_dtype=compute_dtype(precision))
@@ -89,7 +100,6 @@ def _generate_args(
 ) -> dict:
     """`generate`'s inputs: `batch` copies of PROMPT with the same settings
     and seeds 0, 1, ..."""
-    import tensorflow as tf
 
     def column(value, dtype):
         return tf.fill([batch], tf.constant(value, dtype))
@@ -108,10 +118,6 @@ def _generate_args(
 def _sampler_variants():
     """mode -> the Sampler class of that way of decoding (classes made here,
     so that importing this module does not import TensorFlow)."""
-    import tensorflow as tf
-
-    from tfgpt import decode
-    from tfgpt.sampler import Sampler
 
     class XlaSampler(Sampler):
         """The decode step compiled by XLA (its cache writes as scatters:
@@ -219,7 +225,6 @@ the ratios are only indicative."""
 def generated_corpus(reviews: int = 50_000, words: int = 30_000, seed: int = 0) -> list[str]:
     """Reviews of Zipf-distributed made-up words, about IMDB's size (230 words
     a review): for timing when no real text is given."""
-    import numpy as np
 
     rng = np.random.default_rng(seed)
     vocab = np.array([f"w{i}" for i in range(words)] + [".", ",", "!"])
@@ -233,25 +238,22 @@ def generated_corpus(reviews: int = 50_000, words: int = 30_000, seed: int = 0) 
 def prepare_windows(data: str | None, maxlen: int, vocab_size: int, folder: Path, quick: bool = False) -> dict:
     """Reads (or generates) the corpus, times the vocabulary build and the
     tokenization, and saves the training windows to folder/windows.npy."""
-    import numpy as np
-
-    from tfgpt import data as tdata
 
     t0 = time.perf_counter()
     if data:
-        lines = tdata.split_lines(tdata.read_corpus(data))
+        lines = split_lines(read_corpus(data))
         source = data
     else:
         lines = generated_corpus(reviews=5_000 if quick else 50_000)
         source = "generated corpus"
     read_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    words, counts = tdata.build_vocab(lines, vocab_size)
+    words, counts = build_vocab(lines, vocab_size)
     vocab_s = time.perf_counter() - t0
-    tdata.write_vocab(words, folder / "vocab.txt", counts)
+    write_vocab(words, folder / "vocab.txt", counts)
     t0 = time.perf_counter()
-    ids, lengths = tdata.tokenize_lines(tdata.Tokenizer(folder / "vocab.txt"), lines)
-    windows = tdata.make_windows(ids, lengths, maxlen, "truncate")
+    ids, lengths = tokenize_lines(Tokenizer(folder / "vocab.txt"), lines)
+    windows = make_windows(ids, lengths, maxlen, "truncate")
     tokenize_s = time.perf_counter() - t0
     np.save(folder / "windows.npy", windows)
     return dict(
@@ -267,12 +269,9 @@ def prepare_windows(data: str | None, maxlen: int, vocab_size: int, folder: Path
 
 def pipeline_bench(windows_path: Path, batch_size: int = 128, batches: int = 200) -> dict:
     """Tokens per second the tf.data pipeline delivers on its own."""
-    import numpy as np
-
-    from tfgpt import data as tdata
 
     windows = np.load(windows_path)
-    ds = tdata.train_dataset(windows, batch_size, seed=0, epoch=0, packing="truncate").repeat()
+    ds = train_dataset(windows, batch_size, seed=0, epoch=0, packing="truncate").repeat()
     it = iter(ds)
     next(it)  # start-up: shuffle buffer fill, first batch
     count, t0 = 0, time.perf_counter()
@@ -297,17 +296,9 @@ def train_variant(
     in this process (which must not have run any TensorFlow op yet), at the
     global batch `batch_size`. gpus None: `replicas` logical CPU devices (one
     device, the first GPU else the CPU, for 1); gpus N: N GPUs."""
-    import numpy as np
 
-    from tfgpt.distribute import make_strategy
-    from tfgpt.memory import peak_rss_mb
-
-    with quiet("tfgpt.distribute"):  # a CPU variant on a machine with GPUs is no news here
+    with quiet("tfgpt.runtime.distribute"):  # a CPU variant on a machine with GPUs is no news here
         strategy = make_strategy(gpus=gpus, cpu_replicas=replicas if replicas > 1 and not gpus else None)
-    from tfgpt.config import GPTConfig, TrainConfig
-    from tfgpt.devices import compute_dtype
-    from tfgpt.flops import flops_per_token, measure_matmul_peak
-    from tfgpt.trainer import Trainer
 
     windows = np.load(windows_path)
     model_cfg = GPTConfig()
@@ -378,7 +369,7 @@ def train_bench(variants, steps: int, windows_path: Path) -> list[dict]:
         )
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         proc = subprocess.run(
-            [sys.executable, "-m", "tfgpt.bench", "--variant", spec], capture_output=True, text=True, env=env
+            [sys.executable, "-m", "benchmarks.bench", "--variant", spec], capture_output=True, text=True, env=env
         )
         if proc.returncode != 0:
             log.info(
@@ -401,18 +392,14 @@ VARIANTS = [(p, x, r) for p in ("float32", "bfloat16") for x in (False, True) fo
 
 
 def heldout_bench(data: str, runs: list[str], json_path: str | None) -> int:
-    """The held-out protocol (tfgpt.evaluate.heldout_protocol), once per FLAGS string."""
-    import shlex
-
-    from tfgpt.data import DataError
-    from tfgpt.evaluate import EvaluateError, heldout_protocol
+    """The held-out protocol (tfgpt.serving.evaluate.heldout_protocol), once per FLAGS string."""
 
     print(f"machine: {cpu_summary()}\nheld-out protocol: {data}", flush=True)
     rows = []
     for flags in runs:
         try:
             row = heldout_protocol(data, shlex.split(flags or ""))
-        except (DataError, EvaluateError) as e:
+        except UserError as e:
             print(f"bench: error: {e}", file=sys.stderr)
             return 2
         rows.append(row)
@@ -429,7 +416,7 @@ def heldout_bench(data: str, runs: list[str], json_path: str | None) -> int:
 def main(argv=None) -> int:
     setup_logging()
     parser = argparse.ArgumentParser(
-        prog="python -m tfgpt.bench",
+        prog="python -m benchmarks.bench",
         description="Training, input-pipeline and sampler benchmarks of the "
         "default model. With no benchmark named, all run.",
     )
@@ -443,7 +430,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--data-scale",
         metavar="GB,GB",
-        help="the data benchmark (tfgpt.bench_data): generate "
+        help="the data benchmark (benchmarks.bench_data): generate "
         "corpora of these sizes, prepare their token stores, train a few steps on each; "
         "not part of the default set",
     )
@@ -495,7 +482,7 @@ def main(argv=None) -> int:
         print(json.dumps(row))
         return 0
     if args.data_scale:
-        from tfgpt import bench_data
+        from benchmarks import bench_data
 
         return bench_data.main(
             ["--data-scale", args.data_scale]
@@ -510,7 +497,6 @@ def main(argv=None) -> int:
         "keras_example": KERAS_EXAMPLE,
     }
     print(f"machine: {report['machine']['cpu']}", flush=True)
-    from tfgpt.devices import BFLOAT16_LEFT_OUT, runnable_precisions
 
     precisions = runnable_precisions(("float32", "bfloat16"))
     if "bfloat16" not in precisions:

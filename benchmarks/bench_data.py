@@ -1,8 +1,8 @@
 """The data benchmark: corpora of given sizes, prepared into token stores and
 trained on for a few steps, each job in a fresh process.
 
-    python -m tfgpt.bench_data --data-scale 0.5,5            # generated text, 0.5 and 5 GB
-    python -m tfgpt.bench_data --data-scale 0.5 --data FILE  # FILE's text repeated to 0.5 GB
+    python -m benchmarks.bench_data --data-scale 0.5,5            # generated text, 0.5 and 5 GB
+    python -m benchmarks.bench_data --data-scale 0.5 --data FILE  # FILE's text repeated to 0.5 GB
 
 For each size it prints: the preparation's speed (MB of text per second,
 for the whole process and for the build alone), its CPU seconds per GB (a
@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,9 +34,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from tfgpt.console import quiet, setup_logging
+import numpy as np
 
-# Named after the module also when it runs as `python -m tfgpt.bench_data` (__name__ is then
+from tfgpt import cli
+from tfgpt.console import quiet, setup_logging
+from tfgpt.data import sources
+from tfgpt.data.prepare import ensure_store
+from tfgpt.data.windows import train_dataset
+from tfgpt.runtime.memory import peak_rss_mb
+from tfgpt.train import run as run_mod
+from tfgpt.train import trainer
+
+# Named after the module also when it runs as `python -m benchmarks.bench_data` (__name__ is then
 # "__main__", a logger outside "tfgpt").
 log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
@@ -43,7 +53,6 @@ GB = 1e9
 
 
 def _vocabulary(rng, size: int):
-    import numpy as np
 
     letters = np.frombuffer(b"etaoinshrdlcumwfgypbvkjxqz", np.uint8)
     weights = np.array(
@@ -86,7 +95,6 @@ def _vocabulary(rng, size: int):
 def _sentences(rng, words: list[bytes], count: int) -> list[bytes]:
     """count sentences of Zipf-distributed words (about 12 each), capitalised,
     with commas, contractions and closing punctuation."""
-    import numpy as np
 
     n = len(words)
     table = np.array(words + [w[:1].upper() + w[1:] for w in words] + [w + b"'s" for w in words], dtype=object)
@@ -107,7 +115,6 @@ def _sentences(rng, words: list[bytes], count: int) -> list[bytes]:
 def generate(path: Path, size_bytes: int, seed: int = 0) -> int:
     """Writes about size_bytes of generated reviews to path; returns the bytes
     written. Lines are about 19 sentences drawn from a pool of 400,000."""
-    import numpy as np
 
     rng = np.random.default_rng(seed)
     pool = np.array(_sentences(rng, _vocabulary(rng, 200_000), 400_000), dtype=object)
@@ -132,7 +139,6 @@ def generate(path: Path, size_bytes: int, seed: int = 0) -> int:
 def replicate(source: str, path: Path, size_bytes: int) -> int:
     """Writes source's text (any --data form, its documents' lines) again and
     again to path until it holds about size_bytes."""
-    from tfgpt import sources
 
     docs = sources.list_documents(sources.expand(source), False, spool_dir=path.parent)
     written = 0
@@ -150,14 +156,12 @@ def replicate(source: str, path: Path, size_bytes: int) -> int:
 
 
 def _vmhwm_mb() -> float:
-    from tfgpt.memory import peak_rss_mb
 
     return peak_rss_mb()
 
 
 def child_prepare(corpus: str, store_dir: str) -> dict:
     """In a fresh process: prepare the corpus into store_dir."""
-    from tfgpt.prepare import ensure_store
 
     t0 = time.perf_counter()
     with quiet("tfgpt"):  # the child's output is its result; the parent prints the figures
@@ -175,8 +179,6 @@ def child_prepare(corpus: str, store_dir: str) -> dict:
 def child_train(corpus: str, store_dir: str, logdir: str, run: str, steps: int) -> dict:
     """In a fresh process: train.py on the corpus for a few steps, timing the
     data work and the time to the first step."""
-    from tfgpt import cli, trainer
-    from tfgpt import run as run_mod
 
     marks = {}
     prepare_data = run_mod.prepare_data
@@ -186,9 +188,8 @@ def child_train(corpus: str, store_dir: str, logdir: str, run: str, steps: int) 
         out = prepare_data(*args, **kwargs)
         train = out[0]
         # the first global batch, read through the pipeline as training reads it
-        import tfgpt.data as data
 
-        next(iter(data.train_dataset(train, 128, 0, 0, "truncate")))
+        next(iter(train_dataset(train, 128, 0, 0, "truncate")))
         marks["data_s"] = time.perf_counter() - t
         return out
 
@@ -231,9 +232,8 @@ START = time.perf_counter()
 
 
 def _child(kind: str, *args) -> dict:
-    import resource
 
-    cmd = [sys.executable, "-m", "tfgpt.bench_data", "--child", json.dumps([kind, *args])]
+    cmd = [sys.executable, "-m", "benchmarks.bench_data", "--child", json.dumps([kind, *args])]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -305,7 +305,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     setup_logging()
-    p = argparse.ArgumentParser(prog="python -m tfgpt.bench_data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-scale", default="0.5,5", help="corpus sizes in GB, comma-separated (default: 0.5,5)")
     p.add_argument(
         "--data", help="real text to repeat up to each size (any train.py --data form; default: generated reviews)"

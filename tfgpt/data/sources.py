@@ -26,9 +26,32 @@ import stat
 import tarfile
 from pathlib import Path
 
-from tfgpt.data import DataError, _imdb_member, is_text_name
+from tfgpt.errors import UserError
 
 GZIP_MAGIC = b"\x1f\x8b"
+
+IMDB_SPLITS = ("train/pos", "train/neg", "test/pos", "test/neg")
+
+
+def is_text_name(name: str) -> bool:
+    """Whether a file or archive member is read as text: .txt or .txt.gz."""
+    return name.endswith(".txt") or name.endswith(".txt.gz")
+
+
+def _imdb_dirs(unsup: bool):
+    return IMDB_SPLITS + (("train/unsup",) if unsup else ())
+
+
+def _imdb_member(name: str, unsup: bool) -> bool | None:
+    """For a path inside an archive or folder: True if it is an IMDB review we
+    read, False if it is IMDB but skipped, None if it is not in the layout."""
+    parts = name.replace("\\", "/").split("/")
+    if len(parts) < 3 or not is_text_name(parts[-1]):
+        return None
+    split = "/".join(parts[-3:-1])
+    if split in IMDB_SPLITS or split == "train/unsup":
+        return split in _imdb_dirs(unsup)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +93,12 @@ def expand(spec: str) -> list[Path]:
         elif glob.has_magic(part):
             matches = sorted(glob.glob(os.path.expanduser(part), recursive=True))
             if not matches:
-                raise DataError(f"--data {part}: the pattern matches no file")
+                raise UserError(f"--data {part}: the pattern matches no file")
             out.extend(Path(m) for m in matches)
         else:
-            raise DataError(f"--data {part}: no such file or directory")
+            raise UserError(f"--data {part}: no such file or directory")
     if not out:
-        raise DataError(f"--data {spec!r} names no path")
+        raise UserError(f"--data {spec!r} names no path")
     seen, unique = set(), []
     for p in out:
         key = p.resolve()
@@ -128,7 +151,7 @@ def input_files(paths: list[Path], unsup: bool) -> list[InputFile]:
         if path.is_dir():
             files = folder_files(path, unsup)
             if not files:
-                raise DataError(f"--data {path}: no .txt files found")
+                raise UserError(f"--data {path}: no .txt files found")
             root = str(path.resolve())
             out.extend(InputFile(f"{root}/{rel}", st.st_size, st.st_mtime_ns) for rel, _, st in files)
         else:
@@ -156,7 +179,7 @@ def tar_members(path: Path, unsup: bool, fileobj=None):
                     data = _gunzip(data, f"{path}:{member.name}")
                 yield member.name, data, kind
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"--data {path}: cannot read the archive ({e})") from None
+        raise UserError(f"--data {path}: cannot read the archive ({e})") from None
 
 
 def keep_members(items):
@@ -171,7 +194,7 @@ def _gunzip(data: bytes, name: str) -> bytes:
     try:
         return gzip.decompress(data)
     except (OSError, EOFError) as e:
-        raise DataError(f"--data {name}: not a readable gzip file ({e})") from None
+        raise UserError(f"--data {name}: not a readable gzip file ({e})") from None
 
 
 class _Counting(io.RawIOBase):
@@ -215,13 +238,13 @@ def list_documents(
         if kind == "folder":
             found = [Document(r, p, "gzip" if p.endswith(".gz") else "plain") for r, p, _ in folder_files(path, unsup)]
             if not found:
-                raise DataError(f"--data {path}: no .txt files found")
+                raise UserError(f"--data {path}: no .txt files found")
         elif kind == "tar":
             if spool_dir is None:
                 raise ValueError("reading an archive needs a spool directory")
             found = spool_archive(path, unsup, spool_dir / f"spool-{i}", on_read)
             if not found:
-                raise DataError(f"--data {path}: no .txt files found")
+                raise UserError(f"--data {path}: no .txt files found")
         else:
             found = [Document(path.name, str(path), kind)]
         docs.extend(found)
@@ -312,7 +335,7 @@ def _read(f, n: int, doc: Document) -> bytes:
     try:
         return f.read(n)
     except (OSError, EOFError) as e:  # a truncated or corrupt gzip file, an I/O error
-        raise DataError(f"--data {doc.path}: cannot read {doc.name} ({e})") from None
+        raise UserError(f"--data {doc.path}: cannot read {doc.name} ({e})") from None
 
 
 def _valid(piece: bytes) -> tuple[bytes, bool]:

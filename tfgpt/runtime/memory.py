@@ -14,7 +14,7 @@ them (madvise MADV_DONTNEED), which is what the kernel itself does to such
 pages under memory pressure: a page that is used again is mapped back from
 the page cache on its first access. The trainer calls it once TensorFlow is
 running and again after the first step (which alone runs the tracing and
-graph-optimisation code). Measured with `python -m tfgpt.bench --train`
+graph-optimisation code). Measured with `python -m benchmarks.bench --train`
 (default model, 128 x 80 tokens, XLA off, 1 replica): peak RSS 300 MB lower
 in float32 and in bfloat16, the same ms/step.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import sys
 
 MADV_DONTNEED = 4  # <sys/mman.h> on Linux
@@ -66,7 +67,6 @@ def peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import resource
 
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20

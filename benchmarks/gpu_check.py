@@ -1,15 +1,15 @@
-"""A check of tfgpt on this machine's GPUs: `python -m tfgpt.gpu_check` (`make gpu-check`).
+"""A check of tfgpt on this machine's GPUs: `python -m benchmarks.gpu_check` (`make gpu-check`).
 
 Within about eight minutes (--budget) on one GPU it prints:
 
-  1. the devices: what one-GPU training runs on (`tfgpt.devices.describe`),
+  1. the devices: what one-GPU training runs on (`tfgpt.runtime.devices.describe`),
      every GPU's compute capability and memory, and the CUDA build;
   2. the training speed of the default model (GPTConfig(), 80 positions a
      window) on one GPU in float32, bfloat16 and float16, with XLA off and
      on, at global batches 128 and 1024: ms/step, tokens/s, model TFLOP/s
-     (`tfgpt.flops.flops_per_token`) and MFU. MFU's peak is the data-sheet
+     (`tfgpt.runtime.flops.flops_per_token`) and MFU. MFU's peak is the data-sheet
      figure of a known GPU (KNOWN_PEAKS), else the matrix-multiply speed
-     measured in the variant's process (`tfgpt.flops.measure_matmul_peak`).
+     measured in the variant's process (`tfgpt.runtime.flops.measure_matmul_peak`).
      bfloat16 needs compute capability 8.0 and float16 7.0; below, the rows
      are skipped with a note;
   3. with two GPUs or more: `train.py --gpus 2` started as a user starts it
@@ -17,14 +17,14 @@ Within about eight minutes (--budget) on one GPU it prints:
      all-reduce) at global batch 256, against one GPU at 128 (the same
      batch per GPU): its device line, which must name two GPUs, and the
      ratio of the tokens/s;
-  4. the sampler (`tfgpt.bench.sampler_bench`): ms per generated token at
+  4. the sampler (`benchmarks.bench.sampler_bench`): ms per generated token at
      batch 1, tokens/s at batch 32;
   5. then it runs the GPU tests (tests/test_gpu.py, with TFGPT_TEST_GPU=1).
 
 It exits 1 when a training variant, the two-GPU run or a GPU test failed,
 and prints a last line saying which.
 
-Each training variant runs in a fresh process (`python -m tfgpt.bench
+Each training variant runs in a fresh process (`python -m benchmarks.bench
 --variant`), so that no variant inherits another's compiled kernels or
 memory pool, with a time limit; variants that no longer fit in the budget
 are listed as skipped. Without a GPU visible to TensorFlow the check prints
@@ -46,7 +46,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import tensorflow as tf
+
+from benchmarks.bench import generated_corpus, sampler_bench
+from tfgpt.config import GPTConfig
 from tfgpt.console import quiet, setup_logging
+from tfgpt.errors import UserError
+from tfgpt.runtime import devices
+from tfgpt.runtime.distribute import make_strategy
+from tfgpt.runtime.flops import flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TESTS = ROOT / "tests" / "test_gpu.py"
@@ -103,7 +112,6 @@ def skip_reason(precision: str, capability: tuple[int, int]) -> str | None:
 
 def no_gpu_reason() -> str:
     """Why TensorFlow sees no GPU, in a few words (TensorFlow is imported)."""
-    import tensorflow as tf
 
     if not tf.test.is_built_with_cuda():
         return "this TensorFlow build has no CUDA support; `make venv GPU=1` installs tensorflow[and-cuda]"
@@ -151,7 +159,6 @@ def _driver_gpus() -> list[str]:
 def write_windows(path: Path, rows: int, maxlen: int, vocab_size: int, seed: int = 0) -> Path:
     """Random full windows (no padding) of maxlen + 1 ids: the step time does
     not depend on which ids are trained on."""
-    import numpy as np
 
     rng = np.random.default_rng(seed)
     np.save(path, rng.integers(1, vocab_size, size=[rows, maxlen + 1], dtype=np.int32))
@@ -164,7 +171,7 @@ def run_variant(spec: dict, timeout: float) -> tuple[dict | None, str]:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "tfgpt.bench", "--variant", json.dumps(spec)],
+            [sys.executable, "-m", "benchmarks.bench", "--variant", json.dumps(spec)],
             capture_output=True,
             text=True,
             env=env,
@@ -234,7 +241,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     setup_logging()
     parser = argparse.ArgumentParser(
-        prog="python -m tfgpt.gpu_check",
+        prog="python -m benchmarks.gpu_check",
         description="Training and sampling speed of the default model on this machine's GPU(s) per precision "
         "and XLA setting, then the GPU tests; exits with the tests' status. Without a GPU it says so "
         "and exits 0.",
@@ -264,24 +271,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.cpu_smoke:
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # for this process and the variants' processes
-    import tensorflow as tf
 
     physical = tf.config.list_physical_devices("GPU")
     if not physical and not args.cpu_smoke:
         print(f"gpu-check: no GPU visible to TensorFlow ({no_gpu_reason()}); nothing to check")
         return 0
 
-    from tfgpt import devices
-    from tfgpt.bench import sampler_bench
-    from tfgpt.config import GPTConfig
-    from tfgpt.distribute import make_strategy
-    from tfgpt.flops import flops_per_token
-
     details = devices.gpu_details()  # every visible GPU, before make_strategy hides all but one
     try:
-        with quiet("tfgpt.distribute"):  # --cpu-smoke trains on the CPU on purpose
+        with quiet("tfgpt.runtime.distribute"):  # --cpu-smoke trains on the CPU on purpose
             strategy = make_strategy(gpus=1 if physical else None)
-    except devices.DeviceError as e:
+    except UserError as e:
         print(f"gpu-check: error: {e}", file=sys.stderr)
         return 2
     device = devices.describe(strategy)
@@ -421,7 +421,6 @@ def train_two_gpus(precision: str, tmp: Path, timeout: float, steps: int = 60) -
     """`train.py --gpus 2` in a subprocess, as a user starts it: XLA on, the
     default model, global batch 256. -> ({device_line, tokens_per_s}, "") or
     (None, why it failed: an error, no GPU in the device line, a time-out)."""
-    from tfgpt.bench import generated_corpus
 
     corpus = tmp / "two-gpus.txt"  # made-up words: the speed does not depend on the text
     corpus.write_text("\n".join(generated_corpus(reviews=4000)) + "\n")

@@ -5,10 +5,10 @@ once a row is longer than `maxlen`. The step's attention kernels
 that training uses.
 
 Everything here maps token ids to the last block's hidden state; turning a
-hidden state into the next token is `tfgpt.sampling`, and the loop around
-both is `tfgpt.sampler`. The prefill and the step share their arithmetic
+hidden state into the next token is `tfgpt.serving.sampling`, and the loop around
+both is `tfgpt.serving.sampler`. The prefill and the step share their arithmetic
 (`DecodeWeights`' matrices, float32 attention, layer norms with the rsqrt
-of `tfgpt.batch_invariant`), chosen so that a row's numbers do not depend
+of `tfgpt.model.batch_invariant`), chosen so that a row's numbers do not depend
 on the other rows of its batch; the window pass is the model's own.
 
 The cache of a layer is a pair (k, v), each kept flattened to
@@ -25,8 +25,8 @@ import math
 
 import tensorflow as tf
 
-from tfgpt import batch_invariant
-from tfgpt.attention import attend_one, causal_mask, softmax, write_rows
+from tfgpt.model import batch_invariant
+from tfgpt.model.attention import attend_one, causal_mask, softmax, write_rows
 
 
 def logits(hidden, weights):
@@ -121,7 +121,7 @@ def _decode_weights(model) -> dict:
 def prefill(model, context, context_len, slots, weights):
     """Runs the contexts through the model's blocks once, with the decode
     step's arithmetic: `DecodeWeights`' matrices (q already scaled), float32
-    attention, the layer norms with the rsqrt of `tfgpt.batch_invariant`.
+    attention, the layer norms with the rsqrt of `tfgpt.model.batch_invariant`.
 
     context int32 [B, C] (right-padded), context_len int32 [B] (>= 1), slots
     int32 [] (>= C), weights the dict of a `DecodeWeights` -> (hidden float32
@@ -132,7 +132,7 @@ def prefill(model, context, context_len, slots, weights):
     it: its padding comes after its tokens, where the causal mask hides it;
     the keys are padded with zeros to a multiple of 16 positions (masked
     too), so that the softmax's exps stay in the vector kernel
-    (`tfgpt.batch_invariant`) and its sums, added in order, only gain exact
+    (`tfgpt.model.batch_invariant`) and its sums, added in order, only gain exact
     zeros.
     """
     b, c = tf.shape(context)[0], tf.shape(context)[1]
@@ -167,7 +167,7 @@ def cache_slots(needed, maxlen: int):
     plus its new tokens) -> the cache slots S: no more than min(L, the
     largest need) are ever written, rounded up to a multiple of 16, so that
     the rows of the decode step's softmax ([B, H, S]) keep every exp in the
-    vector kernel (`tfgpt.batch_invariant`). Slots past a row's position
+    vector kernel (`tfgpt.model.batch_invariant`). Slots past a row's position
     are never visible to it."""
     return batch_invariant.round_up(tf.minimum(maxlen, tf.reduce_max(tf.concat([needed, [1]], 0))))
 
@@ -183,7 +183,7 @@ def decode_setup(model, batch, slots, weights):
       blocked float32 [S, S]: row p is 0 at the slots a query in slot p
         sees (<= p) and -1e9 elsewhere
       last_slot int32 []: the last slot a position can take, min(S, L) - 1
-        (S may be rounded up past L, `tfgpt.batch_invariant`)
+        (S may be rounded up past L, `tfgpt.model.batch_invariant`)
       cache_shape int32 [4]: [B, H, S, K]
 
     weights: the dict a `DecodeWeights` returns.
@@ -209,7 +209,7 @@ def decode_hidden(model, token, pos, caches, setup, in_place=True):
     The new key and value are written into their slots (`write_rows`), and
     the attention of one query is computed by `attend_one`; residuals, norms
     and feed-forward are the block's (its layer norms, with the rsqrt of
-    `tfgpt.batch_invariant`; the feed-forward with `DecodeWeights`'
+    `tfgpt.model.batch_invariant`; the feed-forward with `DecodeWeights`'
     matrices). in_place=False writes with a scatter instead, for XLA, which
     has no in-place update.
     """

@@ -19,15 +19,15 @@ How a batch is generated (in `tf.while_loop`s):
   1. The prompts are tokenized and right-padded. The last `maxlen` tokens of
      each prompt are its context; the whole prompt is still returned as text.
   2. One pass over the contexts fills a preallocated key/value cache per
-     layer (`tfgpt.decode.prefill`, the decode step's arithmetic) and gives
+     layer (`tfgpt.serving.decode.prefill`, the decode step's arithmetic) and gives
      each row's hidden state at its own last token.
   3. Each step turns the hidden states into logits, picks one token per
-     row with the row's settings and random numbers (`tfgpt.sampling`),
+     row with the row's settings and random numbers (`tfgpt.serving.sampling`),
      appends it to the row's history, and computes the next hidden states.
      While a row fits in `maxlen` positions this is one position's
-     attention against the cache (`tfgpt.decode.decode_hidden`); past
+     attention against the cache (`tfgpt.serving.decode.decode_hidden`); past
      `maxlen` the row runs the model again over its last `maxlen` tokens
-     (`tfgpt.decode.window_hidden`). A first loop, whose step is the cached
+     (`tfgpt.serving.decode.window_hidden`). A first loop, whose step is the cached
      one alone, runs while every row will still fit after its next token;
      a second one, whose step can also run windows, takes over from there.
   4. A row ends when it samples the padding id 0 (the end of a review) or
@@ -35,11 +35,11 @@ How a batch is generated (in `tf.while_loop`s):
      after the largest max_tokens of the batch.
 
 A row's result depends on its own prompt, settings and seed only: the
-random numbers are per row (`tfgpt.sampling.row_uniforms`), nothing a row
+random numbers are per row (`tfgpt.serving.sampling.row_uniforms`), nothing a row
 computes reads another row, and the decode step's kernels are the same
 whatever the batch's size (in float32 a one-row request runs as two rows,
 see `_generate`; exp and rsqrt stay in their vector kernels,
-`tfgpt.batch_invariant`), so that its sums are added in the same order.
+`tfgpt.model.batch_invariant`), so that its sums are added in the same order.
 
 Shapes: N = B = batch, C = context length (<= maxlen), L = maxlen, S = cache
 slots, W = history width, V = vocabulary, D = model width.
@@ -49,10 +49,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfgpt import decode, sampling
-from tfgpt.data import Tokenizer
-from tfgpt.loss import token_log_probs
-from tfgpt.model import GPT
+from tfgpt.data.text import Tokenizer
+from tfgpt.model.gpt import GPT
+from tfgpt.model.loss import token_log_probs
+from tfgpt.serving import decode, sampling
 
 # The most tokens one request may generate per prompt, and the most prompts
 # (or texts to score) one request may hold. Larger requests are refused with
@@ -108,14 +108,14 @@ class Sampler(tf.Module):
     and `score` functions.
 
     model: the trained GPT (its variables may be mirrored over devices).
-    vocab_path: the vocabulary file (`tfgpt.data.write_vocab`); it becomes
+    vocab_path: the vocabulary file (`tfgpt.data.text.write_vocab`); it becomes
       an asset of the SavedModel.
     frozen: the model's weights will not change any more (an export): the
       decode step's matrices are prepared once, here, instead of at every
-      call (`tfgpt.decode.DecodeWeights`).
+      call (`tfgpt.serving.decode.DecodeWeights`).
 
     The generation loop calls `_start`, `_cached_step` and `_general_step`
-    for the model side; the benchmark's variants (`tfgpt.bench`: no cache,
+    for the model side; the benchmark's variants (`benchmarks.bench`: no cache,
     an XLA-compiled decode step) are subclasses that override them.
     """
 
@@ -388,7 +388,7 @@ class Sampler(tf.Module):
         return hidden, caches, decode.decode_setup(self.model, tf.shape(context)[0], slots, weights)
 
     def _decode(self, token, pos, caches, setup):
-        """The one-token decode step (`tfgpt.decode.decode_hidden`)."""
+        """The one-token decode step (`tfgpt.serving.decode.decode_hidden`)."""
         return decode.decode_hidden(self.model, token, pos, caches, setup)
 
     def _cached_step(self, token, n, caches, setup):

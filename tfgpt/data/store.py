@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfgpt.data import read_vocab
+from tfgpt.data.text import read_vocab
 
 FORMAT = "tfgpt-token-store"
 VERSION = 1

@@ -25,7 +25,8 @@ import logging
 import os
 import re
 
-from tfgpt.devices import DeviceError
+from tfgpt.errors import UserError
+from tfgpt.runtime.devices import use_gpus
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,6 @@ def chief_task(jobs, task_type: str, task_index: int) -> bool:
     ({name: members}) is its chief: the "chief" task, else worker 0. Every
     other test of "is this the chief?" comes down to this one."""
     return task_type == "chief" or ("chief" not in jobs and task_type == "worker" and task_index == 0)
-
-
-class ClusterError(RuntimeError):
-    """The workers did not all come up, or stopped answering, within
-    --collective-timeout: reported as one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,23 +76,23 @@ def read_tf_config() -> dict | None:
     try:
         cfg = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise DeviceError(f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos})") from None
+        raise UserError(f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("cluster"), dict) or not cfg["cluster"]:
-        raise DeviceError(
+        raise UserError(
             'TF_CONFIG must be a JSON object with a non-empty "cluster" entry, e.g. '
             '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}'
         )
     cluster = cfg["cluster"]
     for job, members in cluster.items():
         if job not in WORKER_JOBS:
-            raise DeviceError(f'TF_CONFIG: job "{job}" is not supported; name the processes "chief" and "worker"')
+            raise UserError(f'TF_CONFIG: job "{job}" is not supported; name the processes "chief" and "worker"')
         if not isinstance(members, list) or not members or not all(isinstance(m, str) and ":" in m for m in members):
-            raise DeviceError(f'TF_CONFIG: cluster "{job}" must be a non-empty list of "host:port" strings')
+            raise UserError(f'TF_CONFIG: cluster "{job}" must be a non-empty list of "host:port" strings')
     if len(cluster.get("chief", [])) > 1:
-        raise DeviceError('TF_CONFIG: a cluster has at most one "chief"')
+        raise UserError('TF_CONFIG: a cluster has at most one "chief"')
     task = cfg.get("task")
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
-        raise DeviceError('TF_CONFIG names no task for this process (expected "task": {"type": "worker", "index": N})')
+        raise UserError('TF_CONFIG names no task for this process (expected "task": {"type": "worker", "index": N})')
     kind, index = task["type"], task["index"]
     if (
         kind not in cluster
@@ -104,7 +100,7 @@ def read_tf_config() -> dict | None:
         or not isinstance(index, int)
         or not 0 <= index < len(cluster[kind])
     ):
-        raise DeviceError(
+        raise UserError(
             f"TF_CONFIG names task {kind}:{index} for this process, which is not in its cluster "
             f"({', '.join(f'{j}: {len(m)}' for j, m in cluster.items())})"
         )
@@ -135,12 +131,12 @@ def from_tf_config() -> Cluster | None:
 
 def detect(mode: str = "auto", port_base: int = 8888) -> Cluster | None:
     """The cluster this process belongs to (see the module docstring); None
-    for a single-process run. Raises DeviceError on a malformed environment."""
+    for a single-process run. Raises UserError on a malformed environment."""
     if mode not in MODES:
-        raise DeviceError(f"--cluster must be one of {', '.join(MODES)}, got {mode!r}")
+        raise UserError(f"--cluster must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "tf_config":
         if not os.environ.get("TF_CONFIG", "").strip():
-            raise DeviceError("--cluster tf_config: TF_CONFIG is not set")
+            raise UserError("--cluster tf_config: TF_CONFIG is not set")
         return from_tf_config()
     if mode == "slurm":
         return from_slurm(required=True, port_base=port_base)
@@ -152,12 +148,12 @@ def detect(mode: str = "auto", port_base: int = 8888) -> Cluster | None:
 def from_slurm(required: bool, port_base: int = 8888) -> Cluster | None:
     """The cluster of this SLURM job step, when it has more than one task.
 
-    Worker i of a node listens on port_base + i there. Raises DeviceError
+    Worker i of a node listens on port_base + i there. Raises UserError
     when `required` and this process is not a task of a job step."""
     env = os.environ
     if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
         if required:
-            raise DeviceError(
+            raise UserError(
                 "--cluster slurm: SLURM_PROCID and SLURM_STEP_NUM_TASKS are not set; "
                 "start every worker with srun inside the allocation"
             )
@@ -166,14 +162,14 @@ def from_slurm(required: bool, port_base: int = 8888) -> Cluster | None:
         tasks = int(env["SLURM_STEP_NUM_TASKS"])
         rank = int(env["SLURM_PROCID"])
     except ValueError:
-        raise DeviceError(
+        raise UserError(
             f"SLURM_STEP_NUM_TASKS={env['SLURM_STEP_NUM_TASKS']!r} and SLURM_PROCID="
             f"{env['SLURM_PROCID']!r} must be whole numbers"
         ) from None
     if tasks < 2:
         return None
     if not 0 <= rank < tasks:
-        raise DeviceError(f"SLURM_PROCID {rank} is not a task of the {tasks} in this job step")
+        raise UserError(f"SLURM_PROCID {rank} is not a task of the {tasks} in this job step")
     from tensorflow.python.distribute.cluster_resolver import slurm_cluster_resolver as slurm
 
     try:
@@ -187,7 +183,7 @@ def from_slurm(required: bool, port_base: int = 8888) -> Cluster | None:
         jobs = {job: list(addresses) for job, addresses in resolver.cluster_spec().as_dict().items()}
         task_type, task_index = resolver.get_task_info()
     except (RuntimeError, ValueError, KeyError) as e:
-        raise DeviceError(f"cannot read the SLURM job step from the environment ({e})") from None
+        raise UserError(f"cannot read the SLURM job step from the environment ({e})") from None
     local = env.get("SLURM_LOCALID", "")
     local = int(local) if local.isdigit() else local_rank(jobs, task_type, task_index)
     return Cluster("slurm", jobs, task_type, task_index, local)
@@ -203,7 +199,7 @@ def is_chief_task(mode: str = "auto") -> bool:
         return rank == "" or chief_task({"worker": []}, "worker", int(rank) if rank.isdigit() else -1)
     try:
         cluster = detect(mode)
-    except DeviceError:
+    except UserError:
         return True
     return cluster is None or cluster.chief
 
@@ -221,8 +217,6 @@ def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float):
     per-collective timeout, which TensorFlow implements as one sleeping
     thread per collective for the whole timeout."""
     import tensorflow as tf
-
-    from tfgpt.devices import use_gpus
 
     if gpus is not None or tf.config.list_physical_devices("GPU"):
         accelerators = {"GPU": len(use_gpus(gpus or 1, cluster.local_index))}
@@ -242,11 +236,12 @@ def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float):
     try:
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
     except tf.errors.OpError as e:
-        raise ClusterError(
-            f"{cluster.name} could not reach the other workers within {timeout:g} s "
+        raise UserError(
+            code=1,
+            message=f"{cluster.name} could not reach the other workers within {timeout:g} s "
             f"({type(e).__name__}: {_first_line(e)}); start every worker with the same "
             "cluster and check that each can reach the others' addresses, "
-            "or raise --collective-timeout"
+            "or raise --collective-timeout",
         ) from None
 
 

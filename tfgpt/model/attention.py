@@ -24,7 +24,7 @@ import math
 
 import tensorflow as tf
 
-from tfgpt import batch_invariant
+from tfgpt.model import batch_invariant
 
 
 def causal_mask(t, keys=None):
@@ -77,8 +77,8 @@ def attend_one(q, k_cache, v_cache, blocked):
     whether it is served alone or batched with others, or its numbers (and
     in bfloat16, once rounded, its samples) would depend on the batch. For
     the same reason H * S should be a multiple of 16, so that the softmax's
-    exp never reaches the kernel's scalar tail (`tfgpt.batch_invariant`;
-    the sampler's cache slots are, `tfgpt.decode.cache_slots`).
+    exp never reaches the kernel's scalar tail (`tfgpt.model.batch_invariant`;
+    the sampler's cache slots are, `tfgpt.serving.decode.cache_slots`).
     """
     scores = tf.matmul(q[:, :, None, :], k_cache, transpose_b=True)[:, :, 0, :] + blocked[:, None, :]  # [B, H, S]
     return tf.matmul(softmax(scores)[:, :, None, :], v_cache)[:, :, 0, :]  # [B, H, K]
@@ -87,7 +87,7 @@ def attend_one(q, k_cache, v_cache, blocked):
 def softmax(x):
     """Softmax over the last axis, written out (for these small tensors it is
     faster than the fused kernel), its sum added in order
-    (`tfgpt.batch_invariant.row_sum`): keys padded past a row's last
+    (`tfgpt.model.batch_invariant.row_sum`): keys padded past a row's last
     position (exp = 0) leave its numbers as they are."""
     e = tf.exp(x - tf.reduce_max(x, -1, keepdims=True))
     return e / batch_invariant.row_sum(e)

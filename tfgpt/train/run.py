@@ -12,18 +12,33 @@ import contextlib
 import dataclasses
 import logging
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
-from tfgpt.checkpoint import worker_scratch
-from tfgpt.cluster import ClusterError, cluster_failure, is_chief
+import tensorflow as tf
+from tensorflow.python.framework import config
+
+from tfgpt import errors
 from tfgpt.config import GPTConfig, TrainConfig, save_config
 from tfgpt.console import setup_logging
-from tfgpt.devices import DeviceError
-from tfgpt.distribute import make_strategy
-from tfgpt.memory import release_library_pages
-from tfgpt.runlock import RunLock, RunLocked
+from tfgpt.data.corpus import resolve_imdb
+from tfgpt.data.prepare import ensure_store
+from tfgpt.data.text import read_vocab, split_words
+from tfgpt.data.windows import batches_per_epoch
+from tfgpt.errors import UserError
+from tfgpt.model.gpt import count_params
+from tfgpt.runtime.cluster import cluster_failure, is_chief
+from tfgpt.runtime.devices import describe, native, resolve_precision
+from tfgpt.runtime.distribute import make_strategy
+from tfgpt.runtime.flops import flops_per_token, measured_peak, peak_devices
+from tfgpt.runtime.memory import release_library_pages
+from tfgpt.serving.sampler import Sampler
+from tfgpt.train.checkpoint import worker_scratch
+from tfgpt.train.report import Reporter
+from tfgpt.train.runlock import RunLock, RunLocked
+from tfgpt.train.trainer import Interrupted, NonFiniteLoss, Trainer, auto_steps_per_call, use_xla
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +53,10 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
     The vocabulary is the store's, copied to vocab_path; a resumed run
     (reuse_vocab) keeps its vocab_path, and its store holds that
     vocabulary's ids."""
-    from tfgpt import data
-    from tfgpt.prepare import ensure_store
 
     t0 = time.perf_counter()
-    source = data.resolve_imdb() if cfg.data == "imdb" else cfg.data
-    given = data.read_vocab(vocab_path) if reuse_vocab and vocab_path.exists() else None
+    source = resolve_imdb() if cfg.data == "imdb" else cfg.data
+    given = read_vocab(vocab_path) if reuse_vocab and vocab_path.exists() else None
     prepared = ensure_store(
         source,
         imdb_unsup=cfg.imdb_unsup,
@@ -109,10 +122,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
         strategy = make_strategy(
             cfg.gpus, cfg.cpu_replicas, cfg.cluster, cfg.collective_timeout, cluster_port=cfg.cluster_port
         )  # before any other TensorFlow op
-    except DeviceError as e:
-        return _fail(e, 2)
-    except ClusterError as e:
-        return _fail(e, 1)
+    except UserError as e:
+        return _fail(e, e.code)
     # TensorFlow is imported: unmap the library pages only its start-up used,
     # before reading and tokenizing the corpus (see tfgpt/memory.py).
     release_library_pages()
@@ -124,7 +135,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
         tf.config.experimental.enable_op_determinism()
     try:
         cfg, notes = resolve_devices(cfg, strategy, resume)
-    except DeviceError as e:
+    except UserError as e:
         return _fail(e, 2)
     log.info(device_line(strategy, cfg))
     for note in notes:
@@ -150,7 +161,6 @@ def resolve_devices(cfg: TrainConfig, strategy, resume: bool) -> tuple[TrainConf
     choose differently on other devices (the weights are float32 in every
     precision, so the run goes on); an explicit precision that the devices
     do not run natively is pointed out."""
-    from tfgpt.devices import native, resolve_precision
 
     chosen, notes = resolve_precision(cfg.precision, strategy), []
     if resume and cfg.compute_precision and chosen != cfg.compute_precision:
@@ -165,8 +175,6 @@ def resolve_devices(cfg: TrainConfig, strategy, resume: bool) -> tuple[TrainConf
 
 def device_line(strategy, cfg: TrainConfig) -> str:
     """The run's first line: devices, precision, XLA, replicas, steps per call."""
-    from tfgpt.devices import describe
-    from tfgpt.trainer import auto_steps_per_call, use_xla
 
     workers = ""
     if getattr(strategy, "cluster_resolver", None) is not None:
@@ -182,17 +190,14 @@ def device_line(strategy, cfg: TrainConfig) -> str:
 
 def _train(strategy, model_cfg, cfg, run_dir, resume, chief) -> int:
     """The run after the devices are set: data, trainer, reporter, fit, export."""
-    from tfgpt import data
-    from tfgpt.model import count_params
-    from tfgpt.trainer import Trainer
 
     vocab_path = vocab_file(run_dir, resume, chief)
     try:
         train_windows, val_windows, model_cfg = prepare_data(model_cfg, cfg, vocab_path, reuse_vocab=resume)
-        per_epoch = data.batches_per_epoch(len(train_windows), cfg.batch_size)
+        per_epoch = batches_per_epoch(len(train_windows), cfg.batch_size)
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
         trainer = Trainer(model_cfg, cfg, strategy, run_dir, total_steps=total)
-    except (data.DataError, ValueError) as e:
+    except (errors.UserError, ValueError) as e:
         return _fail(e, 2)
     if chief:  # the configs as resolved for this run: vocabulary size, precision
         save_config(run_dir / "config.json", model_cfg, cfg)
@@ -216,7 +221,7 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief) -> int:
     if isinstance(history, int):  # the exit status of a run that stopped early
         return history
     if chief and cfg.export:
-        from tfgpt.export import SERVING_PRECISION, export_model, in_precision
+        from tfgpt.serving.export import SERVING_PRECISION, export_model, in_precision
 
         with op_determinism(False):  # serving_default draws a fresh seed per request
             path = export_model(in_precision(trainer.model), vocab_path, run_dir / "export")
@@ -248,7 +253,6 @@ def vocab_file(run_dir: Path, resume: bool, chief: bool) -> Path:
 def make_reporter(trainer, model_cfg, cfg, run_dir, chief, vocab_path):
     """The run's Reporter: on the chief with the per-epoch sample and the
     devices' peak FLOP/s for the mfu scalar."""
-    from tfgpt.report import Reporter
 
     sample_fn = make_sample_fn(trainer, cfg, vocab_path) if chief else None
     peak = mfu_peak(trainer, model_cfg, cfg) if chief else None
@@ -259,9 +263,6 @@ def mfu_peak(trainer, model_cfg, cfg) -> float | None:
     """The peak FLOP/s of all training devices together: --peak-flops per
     device, else measured once here (None when measuring fails); logged with
     the model's FLOPs per token."""
-    import tensorflow as tf
-
-    from tfgpt.flops import flops_per_token, measured_peak, peak_devices
 
     fpt = flops_per_token(model_cfg)
     device, count = peak_devices(trainer.strategy)
@@ -287,9 +288,6 @@ def _fit(strategy, trainer, reporter, cfg, train_windows, val_windows) -> list |
     current step. Returns its history, or the exit status of a run stopped
     by a signal, a non-finite loss or a lost worker. Closes the reporter and
     the trainer's checkpoints either way."""
-    import signal
-
-    from tfgpt.trainer import Interrupted, NonFiniteLoss
 
     def on_signal(signum, frame):
         if trainer.stop_signal is None:
@@ -331,7 +329,6 @@ def _fit(strategy, trainer, reporter, cfg, train_windows, val_windows) -> list |
 def op_determinism(enabled: bool):
     """TensorFlow's op determinism set to `enabled` inside the block, restored
     after. (TensorFlow has a public switch to turn it on, not off.)"""
-    from tensorflow.python.framework import config
 
     before = config.is_op_determinism_enabled()
     (config.enable_op_determinism if enabled else config.disable_op_determinism)()
@@ -343,10 +340,6 @@ def op_determinism(enabled: bool):
 
 def make_sample_fn(trainer, cfg: TrainConfig, vocab_path: Path):
     """step -> (prompt, text, settings): the per-epoch sample, from the in-graph sampler."""
-    import tensorflow as tf
-
-    from tfgpt.data import split_words
-    from tfgpt.sampler import Sampler
 
     sampler = Sampler(trainer.model, str(vocab_path))
 

@@ -37,15 +37,16 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfgpt import data, memory
-from tfgpt.checkpoint import Checkpoints
-from tfgpt.cluster import is_chief
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.devices import all_gpus, compute_dtype, resolve_precision
-from tfgpt.loss import CHUNK_BUDGET, auto_chunk
-from tfgpt.loss_scale import LossScale
-from tfgpt.model import GPT
-from tfgpt.optim import Adam, clip_scale, make_schedule
+from tfgpt.data.windows import batches_per_epoch, eval_dataset, train_dataset
+from tfgpt.model.gpt import GPT
+from tfgpt.model.loss import CHUNK_BUDGET, auto_chunk
+from tfgpt.runtime import memory
+from tfgpt.runtime.cluster import is_chief
+from tfgpt.runtime.devices import all_gpus, compute_dtype, resolve_precision
+from tfgpt.train.checkpoint import Checkpoints
+from tfgpt.train.loss_scale import LossScale
+from tfgpt.train.optim import Adam, clip_scale, make_schedule
 
 
 class NonFiniteLoss(RuntimeError):
@@ -305,7 +306,7 @@ class Trainer:
 
     def evaluate(self, windows: np.ndarray) -> float:
         """Mean cross-entropy over the real targets of `windows`."""
-        dist = self.distribute(lambda ctx: data.eval_dataset(windows, self.cfg.batch_size, self.cfg.packing, ctx))
+        dist = self.distribute(lambda ctx: eval_dataset(windows, self.cfg.batch_size, self.cfg.packing, ctx))
         sums, counts = [], []
         for batch in dist:  # the host reads the sums once, at the end
             s, n = self.eval_step(batch)
@@ -322,7 +323,7 @@ class Trainer:
         have before_step(step), called with the first global step of each
         compiled call about to run."""
         cfg = self.cfg
-        per_epoch = data.batches_per_epoch(len(train_windows), cfg.batch_size)
+        per_epoch = batches_per_epoch(len(train_windows), cfg.batch_size)
         tokens_per_step = cfg.batch_size * self.model_cfg.maxlen
         history = []
         step = int(self.state.step.numpy())
@@ -332,7 +333,7 @@ class Trainer:
                 raise Interrupted(self.stop_signal, step, self.checkpoints.save())
             epoch, batch = int(self.state.epoch.numpy()), int(self.state.batch.numpy())
             dist = self.distribute(
-                lambda ctx, epoch=epoch, skip=batch: data.train_dataset(
+                lambda ctx, epoch=epoch, skip=batch: train_dataset(
                     train_windows, cfg.batch_size, cfg.seed, epoch, cfg.packing, ctx, skip=skip
                 )
             )

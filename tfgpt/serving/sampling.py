@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfgpt.batch_invariant import exp_rows
+from tfgpt.model.batch_invariant import exp_rows
 
 # How many candidates the fast path keeps per row: the two-stage top-k
 # (`top_k_logits`) is exact and cheap up to here. A row with a larger top_k,

@@ -1,0 +1,1 @@
+"""The data: corpora, standardization and vocabulary, the token store, windows and tf.data."""

@@ -1,0 +1,473 @@
+"""Preparing a corpus for training: find its token store, or build it.
+
+    python -m tfgpt.prepare --data CORPUS [--out DIR]     # build (or check and reuse) a store
+    python train.py --data CORPUS                         # the same, automatically, in the cache
+    python train.py --data DIR                            # train on a store
+
+A store is kept under a key of everything that decides its contents: every
+input file (path, size, modification time), the standardization (its rules
+and TensorFlow's version), the vocabulary size, the validation fraction, the
+seed, whether IMDB's unlabelled reviews are read, the store format, and, for
+a resumed run whose vocabulary the corpus no longer gives, that vocabulary.
+`train.py --data CORPUS` looks the key up in the cache (`--store-dir`, by
+default $TFGPT_CACHE/stores or ~/.cache/tfgpt/stores): a store is reused when
+it is there and intact, and built otherwise. So an input file that changed
+gives a new store (the stale one is deleted), never stale data.
+
+Building happens under an exclusive lock (a second process waits, then
+reuses), in a temporary folder beside the target that is renamed into place
+when complete: a store is whole or absent. A store whose files fail the
+check of sizes (and checksums, for files whose modification time changed)
+is rebuilt with a warning. A full disk while building is one error line, and
+the temporary folder is deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfgpt.console import setup_logging
+from tfgpt.data import sources, store_build
+from tfgpt.data.corpus import cache_dir, resolve_imdb
+from tfgpt.data.store import VERSION, Store, StoreError, is_store, read_manifest
+from tfgpt.data.text import _PUNCT_CLASS
+from tfgpt.errors import UserError
+
+# Named after the module also when it runs as `python -m tfgpt.prepare` (__name__ is then
+# "__main__", a logger outside "tfgpt").
+log = logging.getLogger(__spec__.name if __spec__ else __name__)
+
+STANDARDIZATION_VERSION = 1
+
+
+@dataclasses.dataclass
+class Prepared:
+    store: object  # tfgpt.data.store.Store
+    action: str  # "reused" | "built" | "rebuilt"
+    seconds: float
+
+
+def default_store_dir() -> Path:
+
+    return cache_dir() / "stores"
+
+
+def standardization_id() -> str:
+
+    rules = f"{STANDARDIZATION_VERSION}|{_PUNCT_CLASS}|<br />|lower utf-8|nul|{tf.__version__}"
+    return hashlib.sha256(rules.encode()).hexdigest()[:16]
+
+
+def vocab_digest(vocab: list[str]) -> str:
+    return hashlib.sha256("\n".join(vocab).encode("utf-8")).hexdigest()
+
+
+def store_params(
+    paths, inputs, *, imdb_unsup: bool, vocab_size: int, val_fraction: float, seed: int, vocab: str | None = None
+) -> dict:
+
+    return dict(
+        format=VERSION,
+        data=[str(Path(p).resolve()) for p in paths],
+        inputs=[[f.path, f.size, f.mtime_ns] for f in inputs],
+        imdb_unsup=bool(imdb_unsup),
+        vocab_size=int(vocab_size),
+        val_fraction=float(val_fraction),
+        seed=int(seed),
+        standardization=standardization_id(),
+        vocab=vocab,
+    )
+
+
+def key_of(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def family_of(params: dict) -> str:
+    """The key without the input files and the given vocabulary: the stores of
+    one corpus and settings. Those built from other versions of the input
+    files than the current one are stale."""
+    return key_of({k: v for k, v in params.items() if k not in ("inputs", "vocab")})
+
+
+def describe_change(old: dict, new: dict) -> str:
+    """What differs between the parameters a store was built with and now."""
+    was = {f[0]: f[1:] for f in old.get("inputs", [])}
+    now = {f[0]: f[1:] for f in new.get("inputs", [])}
+    for path in sorted(set(was) | set(now)):
+        if path not in now:
+            return f"{path} is gone"
+        if path not in was:
+            return f"{path} is new"
+        if was[path] != now[path]:
+            return f"{path} changed (size {was[path][0]:,} -> {now[path][0]:,} bytes, or its modification time)"
+    for k in sorted(set(old) | set(new)):
+        if k != "inputs" and old.get(k) != new.get(k):
+            return f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+    return "nothing"
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive flock on `path` (created if needed) for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(f"token store: another process is preparing {path.parent / path.name[1:-5]}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+def _clean_leftovers(target: Path) -> None:
+    """Temporary and replaced folders of `target` left by a killed build
+    (only called under target's lock, so no build of it is running)."""
+    for p in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in target.parent.glob(f".{target.name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _disk_full(target: Path, written: int):
+    """The one-line UserError for a full disk while building target."""
+
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        free = 0
+    return UserError(
+        f"no space left on the device while preparing the token store {target} "
+        f"({written / 1e6:,.0f} MB written, {free / 1e6:,.0f} MB free); nothing was kept: free "
+        "some space or put the store elsewhere (--store-dir, TFGPT_CACHE, or prepare --out)"
+    )
+
+
+def _usage(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def _build(target: Path, paths, params: dict, key: str, alt: tuple | None, vocab, workers, shard_tokens):
+    """Builds into a temporary folder beside target, then renames it to target
+    (or, with a given vocabulary the corpus does not give, to alt's folder).
+    Returns the published folder."""
+
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        manifest = store_build.build(
+            tmp,
+            paths,
+            imdb_unsup=params["imdb_unsup"],
+            vocab_size=params["vocab_size"],
+            val_fraction=params["val_fraction"],
+            seed=params["seed"],
+            params=params,
+            key=key,
+            given_vocab=vocab,
+            alt=alt,
+            workers=workers,
+            shard_tokens=shard_tokens,
+        )
+        final = target if manifest["key"] == key else alt[2]
+        _publish(tmp, final)
+        return final
+    except BaseException as e:
+        written = _usage(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(target, written) from None
+        raise
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Puts the complete folder tmp in target's place (a store there is
+    replaced: renamed aside, then deleted; readers that have its files open
+    keep reading them)."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _open(folder: Path, checksums: str):
+    """The store in folder, or None (with a warning if it is damaged)."""
+
+    if not folder.exists():
+        return None
+    try:
+        return Store(folder, checksums)
+    except StoreError as e:
+        log.warning(f"warning: the token store {folder} is damaged ({e}); rebuilding it")
+        return None
+
+
+def _remove_stale(root: Path, params: dict) -> None:
+    """Deletes the cache's stores of the same corpus and settings whose input
+    files have changed since (they can never be used again)."""
+
+    family = family_of(params)
+    for folder in root.iterdir() if root.is_dir() else []:
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
+        try:
+            old = read_manifest(folder)["params"]
+        except (StoreError, KeyError):
+            continue
+        if family_of(old) != family or old["inputs"] == params["inputs"]:
+            continue
+        fd = os.open(_lock_path(folder), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # being checked or rebuilt right now
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            _lock_path(folder).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+        log.info(
+            f"token store: removed {folder}, built from an older version of the input ({describe_change(old, params)})"
+        )
+
+
+def ensure_store(
+    data_spec,
+    *,
+    imdb_unsup: bool = False,
+    vocab_size: int = 20000,
+    val_fraction: float = 0.02,
+    seed: int = 0,
+    vocab: list[str] | None = None,
+    out=None,
+    store_dir=None,
+    checksums: str = "changed",
+    rebuild: bool = False,
+    workers: int | None = None,
+    shard_tokens: int | None = None,
+) -> Prepared:
+    """The token store for `data_spec` with these settings: reused when it
+    exists and is intact, else built. data_spec may name a store itself.
+
+    vocab: a resumed run's vocabulary; the store's ids are then that
+    vocabulary's. out: the store's folder instead of the cache's."""
+
+    t0 = time.perf_counter()
+    shard_tokens = shard_tokens or store_build.SHARD_TOKENS
+    if out is None and is_store(Path(str(data_spec)).expanduser()):
+        return _named_store(Path(str(data_spec)).expanduser(), vocab, checksums, workers, shard_tokens, t0)
+    paths = sources.expand(str(data_spec))
+    for p in paths:
+        if p.is_dir() and is_store(p):
+            raise UserError(f"--data {p}: a token store can only be given alone")
+    inputs = sources.input_files(paths, imdb_unsup)
+    settings = dict(imdb_unsup=imdb_unsup, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed)
+    params = store_params(paths, inputs, **settings)
+    key = key_of(params)
+    root = Path(store_dir).expanduser() if store_dir else default_store_dir()
+    target = Path(out).expanduser() if out else root / key
+    alt = None
+    if vocab is not None:
+        alt_params = store_params(paths, inputs, **settings, vocab=vocab_digest(vocab))
+        alt = (alt_params, key_of(alt_params), target if out else root / key_of(alt_params))
+    if out is not None and target.exists() and not is_store(target) and any(target.iterdir()):
+        raise UserError(f"--out {target}: the folder exists and is not a token store; choose another")
+    with _locked(_lock_path(target)):
+        _clean_leftovers(target)
+        if alt and alt[2] != target:
+            _clean_leftovers(alt[2])
+        action = "built"
+        candidates = [(target, {key})]
+        if alt and alt[2] != target:  # a given vocabulary's store, beside the ordinary one
+            candidates.append((alt[2], {alt[1]}))
+        elif alt:  # or in the same --out folder
+            candidates[0][1].add(alt[1])
+        for folder, want in candidates:
+            found = _open(folder, checksums)
+            if found is None:
+                action = "rebuilt" if folder.exists() else action
+                continue
+            if found.key not in want:
+                log.info(
+                    f"token store {folder}: {describe_change(found.manifest['params'], params)} since it was "
+                    "built; rebuilding it"
+                )
+                action = "rebuilt"
+                continue
+            if vocab is not None and found.vocab() != list(vocab):
+                continue
+            if rebuild:
+                action = "rebuilt"
+                break
+            return Prepared(found, "reused", time.perf_counter() - t0)
+        folder = _build(target, paths, params, key, alt, vocab, workers, shard_tokens)
+    if out is None:
+        _remove_stale(root, params)
+
+    return Prepared(Store(folder), action, time.perf_counter() - t0)
+
+
+def _named_store(path: Path, vocab, checksums, workers, shard_tokens, t0) -> Prepared:
+    """`--data STORE`: the store as it is, unless its inputs are still there
+    and changed (or it is damaged): then it is rebuilt in place from them."""
+
+    try:
+        manifest = read_manifest(path)
+    except StoreError as e:
+        raise UserError(f"--data {path}: {e}") from None
+    params = manifest["params"]
+    paths = [Path(p) for p in params["data"]]
+    present = all(p.exists() for p in paths)
+    settings = dict(
+        imdb_unsup=params["imdb_unsup"],
+        vocab_size=params["vocab_size"],
+        val_fraction=params["val_fraction"],
+        seed=params["seed"],
+    )
+    reason = None
+    if present:
+        try:
+            now = store_params(
+                paths, sources.input_files(paths, params["imdb_unsup"]), **settings, vocab=params.get("vocab")
+            )
+            if key_of(now) != manifest["key"]:
+                reason = f"{describe_change(params, now)} since it was built"
+        except (UserError, OSError) as e:
+            reason = f"its input cannot be read ({e})"
+    try:
+        found = Store(path, checksums)
+    except StoreError as e:
+        if not present:
+            raise UserError(f"--data {path}: the token store is damaged ({e}) and its input is gone") from None
+        reason = f"it is damaged ({e})"
+    if reason is None:
+        if vocab is not None and found.vocab() != list(vocab):
+            raise UserError(f"--data {path}: the store's vocabulary differs from the run's vocab.txt")
+        if not present:
+            log.info(f"note: token store {path}: its input is not here; using it as it is")
+        return Prepared(found, "reused", time.perf_counter() - t0)
+    log.warning(f"warning: token store {path}: {reason}; rebuilding it")
+    given = None
+    if params.get("vocab"):
+        given = vocab  # built for a resumed run's vocabulary: only that run can rebuild it
+        if given is None:
+            raise UserError(
+                f"--data {path}: {reason}, and it was built for a run's vocabulary; rebuild it by resuming that run"
+            )
+    prepared = ensure_store(
+        os.pathsep.join(map(str, paths)),
+        **settings,
+        vocab=given,
+        out=path,
+        checksums=checksums,
+        rebuild=True,
+        workers=workers,
+        shard_tokens=shard_tokens,
+    )
+    return Prepared(prepared.store, "rebuilt", time.perf_counter() - t0)
+
+
+def summary(prepared: Prepared) -> list[str]:
+    st = prepared.store
+    m = st.manifest
+    train, val = st.split("train"), st.split("val")
+    size = sum(f["bytes"] for f in m["files"].values())
+    return [
+        f"token store: {prepared.action} {st.root} in {prepared.seconds:.1f}s",
+        f"  {m['documents']:,} documents, {m['text_bytes'] / 1e6:,.1f} MB of text; "
+        f"training: {train['lines']:,} lines, {train['tokens']:,} tokens; "
+        f"validation: {val['lines']:,} lines, {val['tokens']:,} tokens",
+        f"  vocabulary: {m['vocab_entries']:,} entries; ids: {m['dtype']} in "
+        f"{len(train['shards']) + len(val['shards'])} shard(s); {size / 1e6:,.1f} MB on disk",
+    ]
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    p = argparse.ArgumentParser(
+        prog="python -m tfgpt.prepare",
+        description="Tokenize a corpus once into a token store that train.py reads: the vocabulary, then token "
+        "ids in shards with the line boundaries, split into training and validation documents as "
+        "train.py splits them. A store that exists and is intact is checked and reused.",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="what train.py --data accepts: 'imdb', an IMDB archive or "
+        "folder, a folder of .txt/.txt.gz files, a text or .txt.gz file, several of these separated "
+        f"by '{os.pathsep}', or a glob (quoted)",
+    )
+    p.add_argument("--out", help="the store's folder (default: the cache that train.py --data looks in)")
+    p.add_argument("--store-dir", help="the cache of stores (default: $TFGPT_CACHE/stores, else ~/.cache/tfgpt/stores)")
+    p.add_argument("--vocab-size", type=int, default=20000, help="vocabulary entries (default: 20000)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of the documents held out (default: 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="chooses the validation documents (default: 0)")
+    p.add_argument("--imdb-unsup", action="store_true", help="also read IMDB's train/unsup reviews")
+    p.add_argument("--workers", type=int, help="chunks analysed in parallel (default: one per core)")
+    p.add_argument("--rebuild", action="store_true", help="build even if an intact store exists")
+    args = p.parse_args(argv)
+    errors = [
+        (args.vocab_size >= 3, f"--vocab-size must be at least 3, got {args.vocab_size}"),
+        (0.0 <= args.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
+        (args.workers is None or args.workers >= 1, "--workers must be positive"),
+    ]
+    for ok, message in errors:
+        if not ok:
+            print(f"prepare: error: {message}", file=sys.stderr)
+            return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    try:
+        source = resolve_imdb() if args.data == "imdb" else args.data
+        prepared = ensure_store(
+            source,
+            imdb_unsup=args.imdb_unsup,
+            vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            out=args.out,
+            store_dir=args.store_dir,
+            checksums="all",
+            rebuild=args.rebuild,
+            workers=args.workers,
+        )
+    except UserError as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    for line in summary(prepared):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The model: the Transformer's layers, attention, the GPT and its loss."""

@@ -1,0 +1,1 @@
+"""The machine: devices and precision, strategies and clusters, memory and FLOPs."""

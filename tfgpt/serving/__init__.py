@@ -1,0 +1,1 @@
+"""Generation and its uses: the cached decode, sampling, the SavedModel export, generate and evaluate."""

@@ -1,0 +1,1 @@
+"""Training: the run, the step, the optimizer, checkpoints and what a run reports."""
