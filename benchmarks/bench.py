@@ -9,16 +9,15 @@ in that process at that precision, MFU, peak RSS, and the ratio to the Keras
 example's tokens/s on the reference machine. The pipeline benchmark times the
 vocabulary build and the tf.data pipeline alone.
 
-The sampler benchmark times `Sampler.generate` in this process on the
-default model (random weights and a generated vocabulary are enough for
-timing) and prints, for each way of decoding, the milliseconds per generated
-token at batch 1 and the tokens per second at batch 32:
+The sampler benchmark times generation in this process on the default
+model (random weights and a generated vocabulary are enough for timing) and
+prints, for each way of decoding, the milliseconds per generated token at
+batch 1 and the tokens per second at batch 32:
 
-  cache       the key/value cache (the exported `Sampler`)
-  cache+xla   the same with the one-token decode step compiled by XLA
-              (`XlaSampler`, here only)
+  cache       the key/value cache: `Sampler.generate`, what the export runs
   no cache    the whole model over each row's growing, then sliding,
-              sequence (`UncachedSampler`, here only)
+              sequence, the Keras example's way (`uncached_generate`, a
+              loop here over the model and `tfgpt.serving.sampling`)
 
 Each setting is timed `repeats` times after a warm-up call and the fastest
 run is kept: other work on the machine only ever adds time. The exported
@@ -43,24 +42,25 @@ import numpy as np
 import tensorflow as tf
 
 from tfgpt.config import GPTConfig, TrainConfig
-from tfgpt.console import quiet, setup_logging
+from tfgpt.console import LOGGER, quiet, setup_logging
 from tfgpt.data.corpus import read_corpus, split_lines
 from tfgpt.data.text import PAD, UNK, Tokenizer, build_vocab, tokenize_lines, write_vocab
 from tfgpt.data.windows import make_windows, train_dataset
-from tfgpt.errors import UserError
+from tfgpt.errors import run_main
 from tfgpt.model.gpt import GPT
 from tfgpt.runtime.devices import BFLOAT16_LEFT_OUT, compute_dtype, cpu_info, cpu_kernels, runnable_precisions
 from tfgpt.runtime.distribute import make_strategy
 from tfgpt.runtime.flops import flops_per_token, measure_matmul_peak
 from tfgpt.runtime.memory import peak_rss_mb
-from tfgpt.serving import decode
+from tfgpt.serving import decode, sampling
 from tfgpt.serving.evaluate import heldout_protocol
 from tfgpt.serving.sampler import Sampler
 from tfgpt.train.trainer import Trainer
 
-# Named after the module also when it runs as `python -m benchmarks.bench` (__name__ is then
-# "__main__", a logger outside "tfgpt").
-log = logging.getLogger(__spec__.name if __spec__ else __name__)
+# A child of the "tfgpt" logger, whose handler `setup_logging` installs: a logger named after
+# this module ("benchmarks.bench", or "__main__" under `python -m`) would be outside it, and
+# its INFO lines, the sampler's table, would not be printed.
+log = logging.getLogger(f"{LOGGER}.bench")
 
 PROMPT = "this movie is"
 
@@ -115,51 +115,54 @@ def _generate_args(
     )
 
 
-def _sampler_variants():
-    """mode -> the Sampler class of that way of decoding (classes made here,
-    so that importing this module does not import TensorFlow)."""
+def uncached_generate(model, top_k: int = 10):
+    """Generation without a key/value cache, for comparison: at every step
+    the whole model over each row's last min(n, L) tokens
+    (`decode.window_hidden`), the token chosen as the sampler chooses it
+    (`sampling.pick`, top-k with temperature 1, each row's random numbers
+    from its seed). Rows do not end on the padding id.
 
-    class XlaSampler(Sampler):
-        """The decode step compiled by XLA (its cache writes as scatters:
-        XLA has no in-place update). Measured slower on a 2-core CPU, and
-        TensorFlow Serving's CPU build runs XLA only when started with
-        --xla_cpu_compilation_enabled, so the export does not use it."""
+    Returns a tf.function (context int32 [B, C], steps int32 [], seed int64
+    [B]) -> the new ids int32 [B, steps].
+    """
+    if not 1 <= top_k <= sampling.CANDIDATES:
+        raise ValueError(f"top_k must be in [1, {sampling.CANDIDATES}] (the fast way of choosing), got {top_k}")
 
-        def __init__(self, model, vocab_path, frozen=False, name="sampler"):
-            super().__init__(model, vocab_path, frozen, name=name)
-            self._compiled = tf.function(
-                lambda token, pos, caches, setup: decode.decode_hidden(
-                    self.model, token, pos, caches, setup, in_place=False
-                ),
-                jit_compile=True,
-            )
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.int32),
+            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([None], tf.int64),
+        ]
+    )
+    def generate(context, steps, seed):
+        batch, c = tf.shape(context)[0], tf.shape(context)[1]
+        ones = tf.ones([batch])
+        plan = sampling.plan(tf.fill([batch], top_k), ones, ones, model.config.vocab_size)
+        uniforms = sampling.row_uniforms(seed, steps)  # [B, steps]
+        weights = decode.DecodeWeights(model)()
+        history = tf.pad(context, [[0, 0], [0, steps]])  # [B, C + steps]
+        column = tf.range(c + steps)[None, :]
 
-        def _decode(self, token, pos, caches, setup):
-            return self._compiled(token, pos, caches, setup)
+        def step(i, history):
+            n = c + i  # tokens so far
+            hidden = decode.window_hidden(model, history, tf.fill([batch], n))  # [B, D]
+            token = sampling.pick(decode.logits(hidden, weights), plan, uniforms[:, i : i + 1], general=False)
+            return i + 1, tf.where(column == n, token[:, None], history)
 
-    class UncachedSampler(Sampler):
-        """No key/value cache: the whole model over each row's last min(n, L)
-        tokens at every step, the way the Keras example generates."""
+        _, history = tf.while_loop(lambda i, history: i < steps, step, (tf.constant(0), history))
+        return history[:, c:]
 
-        cache_loop = False
+    return generate
 
-        def _start(self, context, context_len, history, slots, weights):
-            return decode.window_hidden(self.model, history, context_len), [], None
 
-        def _general_step(self, token, n, live, hidden, caches, history, setup):
-            return tf.cond(
-                tf.reduce_any(live),
-                lambda: (decode.window_hidden(self.model, history, n), caches),
-                lambda: (hidden, caches),
-            )
-
-    return {"cache": Sampler, "cache+xla": XlaSampler, "no cache": UncachedSampler}
+MODES = ("cache", "no cache")
 
 
 def sampler_bench(
     batches=(1, 32),
     tokens=(40, 200),
-    modes=("cache", "cache+xla", "no cache"),
+    modes=MODES,
     repeats: int = 10,
     precision: str = "float32",
 ) -> list[dict]:
@@ -172,12 +175,25 @@ def sampler_bench(
     batch, tokens, seconds, ms_per_token (per row: seconds / tokens * 1000)
     and tokens_per_s (all rows: batch * tokens / seconds).
     """
-    variants = _sampler_variants()
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise ValueError(f"unknown sampler mode(s) {unknown}; the modes are {list(MODES)}")
     with tempfile.TemporaryDirectory(prefix="tfgpt-bench-") as tmp:
         vocab_path = Path(tmp) / "vocab.txt"
         model = _default_model(precision, vocab_path)
-        # The vocabulary is read here, when each sampler builds its tables.
-        samplers = {mode: variants[mode](model, vocab_path) for mode in modes}
+        # The vocabulary is read here, when the sampler builds its tables.
+        sampler = Sampler(model, vocab_path)
+    uncached = uncached_generate(model)
+    prompt_ids = sampler.tokenizer(tf.constant([PROMPT])).to_tensor()  # [1, C]
+
+    def run(mode, args):
+        """One request; returns the tokens generated per row."""
+        if mode == "cache":
+            return int(sampler.generate(**args)["lengths"].numpy().min())
+        batch = int(args["seed"].shape[0])
+        context = tf.repeat(prompt_ids, batch, axis=0)
+        return int(uncached(context, args["max_tokens"][0], args["seed"]).numpy().shape[1])
+
     c = model.config
     log.info(
         f"sampler: default model (vocab {c.vocab_size}, maxlen {c.maxlen}, width {c.embed_dim}, "
@@ -188,14 +204,13 @@ def sampler_bench(
     log.info(f"{'mode':<10} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tokens/s':>9}")
     for mode, n, batch in [(mode, n, batch) for mode in modes for n in tokens for batch in batches]:
         args = _generate_args(batch, n)
-        samplers[mode].generate(**args)  # traces the function and warms the caches
+        run(mode, args)  # traces the function and warms the caches
         # Back-to-back requests of one shape, as a server answering a stream
         # of them: the steady state, not the first request after other work.
         runs = []
         for _ in range(repeats):
             start = time.perf_counter()
-            out = samplers[mode].generate(**args)
-            made = int(out["lengths"].numpy().min())
+            made = run(mode, args)
             runs.append((time.perf_counter() - start, made))
         seconds, made = min(runs)
         row = dict(
@@ -397,11 +412,7 @@ def heldout_bench(data: str, runs: list[str], json_path: str | None) -> int:
     print(f"machine: {cpu_summary()}\nheld-out protocol: {data}", flush=True)
     rows = []
     for flags in runs:
-        try:
-            row = heldout_protocol(data, shlex.split(flags or ""))
-        except UserError as e:
-            print(f"bench: error: {e}", file=sys.stderr)
-            return 2
+        row = heldout_protocol(data, shlex.split(flags or ""))  # a UserError ends the command (`main`)
         rows.append(row)
         print(
             f"  loss {row['loss']:.4f}  perplexity {row['perplexity']:7.1f}  ({row['tokens']:,} tokens, "
@@ -414,6 +425,12 @@ def heldout_bench(data: str, runs: list[str], json_path: str | None) -> int:
 
 
 def main(argv=None) -> int:
+    """The command; a `UserError` prints `bench: error: MESSAGE` and exits
+    with its code (2)."""
+    return run_main("bench", lambda: _main(argv))
+
+
+def _main(argv) -> int:
     setup_logging()
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench",

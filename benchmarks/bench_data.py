@@ -10,9 +10,12 @@ figure that depends less on what else the machine runs) and peak resident
 memory;
 the seconds a first training run (which finds the store built) and a second
 one take from process start to their first step, and of that the data work
-(finding and checking the store, opening the windows); and the training
-run's peak resident memory. Corpora and stores go to a scratch folder
-(--workdir, default under /tmp) that is deleted at the end (--keep keeps it).
+(finding and checking the store, opening the windows), as the runs print them
+(`first step: S s after the process started`, `data: ready in S s`); and the
+training run's peak resident memory. The corpora are prepared, and trained
+on, without a validation split: the steps alone are timed. Corpora and stores
+go to a scratch folder (--workdir, default under /tmp) that is deleted at the
+end (--keep keeps it).
 
 Generated text imitates reviews: one per line, about 230 words in 19
 sentences drawn from a pool of 400,000 sentences of Zipf-distributed made-up
@@ -26,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -37,17 +41,14 @@ from pathlib import Path
 import numpy as np
 
 from tfgpt import cli
-from tfgpt.console import quiet, setup_logging
+from tfgpt.console import LOGGER, quiet, setup_logging
 from tfgpt.data import sources
 from tfgpt.data.prepare import ensure_store
-from tfgpt.data.windows import train_dataset
+from tfgpt.errors import UserError, run_main
 from tfgpt.runtime.memory import peak_rss_mb
-from tfgpt.train import run as run_mod
-from tfgpt.train import trainer
 
-# Named after the module also when it runs as `python -m benchmarks.bench_data` (__name__ is then
-# "__main__", a logger outside "tfgpt").
-log = logging.getLogger(__spec__.name if __spec__ else __name__)
+# A child of the "tfgpt" logger, which setup_logging prints and quiet("tfgpt") silences.
+log = logging.getLogger(f"{LOGGER}.bench_data")
 
 GB = 1e9
 
@@ -161,11 +162,11 @@ def _vmhwm_mb() -> float:
 
 
 def child_prepare(corpus: str, store_dir: str) -> dict:
-    """In a fresh process: prepare the corpus into store_dir."""
+    """In a fresh process: prepare the corpus into store_dir (no validation split)."""
 
     t0 = time.perf_counter()
     with quiet("tfgpt"):  # the child's output is its result; the parent prints the figures
-        prepared = ensure_store(corpus, store_dir=store_dir)
+        prepared = ensure_store(corpus, store_dir=store_dir, val_fraction=0.0)
     manifest = prepared.store.manifest
     return dict(
         seconds=time.perf_counter() - t0,
@@ -177,58 +178,27 @@ def child_prepare(corpus: str, store_dir: str) -> dict:
 
 
 def child_train(corpus: str, store_dir: str, logdir: str, run: str, steps: int) -> dict:
-    """In a fresh process: train.py on the corpus for a few steps, timing the
-    data work and the time to the first step."""
+    """In a fresh process: train.py on the corpus for a few steps, as a user
+    runs it (its lines go to this process's output, where `run_timings`
+    reads them)."""
 
-    marks = {}
-    prepare_data = run_mod.prepare_data
-
-    def timed_prepare(*args, **kwargs):
-        t = time.perf_counter()
-        out = prepare_data(*args, **kwargs)
-        train = out[0]
-        # the first global batch, read through the pipeline as training reads it
-
-        next(iter(train_dataset(train, 128, 0, 0, "truncate")))
-        marks["data_s"] = time.perf_counter() - t
-        return out
-
-    fit = trainer.Trainer.fit
-
-    def timed_fit(self, train_windows, val_windows, hooks=None):
-        class Hooks:
-            def on_step(self, info):
-                marks.setdefault("first_step_s", time.perf_counter() - START)
-                hooks.on_step(info)
-
-            def on_epoch(self, info):
-                hooks.on_epoch(info)
-
-        return fit(self, train_windows, None, Hooks())
-
-    run_mod.prepare_data, trainer.Trainer.fit = timed_prepare, timed_fit
     status = cli.main(
         [
-            "--data",
-            corpus,
-            "--store-dir",
-            store_dir,
-            "--logdir",
-            logdir,
-            "--run-name",
-            run,
-            "--max-steps",
-            str(steps),
-            "--no-export",
-            "--quiet",
-            "--epochs",
-            "1",
+            *("--data", corpus, "--store-dir", store_dir, "--val-fraction", "0"),
+            *("--logdir", logdir, "--run-name", run, "--max-steps", str(steps), "--epochs", "1"),
+            *("--no-export", "--quiet"),
         ]
     )
-    return dict(status=status, peak_rss_mb=_vmhwm_mb(), **marks)
+    return dict(status=status, peak_rss_mb=_vmhwm_mb())
 
 
-START = time.perf_counter()
+def run_timings(out: str) -> dict:
+    """The data work's and the first step's seconds, from what a training run printed."""
+    data = re.search(r"^data: ready in ([\d.]+) s$", out, re.M)
+    first = re.search(r"^first step: ([\d.]+) s after the process started$", out, re.M)
+    if data is None or first is None:
+        raise RuntimeError(f"no 'data: ready' or 'first step:' line in the training run's output:\n{out[-2000:]}")
+    return dict(data_s=float(data[1]), first_step_s=float(first[1]))
 
 
 def _child(kind: str, *args) -> dict:
@@ -245,6 +215,10 @@ def _child(kind: str, *args) -> dict:
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} child failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     result = json.loads(lines[-1])
+    if kind == "train":
+        if result["status"] != 0:
+            raise RuntimeError(f"the training run failed ({result['status']}):\n{out.stderr[-4000:]}")
+        result.update(run_timings(out.stdout))
     result["wall_s"], result["cpu_s"] = wall, cpu
     return result
 
@@ -304,6 +278,11 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    """The benchmark; its exit status (a UserError: `bench_data: error: ...` and its code)."""
+    return run_main("bench_data", lambda: _main(argv))
+
+
+def _main(argv) -> int:
     setup_logging()
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-scale", default="0.5,5", help="corpus sizes in GB, comma-separated (default: 0.5,5)")
@@ -325,20 +304,15 @@ def main(argv=None) -> int:
     try:
         scales = [float(s) for s in args.data_scale.split(",") if s.strip()]
     except ValueError:
-        print(
-            f"bench_data: error: --data-scale takes sizes in GB such as 0.5,5, got {args.data_scale!r}", file=sys.stderr
-        )
-        return 2
+        raise UserError(f"--data-scale takes sizes in GB such as 0.5,5, got {args.data_scale!r}") from None
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tfgpt-bench-data-"))
     need = max(scales) * GB * 2.2
     free = shutil.disk_usage(work).free
     if free < need:
-        print(
-            f"bench_data: error: {work} has {free / GB:.1f} GB free; the {max(scales):g} GB corpus needs about "
-            f"{need / GB:.1f} GB (the text, the store and its temporary shards)",
-            file=sys.stderr,
+        raise UserError(
+            f"{work} has {free / GB:.1f} GB free; the {max(scales):g} GB corpus needs about "
+            f"{need / GB:.1f} GB (the text, the store and its temporary shards)"
         )
-        return 2
     rows = []
     try:
         for scale in scales:

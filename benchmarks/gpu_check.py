@@ -34,11 +34,9 @@ one line saying why and exits 0.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -52,17 +50,15 @@ import tensorflow as tf
 from benchmarks.bench import generated_corpus, sampler_bench
 from tfgpt.config import GPTConfig
 from tfgpt.console import quiet, setup_logging
-from tfgpt.errors import UserError
+from tfgpt.errors import UserError, run_main
 from tfgpt.runtime import devices
+from tfgpt.runtime.devices import MIN_CAPABILITY, PRECISIONS, native_on_gpus
 from tfgpt.runtime.distribute import make_strategy
 from tfgpt.runtime.flops import flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TESTS = ROOT / "tests" / "test_gpu.py"
 BATCHES = (128, 1024)
-PRECISIONS = ("float32", "bfloat16", "float16")
-# The smallest compute capability whose tensor cores multiply in a precision.
-MIN_CAPABILITY = {"bfloat16": (8, 0), "float16": (7, 0)}
 
 # Dense (no structured sparsity) matrix-multiply peaks, FLOP/s per GPU, from
 # NVIDIA's data sheets, per precision of the products. "float32" is plain
@@ -100,57 +96,14 @@ def known_peak(device_name: str, precision: str) -> float | None:
 
 
 def skip_reason(precision: str, capability: tuple[int, int]) -> str | None:
-    """Why a precision is not benchmarked on a GPU of this compute capability (None: it is)."""
-    need = MIN_CAPABILITY.get(precision)
-    if need and tuple(capability) < need:
-        have = ".".join(map(str, capability))
-        return (
-            f"{precision} rows skipped: compute capability {have} < {need[0]}.{need[1]} (no {precision} tensor cores)"
-        )
-    return None
-
-
-def no_gpu_reason() -> str:
-    """Why TensorFlow sees no GPU, in a few words (TensorFlow is imported)."""
-
-    if not tf.test.is_built_with_cuda():
-        return "this TensorFlow build has no CUDA support; `make venv GPU=1` installs tensorflow[and-cuda]"
-    listed = _driver_gpus()
-    if not listed:
-        return "nvidia-smi lists no GPU: no NVIDIA driver or GPU on this machine"
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if hidden is not None and hidden.strip() in ("", "-1"):
-        return f"CUDA_VISIBLE_DEVICES={hidden!r} hides the {len(listed)} GPU(s) nvidia-smi lists"
-    if not _cuda_libraries_installed():
-        return (
-            f"nvidia-smi lists {len(listed)} GPU(s), but TensorFlow's CUDA libraries are not installed; "
-            "run `make venv GPU=1`"
-        )
-    return (
-        f"nvidia-smi lists {len(listed)} GPU(s), but TensorFlow could not load its CUDA libraries or they do "
-        "not match the driver; TF_CPP_MIN_LOG_LEVEL=0 shows TensorFlow's reason"
-    )
-
-
-def _cuda_libraries_installed() -> bool:
-    """Whether pip's CUDA packages (tensorflow[and-cuda]) sit beside TensorFlow."""
-    try:
-        return importlib.util.find_spec("nvidia.cudnn") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _driver_gpus() -> list[str]:
-    """The "GPU n: ..." lines of `nvidia-smi -L`; none without a working driver."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return []
-    try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    lines = out.stdout.splitlines() if out.returncode == 0 else []
-    return [line for line in lines if line.startswith("GPU ")]
+    """Why a precision is not benchmarked on a GPU of this compute capability
+    (None: it is): one that does not multiply in it natively
+    (`devices.MIN_CAPABILITY`)."""
+    if native_on_gpus(precision, [capability]):
+        return None
+    need = MIN_CAPABILITY[precision]
+    have = ".".join(map(str, capability))
+    return f"{precision} rows skipped: compute capability {have} < {need[0]}.{need[1]} (no {precision} tensor cores)"
 
 
 # --- training variants ---------------------------------------------------------
@@ -238,6 +191,11 @@ class Budget:
 
 
 def main(argv=None) -> int:
+    """The check; its exit status (a UserError: `gpu-check: error: ...` and its code)."""
+    return run_main("gpu-check", lambda: _check(argv))
+
+
+def _check(argv) -> int:
     started = time.monotonic()
     setup_logging()
     parser = argparse.ArgumentParser(
@@ -274,17 +232,19 @@ def main(argv=None) -> int:
 
     physical = tf.config.list_physical_devices("GPU")
     if not physical and not args.cpu_smoke:
-        print(f"gpu-check: no GPU visible to TensorFlow ({no_gpu_reason()}); nothing to check")
+        print(f"gpu-check: no GPU visible to TensorFlow ({devices.why_no_gpus()}); nothing to check")
         return 0
+    if not (args.no_tests or args.cpu_smoke) and not GPU_TESTS.is_file():
+        raise UserError(
+            f"{GPU_TESTS} not found: the GPU tests run from a checkout of tfgpt with its tests/ folder; "
+            "pass --no-tests to run the benchmarks alone"
+        )
 
     details = devices.gpu_details()  # every visible GPU, before make_strategy hides all but one
-    try:
-        with quiet("tfgpt.runtime.distribute"):  # --cpu-smoke trains on the CPU on purpose
-            strategy = make_strategy(gpus=1 if physical else None)
-    except UserError as e:
-        print(f"gpu-check: error: {e}", file=sys.stderr)
-        return 2
-    device = devices.describe(strategy)
+    with quiet("tfgpt.runtime.distribute"):  # --cpu-smoke trains on the CPU on purpose
+        strategy = make_strategy(gpus=1 if physical else None)
+    found = devices.of_strategy(strategy)
+    device = devices.describe(found)
     print(f"gpu-check: training on {device}", flush=True)
     for i, d in enumerate(details):
         memory = f", {d['memory'] / 2**30:.0f} GiB" if d["memory"] else ""
@@ -376,7 +336,7 @@ def main(argv=None) -> int:
 
         if len(physical) >= 2:
             budget.end += two_gpu_reserve
-            precision = devices.fastest_precision(strategy)
+            precision = devices.fastest_precision(found)
             print(f"\ntwo GPUs: global batch 256 (128 a GPU) against one GPU at 128, {precision}, XLA on", flush=True)
             print(HEADER, flush=True)
             one = rows.get((precision, True, 128))
@@ -400,12 +360,12 @@ def main(argv=None) -> int:
             print(f"\ntwo GPUs: skipped ({len(physical)} visible)")
 
     print(flush=True)
-    sampler_precisions = ["float32"] + (["bfloat16"] if physical and capability >= (8, 0) else [])
+    sampler_precisions = ["float32"] + (["bfloat16"] if physical and native_on_gpus("bfloat16", [capability]) else [])
     for precision in sampler_precisions:
         if args.cpu_smoke:
             sampler_bench(tokens=(4,), modes=("cache",), repeats=1, precision=precision)
         else:
-            sampler_bench(tokens=(40,), modes=("cache", "cache+xla"), repeats=5, precision=precision)
+            sampler_bench(tokens=(40,), modes=("cache",), repeats=5, precision=precision)
         sys.stdout.flush()
 
     tests = 0 if args.cpu_smoke or args.no_tests else run_gpu_tests(Budget(started + args.budget).left())
@@ -460,10 +420,7 @@ def read_two_gpu_run(status: int, out: str, err: str) -> tuple[dict | None, str]
 def run_gpu_tests(left: float) -> int:
     """tests/test_gpu.py with the GPUs visible; its exit status. `left`: the
     seconds of the budget left; the tests are stopped only well past it, as
-    hung rather than slow."""
-    if not GPU_TESTS.is_file():
-        print(f"gpu-check: error: {GPU_TESTS} not found; the GPU tests run from a checkout of tfgpt", file=sys.stderr)
-        return 2
+    hung rather than slow. The check has made sure that they exist."""
     timeout = max(TESTS_RESERVE_S, left) + 300.0
     print(f"\nGPU tests: {sys.executable} -m pytest -q -m gpu {GPU_TESTS.relative_to(ROOT)}", flush=True)
     env = dict(os.environ, TFGPT_TEST_GPU="1")

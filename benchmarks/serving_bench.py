@@ -48,8 +48,8 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.bench import _default_model
-from tfgpt.console import quiet, setup_logging
-from tfgpt.errors import UserError
+from tfgpt.console import LOGGER, quiet, setup_logging
+from tfgpt.errors import run_main
 from tfgpt.runtime.devices import (
     BFLOAT16_LEFT_OUT,
     check_bfloat16_runs,
@@ -60,9 +60,11 @@ from tfgpt.runtime.devices import (
 )
 from tfgpt.serving.export import export_model, export_run
 
-# Named after the module also when it runs as `python -m benchmarks.serving_bench` (__name__ is then
-# "__main__", a logger outside "tfgpt").
-log = logging.getLogger(__spec__.name if __spec__ else __name__)
+# A child of the "tfgpt" logger, which setup_logging prints and quiet("tfgpt") silences.
+log = logging.getLogger(f"{LOGGER}.serving_bench")
+
+# The command's name in its usage and error lines.
+PROG = "serving_bench"
 
 PROMPT = "this movie is"
 OTHER_PROMPT = "the acting was good but the story was not"  # another length than the warmup's
@@ -289,9 +291,7 @@ def serving_bench(
 
 def main(argv=None) -> int:
     setup_logging()
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.serving_bench", description=__doc__.split("\n\n")[0].replace("\n", " ")
-    )
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument(
         "--run",
         help="a training run directory: export its latest checkpoint (default: the default model with random weights)",
@@ -308,21 +308,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batching", action="store_true", help="also time batches of 1 to 64 rows")
     parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON to PATH")
     args = parser.parse_args(argv)
+    if args.loads < 1 or args.repeats < 1:
+        parser.error("--loads and --repeats must be at least 1")
+    return run_main(PROG, lambda: run(args))
+
+
+def run(args) -> None:
+    """The benchmark of the precisions asked for that run here."""
     precisions = ("bfloat16", "float32") if args.precision == "both" else (args.precision,)
     if args.precision == "bfloat16":
-        try:
-            check_bfloat16_runs()
-        except UserError as e:
-            parser.error(str(e))
+        check_bfloat16_runs()
     if "bfloat16" in precisions and "bfloat16" not in runnable_precisions(precisions):
         log.info(BFLOAT16_LEFT_OUT)
         precisions = runnable_precisions(precisions)
-    if args.loads < 1 or args.repeats < 1:
-        parser.error("--loads and --repeats must be at least 1")
     rows = serving_bench(precisions, args.run, args.repeats, args.batching, args.loads)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -132,8 +132,7 @@ def test_one_query_gives_a_row_the_same_bits_with_more_cache_slots():
         np.testing.assert_array_equal(wider.numpy(), base)
 
 
-@pytest.mark.parametrize("in_place", [True, False])
-def test_write_rows_in_place_and_as_a_scatter(in_place):
+def test_write_rows_puts_each_new_row_at_its_cache_row():
     """New [B, H, K] rows land at the given rows of a [B * H * S, K] cache,
     the other rows unchanged."""
     cache = np.arange(2 * 2 * 3 * 4, dtype=np.float32).reshape(12, 4) * -1.0  # [B * H * S, K]
@@ -141,5 +140,5 @@ def test_write_rows_in_place_and_as_a_scatter(in_place):
     rows = tf.constant([1, 4, 8, 11])  # (b, h, slot): (0,0,1) (0,1,1) (1,0,2) (1,1,2)
     want = cache.copy()
     want[[1, 4, 8, 11]] = new.numpy().reshape(4, 4)
-    got = write_rows(tf.identity(tf.constant(cache)), rows, new, in_place=in_place)
+    got = write_rows(tf.identity(tf.constant(cache)), rows, new)
     np.testing.assert_array_equal(got.numpy(), want)

@@ -1,12 +1,98 @@
 """The command line (tfgpt.cli): the training options' defaults, and every
-kind of bad input as one line on stderr and exit status 2."""
+kind of bad input as one line on stderr and exit status 2.
 
+The parser built from the config declarations is checked against the command
+line of tfgpt at commit 1fd68bd, where each flag was written out by hand:
+tests/data/cli_reference.json holds its `train.py --help` (COLUMNS=80), its
+argparse actions, its defaults, its RESUMABLE set, its NOT_HPARAMS and the
+message of each bad value of "train_errors"."""
+
+import argparse
+import dataclasses
+import json
 import re
 
 import pytest
-from helpers import write_corpus
+from helpers import ROOT, run_python, write_corpus
 
+from tfgpt import cli
 from tfgpt.cli import build_parser, configs_from_args, main, validate
+from tfgpt.config import field_of
+from tfgpt.errors import UserError
+from tfgpt.runtime import cluster, devices
+from tfgpt.train import summaries
+
+REFERENCE = json.loads((ROOT / "tests" / "data" / "cli_reference.json").read_text())
+
+
+def actions(parser: argparse.ArgumentParser) -> list[dict]:
+    """What argparse knows of each flag (but its help text), by section, as the reference records it."""
+    out = []
+    for group in parser._action_groups:
+        for a in group._group_actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            out.append(
+                dict(
+                    group=group.title,
+                    flags=a.option_strings,
+                    dest=a.dest,
+                    kind=type(a).__name__,
+                    type=getattr(a.type, "__name__", None),
+                    choices=list(a.choices) if a.choices else None,
+                    metavar=a.metavar,
+                    required=a.required,
+                    default=None if a.default is argparse.SUPPRESS else a.default,
+                )
+            )
+    return out
+
+
+def test_help_is_the_reference(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal's width
+    assert build_parser().format_help() == REFERENCE["train_help"]
+
+
+def test_flags_and_defaults_are_the_reference():
+    assert actions(build_parser()) == REFERENCE["train_actions"]
+    assert vars(build_parser().parse_args([])) == REFERENCE["train_parsed_defaults"]  # only the flags given
+    model, train = configs_from_args({})
+    assert dataclasses.asdict(model) == REFERENCE["model_defaults"]
+    assert dataclasses.asdict(train) == REFERENCE["train_defaults"]
+
+
+def test_resumable_and_hparams_are_the_reference():
+    # logdir and run_name, which name the run, were accepted beside RESUMABLE.
+    assert cli.RESUMABLE == set(REFERENCE["resumable"]) | {"logdir", "run_name"}
+    assert sorted(summaries.NOT_HPARAMS) == REFERENCE["not_hparams"]
+
+
+@pytest.mark.parametrize("argv, message", REFERENCE["train_errors"])
+def test_bad_values_give_the_reference_message(argv, message):
+    model, train = parse(*argv)
+    with pytest.raises(UserError) as raised:
+        validate(model, train)
+    assert str(raised.value) == message and raised.value.code == 2
+
+
+def test_choices_are_those_the_runtime_takes():
+    assert list(field_of("precision").metadata["choices"]) == ["auto", *devices.PRECISIONS]
+    assert tuple(field_of("cluster").metadata["choices"]) == cluster.MODES
+
+
+def test_parsing_and_flag_checks_do_not_start_tensorflow():
+    code = (
+        "import sys, contextlib, io\n"
+        "from tfgpt.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "assert main(['--vocab-size', '2']) == 2\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))\n"
+    )
+    done = run_python(["-c", code], cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert done.stderr.strip().splitlines()[-1] == "train.py: error: --vocab-size must be at least 3, got 2"
 
 
 def parse(*argv):

@@ -454,11 +454,11 @@ H100 = {"device_name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0)}
 tf.config.experimental.get_device_details = lambda d: H100
 from tfgpt.runtime import devices
 devices.nvidia_smi = lambda *a: ["NVIDIA H100 80GB HBM3, 81559"] if "--query-gpu" in a[0] else []
-from tfgpt.config import TrainConfig
+from tfgpt.config import GPTConfig, TrainConfig
 from tfgpt.runtime.distribute import make_strategy
-from tfgpt.train.run import device_line
+from tfgpt.train.plan import make_plan
 strategy = make_strategy(gpus=per_worker, cluster=mode, collective_timeout=60, cluster_port=port)
-line = device_line(strategy, TrainConfig(compute_precision="bfloat16"))
+line = make_plan(GPTConfig(), TrainConfig(), strategy).device_line()
 print("RESULT " + json.dumps({"devices": list(strategy.extended.worker_devices), "line": line,
                               "visible": [d.name for d in visible]}))
 """
@@ -502,4 +502,4 @@ def test_each_worker_trains_on_its_gpus(tmp_path, source):
         assert got["line"].startswith(
             "devices: 2 x NVIDIA H100 80GB HBM3 (compute capability 9.0, 80 GiB) on each of 2"
         )
-        assert "XLA on; 4 replica(s)" in got["line"], got["line"]
+        assert "precision bfloat16; XLA on; 4 replica(s); 10 step(s) per call" in got["line"], got["line"]

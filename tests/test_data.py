@@ -13,7 +13,15 @@ import tensorflow as tf
 from helpers import log_messages, tar_folder, write_imdb_tree
 
 from tfgpt import errors
-from tfgpt.data.corpus import IMDB_SHA256, Document, read_corpus, resolve_imdb, split_lines, train_val_split
+from tfgpt.data.corpus import (
+    IMDB_SHA256,
+    TextDocument,
+    held_out,
+    read_corpus,
+    resolve_imdb,
+    split_lines,
+    train_val_split,
+)
 from tfgpt.data.text import Tokenizer, build_vocab, read_vocab, split_words, write_vocab
 from tfgpt.data.windows import batches_per_epoch, eval_dataset, make_windows, split_window, train_dataset
 
@@ -198,7 +206,7 @@ def test_bad_paths_and_non_utf8(tmp_path):
 
 
 def test_split_is_deterministic_and_holds_out_files(tmp_path):
-    docs = [Document(f"{i}.txt", f"review {i}") for i in range(100)]
+    docs = [TextDocument(f"{i}.txt", f"review {i}") for i in range(100)]
     a = train_val_split(docs, 0.1, seed=3)
     b = train_val_split(docs, 0.1, seed=3)
     c = train_val_split(docs, 0.1, seed=4)
@@ -207,9 +215,24 @@ def test_split_is_deterministic_and_holds_out_files(tmp_path):
     assert not set(a[0]) & set(a[1])
     assert train_val_split(docs, 0.0, seed=3)[1] == []
     # A single document is split by lines.
-    one = [Document("all.txt", "\n".join(f"l{i}" for i in range(50)))]
+    one = [TextDocument("all.txt", "\n".join(f"l{i}" for i in range(50)))]
     train, val = train_val_split(one, 0.1, seed=0)
     assert len(val) == 5 and len(train) == 45
+
+
+@pytest.mark.parametrize(
+    "n, fraction, count", [(100, 0.1, 10), (100, 0.001, 1), (100, 0.0, 0), (7, 0.5, 4), (50, 0.03, 2)]
+)
+def test_held_out_takes_the_rounded_share_and_at_least_one(n, fraction, count):
+    val = held_out(n, fraction, seed=5)
+    assert len(val) == count and len(set(val.tolist())) == count
+    assert val.tolist() == sorted(val.tolist()) and all(0 <= i < n for i in val.tolist())
+
+
+@pytest.mark.parametrize("n, fraction", [(1, 0.1), (2, 0.9), (10, 0.96)])
+def test_held_out_refuses_to_leave_no_training_data(n, fraction):
+    with pytest.raises(errors.UserError, match=f"leaves no training data \\({n} documents\\)"):
+        held_out(n, fraction, seed=0)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

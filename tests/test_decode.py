@@ -1,7 +1,8 @@
-"""The decode step (tfgpt.serving.decode) against the full model: the prefill and
-one-token steps give the hidden states the model gives for the whole
-sequence, in float32 and bfloat16, with in-place and scatter cache writes;
-and the window pass. The attention kernels themselves are
+"""The cached path (`GPT.prefill`, `GPT.call_with_cache`, through
+tfgpt.serving.decode) against the full model: the prefill and one-token
+steps give the hidden states the model gives for the whole sequence, in
+float32 and bfloat16; the window pass and the step that mixes both; and
+the decode weights. The attention kernels themselves are
 tests/test_attention.py."""
 
 from __future__ import annotations
@@ -30,18 +31,18 @@ def model_of(dtype=tf.float32, config=CONFIG, seed=3) -> GPT:
 
 
 @tf.function
-def run_decode(model, prompts, lengths, steps_tokens, in_place=True, slots=CONFIG.maxlen):
+def run_decode(model, prompts, lengths, steps_tokens, slots=CONFIG.maxlen):
     """Prefill right-padded prompts, then decode the given tokens one step at
     a time; returns the hidden state after each step, [steps, B, D]. slots:
     the cache's (a tensor: not known when traced, as in the sampler)."""
     weights = decode.DecodeWeights(model)()
-    hidden, caches = decode.prefill(model, prompts, lengths, slots, weights)
+    hidden, caches = model.prefill(prompts, lengths, slots, weights)
     setup = decode.decode_setup(model, tf.shape(prompts)[0], slots, weights)
     out = [hidden]
     n = lengths
     for token in tf.unstack(steps_tokens):
         n = n + 1
-        hidden, caches = decode.decode_hidden(model, token, n - 1, caches, setup, in_place=in_place)
+        hidden, caches = decode.decode_hidden(model, token, n - 1, caches, setup)
         out.append(hidden)
     return tf.stack(out)
 
@@ -51,18 +52,15 @@ def run_decode(model, prompts, lengths, steps_tokens, in_place=True, slots=CONFI
 # 1 / sqrt(K) before their rounding to bfloat16; hidden states are layer-normed
 # (entries up to ~6), and the bfloat16 model itself is about 0.01-0.03 per
 # entry from float32.
-@pytest.mark.parametrize(
-    "dtype, in_place, tol, mean_tol",
-    [(tf.float32, True, 1e-5, 5e-6), (tf.float32, False, 1e-5, 5e-6), (tf.bfloat16, True, 0.15, 0.05)],
-)
-def test_prefill_and_decode_steps_equal_the_full_model(dtype, in_place, tol, mean_tol):
+@pytest.mark.parametrize("dtype, tol, mean_tol", [(tf.float32, 1e-5, 5e-6), (tf.bfloat16, 0.15, 0.05)])
+def test_prefill_and_decode_steps_equal_the_full_model(dtype, tol, mean_tol):
     model = model_of(dtype)
     rows = [[5, 9, 2], [7], [3, 4, 5, 6, 8]]  # different lengths: right-padded
     extra = [[11, 12, 13], [14, 15, 16], [17, 18, 19]]  # three decoded tokens per row
     width = max(map(len, rows))
     prompts = tf.constant([r + [0] * (width - len(r)) for r in rows])
     got = run_decode(
-        model, prompts, tf.constant([len(r) for r in rows]), tf.constant(np.array(extra).T, tf.int32), in_place
+        model, prompts, tf.constant([len(r) for r in rows]), tf.constant(np.array(extra).T, tf.int32)
     ).numpy()  # [4, B, D]
     for b, (row, more) in enumerate(zip(rows, extra)):
         for step in range(4):
@@ -159,7 +157,7 @@ def test_decode_steps_give_a_row_the_same_bits_alone_and_in_a_batch(dtype):
 
     @tf.function
     def start(context, n):
-        return decode.prefill(model, context, n, slots, weights)
+        return model.prefill(context, n, slots, weights)
 
     # The batch is unknown when the step is traced, as in the sampler's loop
     # (a traced batch size lets TensorFlow's graph optimizer reorder the
@@ -211,7 +209,7 @@ def test_the_prefill_gives_a_row_the_same_bits_however_far_it_is_padded(dtype):
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)])
     def start(context, n):
-        return decode.prefill(model, context, n, slots, weights)
+        return model.prefill(context, n, slots, weights)
 
     def padded(rows):
         width = max(lengths[r] for r in rows)
@@ -256,3 +254,33 @@ def test_a_row_keeps_its_bits_when_the_cache_has_more_slots(dtype):
     own = run(48)
     for slots in (64, 80):
         np.testing.assert_array_equal(run(slots), own)
+
+
+def test_the_general_step_decodes_short_rows_and_slides_long_ones():
+    """`next_hidden` on a batch of a row that fits in maxlen (8) positions
+    and one past it: the first from the cache, the second from a window of
+    its last 8 tokens, each what the full model gives for its tokens; and
+    `cached_hidden` alone gives the first row's."""
+    model = model_of()
+    history = np.random.default_rng(7).integers(2, 40, (2, 12)).astype(np.int32)  # [B, W]
+    n = np.array([4, 10], np.int32)  # row 0: 3 context tokens + 1 new; row 1 slides
+
+    @tf.function
+    def run(live, general=True):
+        weights = decode.DecodeWeights(model)()
+        slots = decode.cache_slots(tf.constant([8, 8]), CONFIG.maxlen)
+        _, caches = model.prefill(history[:, :3], tf.constant([3, 3]), slots, weights)
+        setup = decode.decode_setup(model, 2, slots, weights)
+        token = tf.gather(history, n - 1, batch_dims=1)
+        if not general:
+            return decode.cached_hidden(model, token, n, caches, setup)[0]
+        old = tf.fill([2, CONFIG.embed_dim], 7.0)
+        return decode.next_hidden(model, token, n, live, old, caches, tf.constant(history), setup)[0]
+
+    mixed = run(tf.constant([True, True])).numpy()
+    for b in range(2):
+        want = model.hidden(tf.constant(history[b : b + 1, max(0, n[b] - CONFIG.maxlen) : n[b]]))[0, -1].numpy()
+        np.testing.assert_allclose(mixed[b], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(tf.constant([True, True]), general=False).numpy()[0], mixed[0], rtol=1e-5, atol=1e-5)
+    # No row live: nothing runs, every row keeps the old hidden state.
+    np.testing.assert_array_equal(run(tf.constant([False, False])).numpy(), np.full((2, CONFIG.embed_dim), 7.0))

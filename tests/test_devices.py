@@ -10,10 +10,12 @@ import sys
 
 import pytest
 import tensorflow as tf
-from helpers import MICRO, run_train_py, train_env
+from helpers import MICRO, run_train_py, strategy_for, train_env
 
+from tfgpt.config import GPTConfig, TrainConfig
 from tfgpt.errors import UserError
 from tfgpt.runtime import devices
+from tfgpt.train.plan import make_plan
 
 
 class FakeGPUs:
@@ -110,6 +112,19 @@ def test_the_reason_for_no_gpu(monkeypatch, cuda_build, listed, hidden, librarie
     message = devices.why_no_gpus(2, 0)
     assert message.startswith("--gpus 2 asked for, but TensorFlow sees 0 GPUs")
     assert expect in message and "\n" not in message
+    # The reason alone (a warning's, gpu-check's) is the same words, without what --gpus asked.
+    reason = devices.why_no_gpus()
+    assert reason in message and not reason.startswith("--gpus") and "\n" not in reason
+
+
+def test_one_hidden_gpu_is_named_in_the_singular(monkeypatch):
+    monkeypatch.setattr(tf.test, "is_built_with_cuda", lambda: True)
+    monkeypatch.setattr(devices, "driver_gpus", lambda: ["GPU 0: X"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert devices.why_no_gpus(1, 0) == (
+        "--gpus 1 asked for, but TensorFlow sees 0 GPUs: CUDA_VISIBLE_DEVICES='' hides the GPU that nvidia-smi "
+        "lists; unset it"
+    )
 
 
 def test_precision_follows_the_gpus_compute_capability(monkeypatch):
@@ -123,21 +138,23 @@ def test_precision_follows_the_gpus_compute_capability(monkeypatch):
     ):
         with monkeypatch.context() as m:
             FakeGPUs(m, 1, capability=capability)
-            assert devices.all_gpus(strategy)
-            assert devices.fastest_precision(strategy) == fastest
-            assert devices.resolve_precision("auto", strategy) == fastest
-            assert devices.resolve_precision("float32", strategy) == "float32"
-            assert devices.native("bfloat16", strategy) == (capability[0] >= 8)
-            assert devices.native("float16", strategy) == (capability[0] >= 7)
+            found = devices.of_strategy(strategy)
+            assert found.gpus and devices.all_gpus(strategy)
+            assert devices.fastest_precision(found) == fastest
+            assert devices.resolve_precision("auto", found) == fastest
+            assert devices.resolve_precision("float32", found) == "float32"
+            assert devices.native("bfloat16", found) == (capability[0] >= 8)
+            assert devices.native("float16", found) == (capability[0] >= 7)
 
 
 def test_the_device_line_names_model_capability_and_memory(monkeypatch):
     FakeGPUs(monkeypatch, 2)
     assert (
-        devices.describe(tf.distribute.get_strategy()) == "1 x NVIDIA H100 80GB HBM3 (compute capability 9.0, 80 GiB)"
+        devices.describe(devices.of_strategy(tf.distribute.get_strategy()))
+        == "1 x NVIDIA H100 80GB HBM3 (compute capability 9.0, 80 GiB)"
     )
     monkeypatch.undo()
-    cpu = devices.describe(tf.distribute.get_strategy())
+    cpu = devices.describe(devices.of_strategy(tf.distribute.get_strategy()))
     assert devices.cpu_info()[0] in cpu and f"{os.cpu_count()} cores" in cpu
 
 
@@ -184,7 +201,7 @@ def test_a_driver_without_cuda_libraries_names_the_fix(tmp_path):
     (fake / "nvidia-smi").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     out = subprocess.run(
-        [sys.executable, "-c", "from tfgpt import devices; print(devices.why_no_gpus(2, 0))"],
+        [sys.executable, "-c", "from tfgpt.runtime import devices; print(devices.why_no_gpus(2, 0))"],
         capture_output=True,
         text=True,
         env=dict(env, PATH=f"{fake}:{env['PATH']}", TF_CPP_MIN_LOG_LEVEL="2"),
@@ -235,20 +252,88 @@ def test_resume_checks_the_precision_against_the_devices(monkeypatch):
     """A run that trained in bfloat16 (auto on an A100, say) resumed on
     devices where auto means float16 trains on in float16 and says so; an
     explicit bfloat16 on devices without it is pointed out."""
-    from tfgpt.config import TrainConfig
-    from tfgpt.train.run import resolve_devices
-
     strategy = tf.distribute.get_strategy()
     FakeGPUs(monkeypatch, 1, capability=(7, 0), name="Tesla V100-SXM2-16GB")
     saved = TrainConfig(precision="auto", compute_precision="bfloat16")
-    cfg, notes = resolve_devices(saved, strategy, resume=True)
-    assert cfg.compute_precision == "float16" and cfg.precision == "auto"
-    assert notes == ["precision: float16 on these devices (--precision auto); the run trained in bfloat16 before"]
-    assert saved.compute_precision == "bfloat16"  # a new config, the saved one untouched
-    cfg, notes = resolve_devices(TrainConfig(precision="bfloat16", compute_precision="bfloat16"), strategy, True)
-    assert cfg.compute_precision == "bfloat16"
-    assert notes == ["warning: --precision bfloat16 is not native on these devices: slower than float32, or emulated"]
-    assert resolve_devices(TrainConfig(precision="auto"), strategy, resume=False)[1] == []
+    plan = make_plan(GPTConfig(), saved, strategy, resume=True)
+    assert plan.precision == "float16" and plan.native
+    assert plan.notes == ("precision: float16 on these devices (--precision auto); the run trained in bfloat16 before",)
+    plan = make_plan(GPTConfig(), TrainConfig(precision="bfloat16", compute_precision="bfloat16"), strategy, True)
+    assert plan.precision == "bfloat16" and not plan.native
+    assert plan.notes == (
+        "warning: --precision bfloat16 is not native on these devices: slower than float32, or emulated",
+    )
+    assert make_plan(GPTConfig(), TrainConfig(precision="auto"), strategy, resume=False).notes == ()
+    # Not resuming (a Trainer built from a run's resolved config): the resolved precision stands.
+    assert make_plan(GPTConfig(), saved, strategy).precision == "bfloat16"
+
+
+# --- the plan -------------------------------------------------------------------
+
+# (GPU compute capability or None for this CPU, TrainConfig settings) -> what
+# the code before tfgpt/train/plan.py decided (tfgpt.run.resolve_devices and
+# device_line, tfgpt.trainer's use_xla, auto_steps_per_call and loss chunk),
+# for GPTConfig(vocab_size=20000, maxlen=128) at batch 64 on the default
+# strategy: precision, XLA, steps per call, loss rows and chunk, notes.
+BIG = GPTConfig(vocab_size=20000, maxlen=128, embed_dim=16, num_heads=2, ff_dim=16, num_layers=1)
+PLANS = [
+    ((9, 0), dict(log_every=500), ("bfloat16", True, 100, 8192, 8192), ()),
+    (
+        (8, 6),
+        dict(log_every=1, compute_precision="float16"),
+        ("bfloat16", True, 1, 8192, 8192),
+        ("precision: bfloat16 on these devices (--precision auto); the run trained in float16 before",),
+    ),
+    (
+        (6, 1),
+        dict(xla="off", steps_per_call=3, precision="bfloat16", deterministic=True),
+        ("bfloat16", False, 3, 8192, 8192),
+        ("warning: --precision bfloat16 is not native on these devices: slower than float32, or emulated",),
+    ),
+    ((7, 5), dict(log_every=10, loss_chunk=16), ("float16", True, 10, 8192, 16), ()),
+    (
+        None,
+        dict(xla="on", precision="float16", log_every=500),
+        ("float16", True, 1, 8192, 256),
+        ("warning: --precision float16 is not native on these devices: slower than float32, or emulated",),
+    ),
+    (None, dict(precision="float32", log_every=500), ("float32", False, 1, 8192, 256), ()),
+]
+
+
+@pytest.mark.parametrize("capability, settings, decided, notes", PLANS)
+def test_the_plan_decides_what_the_devices_decided_before(monkeypatch, capability, settings, decided, notes):
+    if capability is None and tf.config.list_physical_devices("GPU"):
+        pytest.skip("about machines without a GPU")
+    if capability is not None:
+        FakeGPUs(monkeypatch, 1, capability=capability)
+    cfg = TrainConfig(batch_size=64, **settings)
+    plan = make_plan(BIG, cfg, tf.distribute.get_strategy(), resume="compute_precision" in settings)
+    assert (plan.precision, plan.xla, plan.steps_per_call, plan.loss_rows, plan.loss_chunk) == decided
+    assert plan.notes == notes
+    what = (
+        f"1 x NVIDIA H100 80GB HBM3 (compute capability {capability[0]}.{capability[1]}, 80 GiB)"
+        if capability
+        else f"{devices.cpu_info()[0]} ({os.cpu_count()} cores, {devices.cpu_kernels()})"
+    )
+    precision, xla, per_call = decided[:3]
+    assert plan.device_line() == (
+        f"devices: {what}; precision {precision}; XLA {'on' if xla else 'off'}; 1 replica(s); "
+        f"{per_call} step(s) per call" + ("; deterministic ops" if cfg.deterministic else "")
+    )
+    # Another vocabulary (the token store's): the chunk again, the devices not asked again.
+    monkeypatch.setattr(devices, "all_gpus", lambda s: pytest.fail("the devices asked again"))
+    small = plan.for_model(GPTConfig(vocab_size=40, maxlen=128), cfg)
+    assert small.loss_chunk == (settings.get("loss_chunk") or 8192) and small.precision == plan.precision
+
+
+def test_two_cpu_replicas_share_the_batch_and_a_batch_they_cannot_share_is_refused():
+    strategy = strategy_for(2)
+    plan = make_plan(BIG, TrainConfig(batch_size=64, precision="float32"), strategy)
+    assert (plan.replicas, plan.loss_rows, plan.loss_chunk, plan.xla, plan.steps_per_call) == (2, 4096, 256, False, 1)
+    assert plan.device_line().startswith("devices: 2 logical devices on ")
+    with pytest.raises(UserError, match=r"^--batch-size 7 is not divisible by the 2 replicas$"):
+        make_plan(BIG, TrainConfig(batch_size=7), strategy)
 
 
 def test_a_run_without_gpus_flag_warns_when_the_driver_lists_gpus_tensorflow_cannot_use(monkeypatch):
@@ -294,18 +379,18 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
         f"processor\t: 1\nflags\t\t: fpu sse {AVX512} avx512_bf16\n"
     )
     assert devices.cpu_info() == ("Some CPU", {"fpu", "sse", *AVX512.split(), "avx512_bf16"})
-    strategy = tf.distribute.get_strategy()
-    if not tf.config.list_physical_devices("GPU"):
-        assert devices.fastest_precision(strategy) == "bfloat16"
+    found = devices.of_strategy(tf.distribute.get_strategy())
+    if not found.gpus:
+        assert devices.fastest_precision(found) == "bfloat16"
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN told to act as an AVX2 CPU
-        assert devices.fastest_precision(strategy) == "float32"
+        assert devices.fastest_precision(found) == "float32"
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
         for flags, want in (("fpu avx2 amx_bf16", "bfloat16"), (f"fpu {AVX512}", "float32"), ("avx2", "float32")):
             cpuinfo.write_text(f"flags\t: {flags}\n")
-            assert devices.fastest_precision(strategy) == want
+            assert devices.fastest_precision(found) == want
         cpuinfo.unlink()  # no /proc/cpuinfo at all
         assert devices.cpu_info() == ("unknown CPU", set())
-        assert devices.fastest_precision(strategy) == "float32"
+        assert devices.fastest_precision(found) == "float32"
 
 
 @pytest.mark.parametrize(
@@ -356,11 +441,12 @@ def test_the_cpu_kernels_follow_the_flags_and_onednns_settings(
     assert devices.rows_batch_invariant("float32") == exact_float32
     assert devices.rows_batch_invariant("bfloat16") == exact_bfloat16
     assert devices.bfloat16_aborts() == aborts
+    found = devices.of_strategy(tf.distribute.get_strategy())
     if aborts:
         with pytest.raises(UserError, match="ONEDNN_MAX_CPU_ISA=AVX2 leaves oneDNN no bfloat16 kernel"):
-            devices.resolve_precision("bfloat16", tf.distribute.get_strategy())
-    elif not tf.config.list_physical_devices("GPU"):
-        assert devices.resolve_precision("bfloat16", tf.distribute.get_strategy()) == "bfloat16"
+            devices.resolve_precision("bfloat16", found)
+    elif not found.gpus:
+        assert devices.resolve_precision("bfloat16", found) == "bfloat16"
 
 
 def test_bfloat16_where_it_would_abort_is_a_one_line_error(monkeypatch, tmp_path, capsys):

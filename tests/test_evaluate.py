@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import TINY, write_imdb_tree
 
 from tfgpt.config import GPTConfig, TrainConfig, save_config
 from tfgpt.data.text import PAD, UNK, write_vocab
@@ -93,11 +94,27 @@ def test_cut_texts_standardizes_and_truncates():
         (["{run}", "--limit", "0"], "--limit must be positive"),
         (["{export}", "--step", "3"], "--step applies to a run directory"),
         (["{run}", "--step", "3"], "no checkpoint for step 3"),
+        (["{bare}"], "vocab.txt is missing: is"),
     ],
 )
 def test_bad_input_is_one_line(run, corpus, tmp_path, capsys, args, message):
     root, _ = run
-    args = [a.format(tmp=tmp_path, run=root, export=root / "export" / "1") for a in args]
+    bare = tmp_path / "bare"  # a run directory without its vocabulary
+    bare.mkdir()
+    (bare / "config.json").write_text((root / "config.json").read_text())
+    args = [a.format(tmp=tmp_path, run=root, export=root / "export" / "1", bare=bare) for a in args]
     assert evaluate_cli.main(args + ["--data", str(corpus[0])]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("evaluate: error: ") and message in err
+
+
+@pytest.mark.slow
+def test_heldout_protocol_trains_in_a_process_of_its_own(tmp_path, monkeypatch):
+    """The protocol's training runs as `python -m tfgpt.cli` (found as an
+    installed module, from any folder), then its test reviews are scored."""
+    base = write_imdb_tree(tmp_path / "src", per_split=8)
+    monkeypatch.setattr(evaluate_cli, "PROTOCOL_TEST", 8)
+    monkeypatch.chdir(tmp_path)
+    result = evaluate_cli.heldout_protocol(base, [*TINY, "--batch-size", "4"], steps=2)
+    assert result["steps"] == 2 and result["texts"] == 8 and result["tokens"] > 8
+    assert math.isfinite(result["loss"]) and result["perplexity"] == pytest.approx(math.exp(result["loss"]))

@@ -26,7 +26,15 @@ from tfgpt.model.gpt import GPT
 from tfgpt.runtime import devices
 from tfgpt.serving import export as export_cli
 from tfgpt.serving import generate as generate_cli
-from tfgpt.serving.export import BATCHING, MODEL_NAME, SERVED_BASE_PATH, WARMUP_BATCH, export_model, next_version
+from tfgpt.serving.export import (
+    BATCHING,
+    MODEL_NAME,
+    SERVED_BASE_PATH,
+    WARMUP_BATCH,
+    export_model,
+    find_checkpoint,
+    next_version,
+)
 from tfgpt.serving.sampler import SIGNATURES
 
 WORDS = [PAD, UNK] + [f"w{i}" for i in range(2, 40)]
@@ -398,7 +406,7 @@ def test_export_command_restores_the_chosen_checkpoint_in_float32_unless_told(tm
     each takes seconds)."""
     run = _run_dir(tmp_path)
     save_config(run / "config.json", CONFIG, TrainConfig(precision="bfloat16", compute_precision="bfloat16"))
-    assert export_cli.find_checkpoint(run, None).endswith("ckpt-60")
+    assert find_checkpoint(run, None).endswith("ckpt-60")
     assert export_cli.main([str(run), "--step", "30", "--version", "1"]) == 0
     assert "ckpt-30; float32 matrix products" in capsys.readouterr().out
     # The chosen checkpoint's weights (make_model(seed=5)'s), greedy as the full model.
@@ -446,9 +454,20 @@ def test_export_command_errors_are_one_line(tmp_path, capsys, case, message):
         args = [str(_run_dir(tmp_path)), "--step", "99"]
     assert export_cli.main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert err.startswith("export: error: ") and message in err and "\n" not in err
     if case == "no_step":
         assert "available steps: 30, 60" in err
+
+
+def test_export_flag_errors_and_run_errors_name_the_command_alike(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        export_cli.main([str(tmp_path), "--step", "x"])
+    assert done.value.code == 2
+    flag = capsys.readouterr().err.strip().splitlines()[-1]
+    assert export_cli.main([str(tmp_path / "nowhere")]) == 2
+    run = capsys.readouterr().err.strip()
+    assert flag.startswith("export: error: argument --step: invalid int value"), flag
+    assert run == f"export: error: run directory {tmp_path / 'nowhere'} does not exist", run
 
 
 def test_export_help_says_what_it_writes(capsys):
@@ -515,10 +534,16 @@ def test_generate_command(exported, capsys, load_once):
     assert generate_cli.main(args) == 0
     assert capsys.readouterr().out.strip().split("\n") == first  # same seed, same text
 
-    assert generate_cli.main([str(path), "--prompt", PROMPT, "--max-tokens", "100000"]) == 2
-    assert "max_tokens must be between 0 and" in capsys.readouterr().err
-    assert generate_cli.main([str(path), "--prompt", PROMPT, "--repetition-penalty", "0"]) == 2
-    assert "repetition_penalty must be a finite number above 0 (1 = off); row 0 has 0" in capsys.readouterr().err
+    for flags, message in [
+        (["--max-tokens", "100000"], "max_tokens must be between 0 and"),
+        (["--repetition-penalty", "0"], "repetition_penalty must be a finite number above 0 (1 = off); row 0 has 0"),
+    ]:
+        assert generate_cli.main([str(path), "--prompt", PROMPT, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("generate: error: ") and message in err and err.count("\n") == 1, err
+    assert generate_cli.main([str(path.parent), "--prompt", PROMPT]) == 2
+    no_model = f"generate: error: {path.parent} is not a SavedModel directory (no saved_model.pb)\n"
+    assert capsys.readouterr().err == no_model
 
     assert generate_cli.main([str(path), "--prompt", "w3 w4 w5", "--score"]) == 0
     assert "perplexity" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import run_python
+from helpers import ROOT, run_python
 
 from benchmarks import gpu_check
 from tfgpt.config import GPTConfig
@@ -17,7 +17,8 @@ from tfgpt.runtime.flops import flops_per_token
 
 
 def cpu_env(**extra) -> dict:
-    return dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    """No GPU visible; the checkout on the path, for `-m benchmarks.gpu_check` run from elsewhere."""
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT), **extra)
 
 
 def driver_lists_gpus(path: str | None = None) -> bool:
@@ -35,8 +36,8 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
     lines = done.stdout.splitlines()
     assert len(lines) == 1, done.stdout
     assert lines[0].startswith("gpu-check: no GPU visible to TensorFlow (") and lines[0].endswith("; nothing to check")
-    # The reason: no driver listing a GPU here, else the hiding variable.
-    assert ("CUDA_VISIBLE_DEVICES='-1' hides" if driver_lists_gpus() else "nvidia-smi lists no GPU") in lines[0]
+    # The reason (tfgpt.runtime.devices.why_no_gpus): no driver listing a GPU here, else the hiding variable.
+    assert ("CUDA_VISIBLE_DEVICES='-1' hides" if driver_lists_gpus() else "nvidia-smi lists none") in lines[0]
 
 
 @pytest.mark.slow
@@ -51,8 +52,8 @@ def test_gpu_check_names_a_hidden_gpu(tmp_path):
     done = run_python(["-m", "benchmarks.gpu_check"], env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == [
-        "gpu-check: no GPU visible to TensorFlow (CUDA_VISIBLE_DEVICES='-1' hides the "
-        "1 GPU(s) nvidia-smi lists); nothing to check"
+        "gpu-check: no GPU visible to TensorFlow (CUDA_VISIBLE_DEVICES='-1' hides the GPU that nvidia-smi "
+        "lists; unset it); nothing to check"
     ]
 
 
@@ -100,6 +101,26 @@ def test_precisions_skipped_below_their_compute_capability(precision, capability
     assert (reason is not None) == skipped
     if skipped:
         assert f"compute capability {capability[0]}.{capability[1]} <" in reason
+
+
+def test_the_skipped_precisions_are_the_devices_table():
+    """gpu-check skips a precision exactly where tfgpt.runtime.devices says a
+    GPU does not multiply in it natively, and reads the one table: changing
+    devices.MIN_CAPABILITY changes what it skips."""
+    from tfgpt.runtime import devices
+
+    for major in range(3, 11):
+        for minor in range(10):
+            gpu = devices.Devices(gpus=True, count=1, gpu_details=(dict(compute_capability=(major, minor)),))
+            for precision in devices.PRECISIONS:
+                skipped = gpu_check.skip_reason(precision, (major, minor)) is not None
+                assert skipped == (not devices.native(precision, gpu)), (precision, major, minor)
+    assert gpu_check.PRECISIONS is devices.PRECISIONS
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(devices.MIN_CAPABILITY, "float16", (7, 5))
+        assert gpu_check.skip_reason("float16", (7, 0)) == (
+            "float16 rows skipped: compute capability 7.0 < 7.5 (no float16 tensor cores)"
+        )
 
 
 def test_a_failing_variant_is_reported_in_one_line(tmp_path):
@@ -225,3 +246,31 @@ def test_the_two_gpu_run_is_read_from_what_train_py_prints(status, out, err, wan
         assert why == "" and row["tokens_per_s"] == want and "2 x NVIDIA" in row["device_line"]
     else:
         assert row is None and want in why and "\n" not in why
+
+
+def test_gpu_check_without_the_gpu_tests_says_so_before_benchmarking(monkeypatch, capsys, tmp_path):
+    """Outside a checkout (no tests/test_gpu.py) the check stops at once with a
+    one-line error naming the missing file and --no-tests, instead of after
+    its benchmarks; a device error is its one line too."""
+    from tfgpt.errors import UserError
+
+    FakeCheck(monkeypatch)
+    monkeypatch.setattr(gpu_check, "GPU_TESTS", tmp_path / "tests" / "test_gpu.py")
+    ran = []
+    monkeypatch.setattr(gpu_check, "run_variant", lambda spec, t: ran.append(spec))
+    assert gpu_check.main(["--budget", "100000", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"gpu-check: error: {tmp_path / 'tests' / 'test_gpu.py'} not found: the GPU tests run from a checkout of "
+        "tfgpt with its tests/ folder; pass --no-tests to run the benchmarks alone"
+    ]
+    assert not ran
+
+    def refuse(**kw):
+        raise UserError("--gpus 1 asked for, but TensorFlow sees 0 GPUs: something")
+
+    monkeypatch.setattr(gpu_check, "make_strategy", refuse)
+    assert gpu_check.main(["--no-tests"]) == 2
+    assert (
+        capsys.readouterr().err.strip() == "gpu-check: error: --gpus 1 asked for, but TensorFlow sees 0 GPUs: something"
+    )

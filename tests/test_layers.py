@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgpt.model.attention import causal_mask
-from tfgpt.model.layers import Block, Dense, Embedding, FeedForward, LayerNorm, MultiHeadAttention, dropout
+from tfgpt.model.batch_invariant import rsqrt_column
+from tfgpt.model.layers import (
+    Block,
+    Dense,
+    Embedding,
+    FeedForward,
+    LayerNorm,
+    MultiHeadAttention,
+    dropout,
+    prefill_span,
+)
 
 # --- NumPy references ---------------------------------------------------------
 
@@ -100,8 +109,6 @@ def test_layer_norm_matches_numpy():
 def test_layer_norm_with_another_rsqrt():
     """The rsqrt generation passes gives the layer's own numbers for a batch
     whose rows fill whole vector registers (32 rows), and NumPy's for one row."""
-    from tfgpt.model.batch_invariant import rsqrt_column
-
     layer = LayerNorm(8)
     _randomise(layer, seed=5)
     x = (np.random.default_rng(6).normal(size=(32, 8)) * 2.0).astype(np.float32)
@@ -165,14 +172,68 @@ def test_attention_gradients_match_an_einsum_formulation():
 
 
 @pytest.mark.parametrize("dtype, tol", [(tf.float32, 1e-6), (tf.bfloat16, 0.05)])
-def test_attention_per_head_call_equals_the_batched_heads_of_the_prefill(dtype, tol):
-    """Training's one-head-at-a-time call and the prefill's qkv + attend are
-    the same function."""
+def test_attention_prefill_equals_the_training_call(dtype, tol):
+    """The cached path's prompt pass (its own per-head products, float32
+    softmax, the query's 1 / sqrt(K) folded into its weights) and training's
+    call are the same function; in bfloat16 they round at other places."""
     mha = MultiHeadAttention(8, 2, 4, seed=3, compute_dtype=dtype)
     _randomise(mha, seed=4)
     x = tf.constant(np.random.default_rng(7).normal(size=(3, 6, 8)).astype(np.float32))
-    batched = mha.attend(*mha.qkv(x), causal_mask(6)).numpy()
-    np.testing.assert_allclose(mha(x).numpy(), batched, rtol=0, atol=tol)
+    out, _ = mha.prefill(tf.reshape(x, [-1, 8]), mha.decode_weights(), prefill_span(3, 6, 16))
+    np.testing.assert_allclose(tf.reshape(out, [3, 6, 8]).numpy(), mha(x).numpy(), rtol=0, atol=tol)
+
+
+def _cache_step(pos, heads, slots, key_dim):
+    """The decode step's `step` for rows at positions pos [B] of a cache of
+    `slots` slots, worked out here from the layout [B * H * S, K]."""
+    b = len(pos)
+    rows = [(i * heads + h) * slots + p for i, p in enumerate(pos) for h in range(heads)]
+    blocked = np.where(np.arange(slots)[None, :] <= np.asarray(pos)[:, None], 0.0, -1e9).astype(np.float32)
+    return {
+        "rows": tf.constant(rows),
+        "blocked": tf.constant(blocked),
+        "cache_shape": tf.constant([b, heads, slots, key_dim]),
+    }
+
+
+def test_block_cached_path_matches_numpy():
+    """Block.prefill over right-padded prompts, then Block.call_with_cache for
+    one more position per row: each row's outputs are the NumPy block's over
+    its own tokens, and the cache holds each position's keys and values."""
+    d, h, k, f, slots = 6, 2, 3, 10, 16
+    block = Block(d, h, k, f, rate=0.5, seed=9)
+    _randomise(block, seed=11)
+    rng = np.random.default_rng(12)
+    lengths = [4, 2]
+    seqs = [rng.normal(size=(n + 1, d)).astype(np.float32) for n in lengths]  # each prompt and one more position
+    c = max(lengths)
+    x = np.zeros((2, c, d), np.float32)
+    for i, (n, s) in enumerate(zip(lengths, seqs)):
+        x[i, :n] = s[:n]
+    weights = block.decode_weights()
+    out, cache = block.prefill(tf.constant(x.reshape(-1, d)), weights, prefill_span(2, c, slots))
+    out = out.numpy().reshape(2, c, d)
+    new = np.stack([s[-1] for s in seqs])  # [B, D]
+    last, (k_cache, v_cache) = block.call_with_cache(
+        tf.constant(new), cache, weights, _cache_step(lengths, h, slots, k)
+    )
+
+    attn = block.attn
+    for i, (n, s) in enumerate(zip(lengths, seqs)):
+        s64 = s.astype(np.float64)[None]  # [1, n + 1, D]
+        a = np_layer_norm(
+            s64 + np_causal_attention(s64, *_mha_weights(attn)), _np(block.ln1.gamma), _np(block.ln1.beta)
+        )
+        f_out = np_ffn(a, _np(block.ffn.fc1.w), _np(block.ffn.fc1.b), _np(block.ffn.fc2.w), _np(block.ffn.fc2.b))
+        want = np_layer_norm(a + f_out, _np(block.ln2.gamma), _np(block.ln2.beta))[0]  # [n + 1, D]
+        np.testing.assert_allclose(out[i, :n], want[:n], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(last.numpy()[i], want[n], rtol=1e-4, atol=1e-5)
+        keys = np.einsum("td,dhk->htk", s64[0], _np(attn.wk)) + _np(attn.bk)[:, None]  # [H, n + 1, K]
+        values = np.einsum("td,dhk->htk", s64[0], _np(attn.wv)) + _np(attn.bv)[:, None]
+        for cached, want_kv in ((k_cache, keys), (v_cache, values)):
+            got = cached.numpy().reshape(2, h, slots, k)[i]
+            np.testing.assert_allclose(got[:, : n + 1], want_kv, rtol=1e-5, atol=1e-5)
+            assert not got[:, c + 1 :].any()  # slots past the prompts and the step are never written
 
 
 def test_attention_first_position_ignores_the_rest():

@@ -3,16 +3,20 @@ damaged stores, a full disk, an interrupted build, `python -m tfgpt.prepare`,
 and training on a store."""
 
 import builtins
+import hashlib
 import os
+import string
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from helpers import ROOT, log_messages, run_python, write_corpus
+from test_cli import REFERENCE, actions
 
 from tfgpt import errors
-from tfgpt.data import prepare, store_build
+from tfgpt.data import prepare, store_build, text
 from tfgpt.data.corpus import read_corpus, train_val_split
 from tfgpt.data.text import Tokenizer, tokenize_lines, write_vocab
 from tfgpt.data.windows import make_windows
@@ -68,6 +72,51 @@ def test_changed_input_gives_a_new_store_and_drops_the_stale_one(tmp_path):
     path.write_text(text)
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert ensure(path, tmp_path).store.root != new.store.root
+
+
+# Each step of the standardization changed so that it changes the words of SAMPLE.
+SAMPLE = "Émile<br />said:\x00Fine, ok!"
+STEP_EDITS = [
+    ("replace", "\\x00", " nul "),
+    ("lower", ""),  # ASCII only: "É" stays
+    ("replace", "<br />", " br "),
+    ("replace", "([,:])", r" \1"),  # fewer punctuation characters
+]
+
+
+def test_the_store_key_follows_every_step_of_the_standardization(tmp_path, monkeypatch):
+    """The key names text.STANDARDIZE, the steps `standardize` applies: a
+    change of any one step changes the words and the key, so a store built
+    with other steps is not reused. The present steps keep the key that
+    stores already built have (the rules as they are spelled out below)."""
+    punct = "[" + "".join("\\" + c for c in string.punctuation) + "]"
+    rules = f"1|{punct}|<br />|lower utf-8|nul|{tf.__version__}"
+    assert prepare.standardization_id() == hashlib.sha256(rules.encode()).hexdigest()[:16]
+
+    def words():
+        return [w.decode() for w in text.split_words(tf.constant([SAMPLE]))[0].numpy()]
+
+    def key():
+        return prepare.key_of(prepare.store_params([], [], imdb_unsup=False, vocab_size=40, val_fraction=0.1, seed=0))
+
+    assert words() == ["émile", "said", ":", "fine", ",", "ok", "!"]
+    seen = {key()}
+    original = text.STANDARDIZE
+    assert len(STEP_EDITS) == len(original)
+    for i, edit in enumerate(STEP_EDITS):
+        assert edit != original[i] and edit[0] == original[i][0]
+        monkeypatch.setattr(text, "STANDARDIZE", original[:i] + (edit,) + original[i + 1 :])
+        assert words() != ["émile", "said", ":", "fine", ",", "ok", "!"], edit
+        seen.add(key())
+        assert len(seen) == i + 2, edit
+
+    path = write_corpus(tmp_path / "r.txt", 60)
+    monkeypatch.setattr(text, "STANDARDIZE", original)
+    first = ensure(path, tmp_path).store
+    monkeypatch.setattr(text, "STANDARDIZE", original[:2] + (STEP_EDITS[2],) + original[3:])
+    other = ensure(path, tmp_path)
+    assert other.action == "built" and other.store.root != first.root
+    assert "br" in other.store.vocab() and "br" not in first.vocab()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "same_size", "manifest"])
@@ -213,6 +262,45 @@ def test_prepare_command_prints_its_messages(tmp_path):
     lines = done.stdout.splitlines()
     assert lines[0].startswith(f"warning: the token store {out} is damaged (") and lines[0].endswith("; rebuilding it")
     assert lines[1].startswith(f"token store: rebuilt {out} in ")
+
+
+def test_prepare_flags_are_the_reference_with_train_py_s_texts(monkeypatch):
+    """The command line of prepare is the reference's (tests/data/cli_reference.json,
+    see tests/test_cli.py), but the flags it shares with train.py now say what
+    train.py's say: their help texts, like their defaults, come from the configs."""
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = prepare.build_parser()
+    assert actions(parser) == REFERENCE["prepare_actions"]
+    assert vars(parser.parse_args(["--data", "x"])) == REFERENCE["prepare_parsed_defaults"]
+    train_help = " ".join(REFERENCE["train_help"].split())
+    expected = " ".join(REFERENCE["prepare_help"].split())
+    for own, shared in [
+        ("usage: python -m tfgpt.prepare", "usage: prepare"),  # the prog its errors name too
+        ("the cache of stores (default:", "where token stores are kept (default:"),
+        ("vocabulary entries (default: 20000)", "vocabulary entries, including padding and [UNK] (default: 20000)"),
+        (
+            "share of the documents held out (default: 0.02)",
+            "fraction of files held out for validation; 0 for none (default: 0.02)",
+        ),
+    ]:
+        assert expected.count(own) == 1 and (shared in train_help or own.startswith("usage"))
+        expected = expected.replace(own, shared)
+    assert " ".join(parser.format_help().split()) == expected
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--vocab-size", "2"], "prepare: error: --vocab-size must be at least 3, got 2"),
+        (["--val-fraction", "1"], "prepare: error: --val-fraction must be in [0, 1), got 1.0"),
+        (["--workers", "0"], "prepare: error: --workers must be positive"),
+    ],
+)
+def test_prepare_command_refuses_bad_values_in_one_line(tmp_path, capsys, flags, message):
+    path = write_corpus(tmp_path / "c.txt", 20)
+    assert prepare.main(["--data", str(path), "--out", str(tmp_path / "store")] + flags) == 2
+    assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "store").exists()
 
 
 def test_prepare_command(tmp_path, capsys):

@@ -3,6 +3,7 @@ corrupt checkpoints, divergence. The run lock is tests/test_runlock.py; the
 one-line errors for bad input are tests/test_cli.py."""
 
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -178,3 +179,40 @@ def test_divergence_stops_without_saving_poisoned_weights(corpus, tmp_path, caps
             value = reader.get_tensor(key)
             if isinstance(value, np.ndarray) and value.dtype.kind == "f":
                 assert np.all(np.isfinite(value)), (path, key)
+
+
+def test_a_run_asks_its_devices_once_and_says_how_long_its_start_took(tmp_path, monkeypatch, capsys, no_samples):
+    """One run asks tfgpt.runtime.devices whether its replicas are GPUs once
+    (the plan, tfgpt/train/plan.py; the trainer and the device line read
+    it), and prints when its data was ready and when its first step came."""
+    from tfgpt.runtime import devices
+
+    calls = []
+    real = devices.all_gpus
+
+    def counted(strategy):
+        calls.append(strategy)
+        return real(strategy)
+
+    monkeypatch.setattr(devices, "all_gpus", counted)
+    corpus = write_corpus(tmp_path / "c.txt", 40)
+    args = [
+        "--data",
+        str(corpus),
+        "--logdir",
+        str(tmp_path),
+        "--run-name",
+        "r",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "2",
+    ]
+    args += TINY
+    assert main(args) == 0
+    assert len(calls) == 1
+    out = capsys.readouterr().out.splitlines()
+    data = [i for i, line in enumerate(out) if re.fullmatch(r"data: ready in \d+\.\d\d s", line)]
+    first = [i for i, line in enumerate(out) if re.fullmatch(r"first step: \d+\.\d s after the process started", line)]
+    assert len(data) == len(first) == 1 and data[0] < first[0], out
+    assert out[0].startswith("devices: ")

@@ -12,7 +12,6 @@ import pytest
 import tensorflow as tf
 from helpers import reference_greedy
 
-from benchmarks.bench import _sampler_variants
 from tfgpt.config import GPTConfig
 from tfgpt.data.text import PAD, UNK, write_vocab
 from tfgpt.model.gpt import GPT
@@ -122,12 +121,6 @@ def test_greedy_equals_full_model_from_prompts_near_maxlen(model, sampler, lengt
     prompt = " ".join(f"w{2 + 5 * i}" for i in range(length))
     out = generate(sampler, [prompt], max_tokens=5)
     assert rows(out) == [reference_greedy(model, ids_of(prompt), 5)]
-
-
-@pytest.mark.parametrize("mode", ["no cache", "cache+xla"])
-def test_the_benchmarks_variants_agree(model, vocab_path, mode):
-    out = generate(_sampler_variants()[mode](model, vocab_path), ["w7 w3", "w5"], max_tokens=30)
-    assert rows(out) == [reference_greedy(model, ids_of(p), 30) for p in ("w7 w3", "w5")]
 
 
 def test_bfloat16_model_generates_like_its_full_model(vocab_path):

@@ -14,7 +14,7 @@ import tensorflow as tf
 from helpers import make_review, write_imdb_tree
 
 from tfgpt.data import prepare
-from tfgpt.data.corpus import Document, read_corpus, train_val_split
+from tfgpt.data.corpus import TextDocument, read_corpus, train_val_split
 from tfgpt.data.order import EpochOrder
 from tfgpt.data.store import StoreWindows
 from tfgpt.data.text import Tokenizer, build_vocab, tokenize_lines, write_vocab
@@ -23,7 +23,7 @@ from tfgpt.data.windows import eval_dataset, make_windows, train_dataset
 MAXLEN = 9
 
 
-def reference_docs(paths: list[Path]) -> list[Document]:
+def reference_docs(paths: list[Path]) -> list[TextDocument]:
     """Documents read the simple way: each path's .txt files (or the file
     itself), sorted by name, decoded with replacement characters."""
     docs = []
@@ -34,7 +34,7 @@ def reference_docs(paths: list[Path]) -> list[Document]:
             files = [(path.name, path)]
         for name, p in files:
             raw = p.read_bytes()
-            docs.append(Document(name, raw.decode("utf-8", errors="replace")))
+            docs.append(TextDocument(name, raw.decode("utf-8", errors="replace")))
     return docs
 
 
@@ -112,7 +112,7 @@ def test_imdb_archive(tmp_path):
         tar.add(base, arcname="aclImdb")
     store, settings = build(archive, tmp_path)
     docs = [d for d in reference_docs([base]) if "unsup" not in d.name]
-    docs = [Document("aclImdb/" + d.name, d.text) for d in docs]
+    docs = [TextDocument("aclImdb/" + d.name, d.text) for d in docs]
     assert store.manifest["documents"] == 24
     assert_store_equals_reference(store, docs, settings, tmp_path)
 

@@ -3,6 +3,7 @@ computation: TensorFlow's plain cross-entropy and gradient, the global-norm
 clip, and Adam in NumPy; the per-token embedding update against its formula.
 Several replicas against one device are tests/test_distribute.py."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from helpers import NumpyAdam, make_windows, strategy_for
 
 from tfgpt.config import GPTConfig, TrainConfig
 from tfgpt.data.windows import eval_dataset, split_window
+from tfgpt.train.plan import make_plan
 from tfgpt.train.trainer import Trainer
 
 
@@ -98,3 +100,18 @@ def test_per_token_embedding_update_matches_its_formula(tmp_path, replicas):
     np.testing.assert_allclose(model.token_emb.table.numpy(), want, rtol=1e-4, atol=1e-6)
     want_pos = NumpyAdam([pos], lr=3e-3).step([pos], [tf.convert_to_tensor(g_pos).numpy().astype(np.float64)])[0]
     np.testing.assert_allclose(model.pos_emb.table.numpy(), want_pos, rtol=1e-4, atol=1e-6)
+
+
+def test_the_trainer_runs_as_its_plan_says(tmp_path):
+    """The trainer takes precision, XLA, steps per call and loss chunk from
+    its plan (without one, `make_plan`'s for its configs), and refuses a plan
+    made for another batch."""
+    cfg = TrainConfig(batch_size=BATCH, precision="float32", xla="off")
+    model_cfg, strategy = GPTConfig(dropout=0.0, **MODEL), strategy_for(1)
+    plan = make_plan(model_cfg, cfg, strategy)
+    assert Trainer(model_cfg, cfg, strategy, tmp_path / "a").plan == plan
+    given = dataclasses.replace(plan, steps_per_call=3, loss_chunk=16)
+    trainer = Trainer(model_cfg, cfg, strategy, tmp_path / "b", plan=given)
+    assert (trainer.steps_per_call, trainer.loss_chunk, trainer.precision, trainer.xla) == (3, 16, "float32", False)
+    with pytest.raises(ValueError, match="another strategy, batch size or model"):
+        Trainer(model_cfg, dataclasses.replace(cfg, batch_size=2 * BATCH), strategy, tmp_path / "c", plan=plan)

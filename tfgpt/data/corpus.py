@@ -12,7 +12,6 @@ windows for small inputs, the evaluation and the tests.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import logging
 import os
@@ -34,7 +33,10 @@ IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
 
 
 @dataclasses.dataclass
-class Document:
+class TextDocument:
+    """A document read into memory (`tfgpt.data.sources.Document` says where
+    a document's bytes are, without reading them)."""
+
     name: str
     text: str
 
@@ -100,7 +102,7 @@ def download(url: str, target: Path, sha256: str) -> None:
     part.replace(target)
 
 
-def read_corpus(path: str | Path, imdb_unsup: bool = False) -> list[Document]:
+def read_corpus(path: str | Path, imdb_unsup: bool = False) -> list[TextDocument]:
     """Reads every form `--data` accepts into documents, in memory.
 
     An archive or folder with the IMDB layout gives its {train,test}/{pos,neg}
@@ -127,7 +129,7 @@ def read_corpus(path: str | Path, imdb_unsup: bool = False) -> list[Document]:
             except UnicodeDecodeError:
                 text = data.decode("utf-8", errors="replace")
                 bad += 1
-            docs.append(Document(name, text))
+            docs.append(TextDocument(name, text))
     if bad:
         log.warning(f"warning: {bad} file(s) were not valid UTF-8; undecodable bytes became U+FFFD")
     return docs
@@ -137,15 +139,10 @@ def _read_file(path: Path) -> bytes:
     """A file's bytes, decompressed when it is gzip-compressed."""
 
     data = Path(path).read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise UserError(f"--data {path}: not a readable gzip file ({e})") from None
-    return data
+    return sources.gunzip(data, path) if data[:2] == sources.GZIP_MAGIC else data
 
 
-def split_lines(docs: list[Document]) -> list[str]:
+def split_lines(docs: list[TextDocument]) -> list[str]:
     """Every line of every document, as TextLineDataset would read them."""
     lines = []
     for d in docs:
@@ -153,18 +150,25 @@ def split_lines(docs: list[Document]) -> list[str]:
     return lines
 
 
-def train_val_split(docs: list[Document], val_fraction: float, seed: int):
-    """Holds out a deterministic fraction of the documents (of the lines, when
-    the corpus is a single document). Returns (train_lines, val_lines)."""
-    if len(docs) == 1:
-        docs = [Document(f"{docs[0].name}:{i}", line) for i, line in enumerate(split_lines(docs))]
-    n_val = int(round(val_fraction * len(docs)))
+def held_out(n: int, val_fraction: float, seed: int) -> np.ndarray:
+    """The validation split of n documents (or lines): the sorted indices of
+    round(val_fraction * n) of them, at least one when val_fraction > 0,
+    chosen by the seed. Leaving none for training is an error."""
+    n_val = int(round(val_fraction * n))
     if val_fraction > 0 and n_val == 0:
         n_val = 1
-    if n_val >= len(docs):
-        raise UserError(f"--val-fraction {val_fraction} leaves no training data ({len(docs)} documents)")
-    order = np.random.default_rng(seed).permutation(len(docs))
-    val_ids = set(order[:n_val].tolist())
+    if n_val >= n:
+        raise UserError(f"--val-fraction {val_fraction} leaves no training data ({n} documents)")
+    return np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
+
+
+def train_val_split(docs: list[TextDocument], val_fraction: float, seed: int):
+    """Holds out a deterministic fraction of the documents (of the lines, when
+    the corpus is a single document: `held_out`). Returns (train_lines,
+    val_lines)."""
+    if len(docs) == 1:
+        docs = [TextDocument(f"{docs[0].name}:{i}", line) for i, line in enumerate(split_lines(docs))]
+    val_ids = set(held_out(len(docs), val_fraction, seed).tolist())
     train = [d for i, d in enumerate(docs) if i not in val_ids]
     val = [d for i, d in enumerate(docs) if i in val_ids]
     return split_lines(train), split_lines(val)

@@ -40,18 +40,23 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from tfgpt.config import GPTConfig, TrainConfig, add_flag, refused
 from tfgpt.console import setup_logging
-from tfgpt.data import sources, store_build
+from tfgpt.data import sources, store_build, text
 from tfgpt.data.corpus import cache_dir, resolve_imdb
 from tfgpt.data.store import VERSION, Store, StoreError, is_store, read_manifest
-from tfgpt.data.text import _PUNCT_CLASS
-from tfgpt.errors import UserError
+from tfgpt.errors import UserError, run_main
 
 # Named after the module also when it runs as `python -m tfgpt.prepare` (__name__ is then
 # "__main__", a logger outside "tfgpt").
 log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
-STANDARDIZATION_VERSION = 1
+# The digest of text.STANDARDIZE's steps -> the name a store's key gives them,
+# where it is not the digest: the present steps keep the name that the stores
+# already built are keyed by, so those stay valid.
+STANDARDIZATION_NAMES = {
+    "bd70ed0b0e6dbb2b6a933948320d30f43df0135c4d558b8a937e37a3c3f25600": f"1|{text.PUNCT_CLASS}|<br />|lower utf-8|nul",
+}
 
 
 @dataclasses.dataclass
@@ -67,9 +72,12 @@ def default_store_dir() -> Path:
 
 
 def standardization_id() -> str:
-
-    rules = f"{STANDARDIZATION_VERSION}|{_PUNCT_CLASS}|<br />|lower utf-8|nul|{tf.__version__}"
-    return hashlib.sha256(rules.encode()).hexdigest()[:16]
+    """The standardization in a store's key: text.STANDARDIZE's steps (what
+    `standardize` applies), under this TensorFlow version. A change of any
+    step changes it, so a store standardized otherwise is never reused."""
+    steps = hashlib.sha256(repr(text.STANDARDIZE).encode()).hexdigest()
+    rules = STANDARDIZATION_NAMES.get(steps, steps)
+    return hashlib.sha256(f"{rules}|{tf.__version__}".encode()).hexdigest()[:16]
 
 
 def vocab_digest(vocab: list[str]) -> str:
@@ -265,9 +273,9 @@ def ensure_store(
     data_spec,
     *,
     imdb_unsup: bool = False,
-    vocab_size: int = 20000,
-    val_fraction: float = 0.02,
-    seed: int = 0,
+    vocab_size: int = GPTConfig.vocab_size,
+    val_fraction: float = TrainConfig.val_fraction,
+    seed: int = TrainConfig.seed,
     vocab: list[str] | None = None,
     out=None,
     store_dir=None,
@@ -412,58 +420,61 @@ def summary(prepared: Prepared) -> list[str]:
     ]
 
 
-def main(argv=None) -> int:
-    setup_logging()
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser; the flags it shares with train.py are those of
+    the config fields (tfgpt.config), with their defaults."""
     p = argparse.ArgumentParser(
-        prog="python -m tfgpt.prepare",
+        prog="prepare",
         description="Tokenize a corpus once into a token store that train.py reads: the vocabulary, then token "
         "ids in shards with the line boundaries, split into training and validation documents as "
         "train.py splits them. A store that exists and is intact is checked and reused.",
     )
-    p.add_argument(
-        "--data",
+    add_flag(
+        p,
+        "data",
         required=True,
         help="what train.py --data accepts: 'imdb', an IMDB archive or "
         "folder, a folder of .txt/.txt.gz files, a text or .txt.gz file, several of these separated "
         f"by '{os.pathsep}', or a glob (quoted)",
     )
     p.add_argument("--out", help="the store's folder (default: the cache that train.py --data looks in)")
-    p.add_argument("--store-dir", help="the cache of stores (default: $TFGPT_CACHE/stores, else ~/.cache/tfgpt/stores)")
-    p.add_argument("--vocab-size", type=int, default=20000, help="vocabulary entries (default: 20000)")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of the documents held out (default: 0.02)")
-    p.add_argument("--seed", type=int, default=0, help="chooses the validation documents (default: 0)")
-    p.add_argument("--imdb-unsup", action="store_true", help="also read IMDB's train/unsup reviews")
+    add_flag(p, "store_dir")
+    add_flag(p, "vocab_size")
+    add_flag(p, "val_fraction")
+    add_flag(p, "seed", help="chooses the validation documents (default: {default})")
+    add_flag(p, "imdb_unsup")
     p.add_argument("--workers", type=int, help="chunks analysed in parallel (default: one per core)")
     p.add_argument("--rebuild", action="store_true", help="build even if an intact store exists")
-    args = p.parse_args(argv)
-    errors = [
-        (args.vocab_size >= 3, f"--vocab-size must be at least 3, got {args.vocab_size}"),
-        (0.0 <= args.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
-        (args.workers is None or args.workers >= 1, "--workers must be positive"),
-    ]
-    for ok, message in errors:
-        if not ok:
-            print(f"prepare: error: {message}", file=sys.stderr)
-            return 2
+    return p
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    return run_main("prepare", lambda: _prepare(args))
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    message = refused(dict(vocab_size=args.vocab_size, val_fraction=args.val_fraction))
+    if message:
+        raise UserError(message)
+    if args.workers is not None and args.workers < 1:
+        raise UserError("--workers must be positive")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    try:
-        source = resolve_imdb() if args.data == "imdb" else args.data
-        prepared = ensure_store(
-            source,
-            imdb_unsup=args.imdb_unsup,
-            vocab_size=args.vocab_size,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            out=args.out,
-            store_dir=args.store_dir,
-            checksums="all",
-            rebuild=args.rebuild,
-            workers=args.workers,
-        )
-    except UserError as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 2
+    source = resolve_imdb() if args.data == "imdb" else args.data
+    prepared = ensure_store(
+        source,
+        imdb_unsup=args.imdb_unsup,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        out=args.out,
+        store_dir=args.store_dir,
+        checksums="all",
+        rebuild=args.rebuild,
+        workers=args.workers,
+    )
     for line in summary(prepared):
         print(line)
     return 0

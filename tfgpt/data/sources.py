@@ -6,7 +6,7 @@ searched recursively, or the IMDB reviews when it has that layout), a tar
 archive (the same choice among its members), a gzip-compressed text file or a
 plain text file. The paths' documents follow one another in the order the
 paths are given (a glob's matches sorted); each path's documents are sorted
-by name, as `data.read_corpus` returns them.
+by name, as `corpus.read_corpus` returns them.
 
 Nothing here holds the text: documents are listed (name and where the bytes
 are) and then read as line-aligned pieces, so memory is bounded by the
@@ -176,7 +176,7 @@ def tar_members(path: Path, unsup: bool, fileobj=None):
                 imdb = imdb or kind is not None
                 data = tar.extractfile(member).read()
                 if member.name.endswith(".gz"):
-                    data = _gunzip(data, f"{path}:{member.name}")
+                    data = gunzip(data, f"{path}:{member.name}")
                 yield member.name, data, kind
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"--data {path}: cannot read the archive ({e})") from None
@@ -190,7 +190,9 @@ def keep_members(items):
     return list(items)
 
 
-def _gunzip(data: bytes, name: str) -> bytes:
+def gunzip(data: bytes, name: str | Path) -> bytes:
+    """The decompressed bytes of a gzip file's contents; a damaged one is an
+    error naming it (`name`: its path, or archive:member)."""
     try:
         return gzip.decompress(data)
     except (OSError, EOFError) as e:

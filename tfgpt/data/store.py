@@ -4,7 +4,7 @@ read from it.
     STORE/
       manifest.json       written last: what was built from what, and the size,
                           SHA-256 and modification time of every other file
-      vocab.txt           the vocabulary (`data.write_vocab`)
+      vocab.txt           the vocabulary (`text.write_vocab`)
       train-00000.tok     token ids, uint16 when the vocabulary fits, else uint32:
       train-00001.tok     the training lines one after the other, each followed
       ...                 by the id 0 (the stream that `--packing pack` cuts),
@@ -18,7 +18,7 @@ reading needs no memory beyond the batch in flight, whatever the corpus size
 (a memory map would keep every page it touched resident). `pack` window i
 is the stream's ids i * maxlen .. i * maxlen + maxlen; `truncate` window i is
 the line at starts[i], cut at its end (the first 0) and 0-padded: both are
-exactly what `data.make_windows` makes of the same lines.
+exactly what `windows.make_windows` makes of the same lines.
 
 Opening a store checks that every file has the size the manifest gives, and
 the checksum of every file whose modification time changed since (all of them

@@ -1,10 +1,10 @@
-"""Building a token store (tfgpt/store.py) in one streaming pass over the text.
+"""Building a token store (tfgpt/data/store.py) in one streaming pass over the text.
 
 The documents are read as line-aligned chunks of a few MB. Each chunk is
 analysed by a compiled TensorFlow function, on one thread per core (the
 function runs without Python's lock, so the threads use every core):
 
-    words = the chunk standardized (`data.standardize`, the Tokenizer's own),
+    words = the chunk standardized (`text.standardize`, the Tokenizer's own),
     split at "\\n" into lines and each line at whitespace;
     -> the chunk's distinct words, each word's index among them, and the
        number of words of each line
@@ -18,16 +18,16 @@ table and the counts (bounded by the number of distinct words) plus the
 chunks in flight, whatever the corpus size.
 
 When the text is read, the vocabulary is ranked from the counts exactly as
-`data.build_vocab` ranks it (training lines only; descending count, ties by
+`text.build_vocab` ranks it (training lines only; descending count, ties by
 the word), and each temporary shard is rewritten through provisional id ->
 vocabulary id into the final shard (uint16 when the vocabulary fits), with
 its checksum. So the text is standardized and split once, not once for the
 vocabulary and again for the ids.
 
-The training/validation split is `data.train_val_split`'s: the same
-permutation of the documents (of the lines, for a single document) from the
-seed. The store is built in a folder that the caller (tfgpt/prepare.py)
-renames into place when it is complete.
+The training/validation split is `corpus.train_val_split`'s (`corpus.held_out`
+of the documents, of the lines for a single document). The store is built in
+a folder that the caller (tfgpt/data/prepare.py) renames into place when it
+is complete.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ import tensorflow as tf
 
 from tfgpt.config import write_text_atomic
 from tfgpt.data import sources
+from tfgpt.data.corpus import held_out
 from tfgpt.data.progress import Progress
 from tfgpt.data.store import FORMAT, MANIFEST, VERSION, file_sha256
 from tfgpt.data.text import PAD, UNK, standardize, write_vocab
-from tfgpt.errors import UserError
 from tfgpt.runtime.memory import release_library_pages
 
 CHUNK_BYTES = 1 << 20
@@ -72,17 +72,12 @@ class Plan:
 
 
 def plan_split(docs: list, val_fraction: float, seed: int, on_read=lambda n: None) -> Plan:
-    """`data.train_val_split`'s choice of validation documents (lines, for a
-    single document), without reading the text (a single document's lines are
-    counted)."""
+    """`corpus.train_val_split`'s choice of validation documents (lines, for a
+    single document: `corpus.held_out`), without reading the text (a single
+    document's lines are counted)."""
     single = len(docs) == 1
     n = sources.count_lines(docs[0], on_read=on_read) if single else len(docs)
-    n_val = int(round(val_fraction * n))
-    if val_fraction > 0 and n_val == 0:
-        n_val = 1
-    if n_val >= n:
-        raise UserError(f"--val-fraction {val_fraction} leaves no training data ({n} documents)")
-    val = np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
+    val = held_out(n, val_fraction, seed)
     if single:
         return Plan(docs, set(), val.astype(np.int64))
     return Plan(docs, set(val.tolist()), None)
@@ -200,7 +195,7 @@ class _Ids:
 
 
 def rank_vocab(words: np.ndarray, counts: np.ndarray, vocab_size: int) -> tuple[list[str], list[int], np.ndarray]:
-    """`data.build_vocab` from counts: ["", "[UNK]", words by descending count,
+    """`text.build_vocab` from counts: ["", "[UNK]", words by descending count,
     ties by the word (bytes)], at most vocab_size; words never seen in
     training lines are left out. Also returns the chosen rows of `words`."""
     seen = np.flatnonzero(counts > 0)

@@ -22,16 +22,33 @@ log = logging.getLogger(__name__)
 PAD, UNK = "", "[UNK]"
 
 # Every character of string.punctuation, escaped for an RE2 character class.
-_PUNCT_CLASS = "[" + "".join("\\" + c for c in string.punctuation) + "]"
+PUNCT_CLASS = "[" + "".join("\\" + c for c in string.punctuation) + "]"
+
+# The standardization, step by step, in the order `standardize` applies them:
+# ("lower", encoding) lowercases, ("replace", RE2 pattern, rewrite) is
+# `tf.strings.regex_replace`. A token store's key hashes this definition
+# (`tfgpt.data.prepare.standardization_id`), so any edit of a step gives new
+# stores rather than reusing ones standardized otherwise.
+STANDARDIZE = (
+    ("replace", "\\x00", " "),  # a NUL would end the string for lower()
+    ("lower", "utf-8"),
+    ("replace", "<br />", " "),
+    ("replace", f"({PUNCT_CLASS})", r" \1"),  # a space before each punctuation character
+)
 
 
 def standardize(text):
-    """string [...] -> string [...]: lowercase, `<br />` to a space, and a space
-    before every punctuation character (so "don't" becomes "don 't")."""
-    text = tf.strings.regex_replace(text, "\\x00", " ")  # a NUL would end the string for lower()
-    text = tf.strings.lower(text, encoding="utf-8")
-    text = tf.strings.regex_replace(text, "<br />", " ")
-    return tf.strings.regex_replace(text, f"({_PUNCT_CLASS})", r" \1")
+    """string [...] -> string [...]: the steps of STANDARDIZE: lowercase, `<br />`
+    to a space, and a space before every punctuation character (so "don't"
+    becomes "don 't")."""
+    for step, *args in STANDARDIZE:
+        if step == "lower":
+            text = tf.strings.lower(text, encoding=args[0])
+        elif step == "replace":
+            text = tf.strings.regex_replace(text, *args)
+        else:
+            raise ValueError(f"unknown standardization step {step!r}")
+    return text
 
 
 def split_words(text):

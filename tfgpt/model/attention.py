@@ -1,8 +1,9 @@
 """Causal softmax attention: `attend`, the function of training, and
-beside it the two kernels of the cached decode step: the cache
-row write, and `attend_one`, the same attention for one query per row
-against the cache (tests/test_attention.py checks the two against each
-other and against NumPy).
+beside it the kernels of the cached path (`tfgpt.model.layers`'
+`prefill` and `call_with_cache`): the cache row write, `attend_one`, the
+same attention for one query per row against the cache, and the softmax
+both the prefill and `attend_one` use (tests/test_attention.py checks them
+against each other and against NumPy).
 
 Shapes: B = batch, H = heads, Tq = queries, Tk = keys, K = per-head key
 size, S = cache slots.
@@ -51,19 +52,17 @@ def attend(q, k, v, mask, compute_dtype=tf.float32):
 # --- the decode step's kernels ------------------------------------------------
 
 
-def write_rows(cache, rows, new, in_place=True):
+def write_rows(cache, rows, new):
     """cache [B * H * S, K] with new [B, H, K] written at the given rows [B * H].
 
-    in_place: InplaceUpdate writes into the cache's own buffer, where a
-    scatter copies the whole cache at every step. It never copies, even when
-    something else still reads the old value, so it is used only where the
-    update is the old cache's last reader: in the decoding loop, each step's
-    cache is read by nothing but the next step.
+    InplaceUpdate writes into the cache's own buffer, where a scatter
+    copies the whole cache at every step. It never copies, even when
+    something else still reads the old value, so the update must be the old
+    cache's last reader: in the decoding loop, each step's cache is read by
+    nothing but the next step.
     """
     new = tf.reshape(new, [-1, tf.shape(cache)[1]])  # [B * H, K]
-    if in_place:
-        return tf.raw_ops.InplaceUpdate(x=cache, i=rows, v=new)
-    return tf.tensor_scatter_nd_update(cache, rows[:, None], new)
+    return tf.raw_ops.InplaceUpdate(x=cache, i=rows, v=new)
 
 
 def attend_one(q, k_cache, v_cache, blocked):

@@ -58,3 +58,25 @@ def row_sum(x):
     first number to the last (the last of a cumulative sum): a row's sum
     does not change with zeros appended to it or with the rows beside it."""
     return tf.cumsum(x, axis=-1)[..., -1:]
+
+
+def apply_dense(x, weights, activation=None):
+    """activation(x @ w + b) for x float32 [N, in] and (w, b) from a layer's
+    `decode_weights` -> float32 [N, out]: the cached path's product, a
+    `Dense` without its reshapes and casts of the weights.
+
+    In float32 the bias is added by BiasAdd right after the product (and the
+    ReLU right after that), which TensorFlow's graph optimizer fuses into
+    the product: one pass over the output instead of three. In bfloat16 the
+    product is rounded to bfloat16 and the float32 bias added after, as in
+    `Dense`. (Fused, the bfloat16 product took a faster oneDNN kernel at
+    batch 1, but a different one from larger batches: a row's logits then
+    depended on the batch size, and a request's text on what it was
+    batched with.)
+    """
+    w, b = weights
+    if w.dtype == tf.float32:
+        y = tf.nn.bias_add(tf.matmul(x, w), b)
+    else:
+        y = tf.cast(tf.matmul(tf.cast(x, w.dtype), w), tf.float32) + b
+    return y if activation is None else activation(y)

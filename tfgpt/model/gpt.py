@@ -3,8 +3,11 @@ dense output layer over the vocabulary.
 
 Besides the plain forward pass, the model offers what training needs:
 `hidden` and `loss_sum`, which never builds the whole [B*T, V] logits tensor
-at once (the loss is `tfgpt/loss.py`). Generation with a key/value cache
-lives in `tfgpt/decode.py` and `tfgpt/sampler.py`.
+at once (the loss is `tfgpt/model/loss.py`); and what generation with a
+key/value cache needs: `decode_weights`, `prefill` and `call_with_cache`,
+its blocks' cached path (`tfgpt.model.layers`). The loop around them (cache
+slots, the sliding window, the choice of tokens) is `tfgpt.serving.decode`
+and `tfgpt.serving.sampler`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfgpt.config import GPTConfig
-from tfgpt.model.layers import Block, Dense, Embedding, TiedOutput, fold_seed
+from tfgpt.model.layers import Block, Dense, Embedding, TiedOutput, fold_seed, prefill_span
 from tfgpt.model.loss import chunked_xent_sum
 
 
@@ -64,6 +67,51 @@ class GPT(tf.Module):
     def __call__(self, ids, seed=None, training=False):
         """ids int32 [B, T] -> logits float32 [B, T, V]."""
         return self.head(self.hidden(ids, seed, training))
+
+    # --- the cached path ------------------------------------------------------------
+
+    def decode_weights(self) -> dict:
+        """The cached path's matrices, from the variables as they are now:
+        {"blocks": per block its `Block.decode_weights`, "head": the output
+        layer's (w [D, V], b)}."""
+        return {"blocks": [block.decode_weights() for block in self.blocks], "head": self.head.decode_weights()}
+
+    def prefill(self, context, context_len, slots, weights):
+        """Runs the contexts through the blocks once on the cached path
+        (`Block.prefill`), filling a cache of `slots` positions per layer.
+
+        context int32 [B, C] (right-padded), context_len int32 [B] (>= 1),
+        slots int32 [] (>= C), weights a dict with the "blocks" of
+        `decode_weights` -> (hidden float32 [B, D] at each row's last token,
+        caches: per layer (k, v), each [B * H * S, K] with the first C slots
+        of each (row, head) filled).
+        """
+        b, c = tf.shape(context)[0], tf.shape(context)[1]
+        d = self.config.embed_dim
+        x = tf.reshape(self.embed(context, tf.range(c)), [-1, d])  # [B * C, D]
+        span = prefill_span(b, c, slots)
+        caches = []
+        for block, w in zip(self.blocks, weights["blocks"]):
+            x, cache = block.prefill(x, w, span)
+            caches.append(cache)
+        return tf.gather(tf.reshape(x, [b, c, d]), context_len - 1, batch_dims=1), caches  # [B, D]
+
+    def call_with_cache(self, token, pos, caches, weights, step):
+        """One new token per row against the caches (`Block.call_with_cache`):
+        the blocks for a single query position, without the output layer.
+
+        token, pos int32 [B]; caches: per layer (k, v) [B * H * S, K];
+        weights a dict with the "blocks" of `decode_weights`; step: the
+        cache rows and visible slots of this position
+        (`MultiHeadAttention.call_with_cache`) -> (hidden float32 [B, D],
+        caches).
+        """
+        x = self.embed(token, pos)  # [B, D]
+        new = []
+        for block, w, cache in zip(self.blocks, weights["blocks"], caches):
+            x, cache = block.call_with_cache(x, cache, w, step)
+            new.append(cache)
+        return x, new
 
     def loss_sum(
         self,

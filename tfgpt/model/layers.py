@@ -6,6 +6,21 @@ H = heads, K = per-head key size, F = feed-forward width, V = vocabulary.
 Every layer keeps its variables in float32. `compute_dtype` (float32 or
 bfloat16) is the type its matrix products run in; layer norm, softmax and
 everything that accumulates stays in float32.
+
+Training calls a block on whole sequences (`Block.__call__`). Generation
+runs the same block with a key/value cache: `Block.prefill` over a batch of
+prompts fills the cache, `Block.call_with_cache` takes one new token per
+row against it. Both take the matrices of `decode_weights` (prepared once
+per call, or once for an export: the compute dtype, the layout `batch_invariant.apply_dense`
+multiplies by, the attention's 1 / sqrt(K) folded into the query's), and
+choose their arithmetic so that a row's numbers do not depend on the other
+rows of its batch: float32 attention (`tfgpt.model.attention.attend_one`),
+the layer norms with the rsqrt of `tfgpt.model.batch_invariant`. The
+residuals, norms and feed-forward around the attention are one function
+for every path (`Block._finish`).
+
+The cache of a layer is a pair (k, v), each [B * H * S, K] for S slots
+(the layout of `tfgpt.model.attention.write_rows`).
 """
 
 from __future__ import annotations
@@ -14,7 +29,7 @@ import math
 
 import tensorflow as tf
 
-from tfgpt.model import attention
+from tfgpt.model import attention, batch_invariant
 
 
 def _uniform_init(shape, fan_in, fan_out, seed):
@@ -42,6 +57,20 @@ def matmul(x, w, compute_dtype):
     return tf.cast(y, tf.float32)
 
 
+def _as_matrix(w, b, rows, dtype, scale=1.0):
+    """A projection's weights as `batch_invariant.apply_dense` takes them: (w [rows, columns]
+    in dtype, b float32 [columns]), both multiplied by scale. A variable that
+    already has that form is returned as it is (a float32 model's decode
+    weights are mostly its own variables)."""
+
+    def form(x, shape, dtype):
+        if scale == 1.0 and x.dtype == dtype and len(x.shape) == len(shape):
+            return x
+        return tf.cast(tf.reshape(x, shape) * scale, dtype)
+
+    return form(w, [rows, -1], dtype), form(b, [-1], b.dtype)
+
+
 class Dense(tf.Module):
     """y = x @ w + b. x: [..., in_dim] -> y: [..., out_dim]."""
 
@@ -59,6 +88,10 @@ class Dense(tf.Module):
         x2 = tf.reshape(x, [-1, self.w.shape[0]])  # [N, in]
         y = matmul(x2, self.w, self.compute_dtype) + self.b  # [N, out]
         return tf.reshape(y, tf.concat([lead, [self.w.shape[1]]], 0))
+
+    def decode_weights(self):
+        """(w [in, out] in the compute dtype, b float32 [out]) for `batch_invariant.apply_dense`."""
+        return _as_matrix(self.w, self.b, self.w.shape[0], self.compute_dtype)
 
 
 class TiedOutput(tf.Module):
@@ -80,6 +113,10 @@ class TiedOutput(tf.Module):
         lead = tf.shape(x)[:-1]
         y = matmul(tf.reshape(x, [-1, x.shape[-1]]), self.w, self.compute_dtype) + self.b  # [N, V]
         return tf.reshape(y, tf.concat([lead, [self.b.shape[0]]], 0))
+
+    def decode_weights(self):
+        """(w [D, V] in the compute dtype, b float32 [V]) for `batch_invariant.apply_dense`."""
+        return _as_matrix(self.w, self.b, self.w.shape[0], self.compute_dtype)
 
 
 class Embedding(tf.Module):
@@ -123,11 +160,10 @@ class MultiHeadAttention(tf.Module):
     Variables (as Keras' MultiHeadAttention lays them out):
       q, k, v: w [D, H, K], b [H, K];  out: w [H, K, D], b [D].
 
-    The attention itself is `tfgpt.model.attention.attend`; this module adds the
-    projections around it. Training calls it on a whole sequence; `qkv` and
-    `attend` are the same function in the [B, H, T, K] layout (the reference
-    tests/test_layers.py holds `__call__` to). Generation (tfgpt/decode.py)
-    reads the weights and does its own arithmetic.
+    The attention itself is `tfgpt.model.attention`'s: `attend` for a whole
+    sequence (`__call__`, training), the prefill's per-head products and the
+    decode step's `attend_one` for the cached path (`prefill`,
+    `call_with_cache`, from the matrices of `decode_weights`).
     """
 
     def __init__(self, dim, num_heads, key_dim, seed=0, compute_dtype=tf.float32, name=None):
@@ -149,42 +185,13 @@ class MultiHeadAttention(tf.Module):
             self.wo = tf.Variable(projection(hk, dim, 3, [num_heads, key_dim, dim]), name="wo")
             self.bo = tf.Variable(tf.zeros([dim]), name="bo")
 
-    def _project(self, x, w, b):
-        """x [B, T, D] -> [B, H, T, K]."""
-        bsz, t = tf.shape(x)[0], tf.shape(x)[1]
-        hk = self.num_heads * self.key_dim
-        # The bias is added to the [B*T, H*K] product, where float32 fuses it
-        # into the product and its gradient is one column sum.
-        y = matmul(tf.reshape(x, [-1, self.dim]), tf.reshape(w, [self.dim, hk]), self.compute_dtype)
-        y = tf.reshape(y + tf.reshape(b, [hk]), [bsz, t, self.num_heads, self.key_dim])  # [B, T, H, K]
-        return tf.transpose(y, [0, 2, 1, 3])  # [B, H, T, K]
-
-    def qkv(self, x):
-        """x [B, T, D] -> q, k, v, each [B, H, T, K]."""
-        return (
-            self._project(x, self.wq, self.bq),
-            self._project(x, self.wk, self.bk),
-            self._project(x, self.wv, self.bv),
-        )
-
-    def attend(self, q, k, v, mask):
-        """q [B, H, Tq, K], k/v [B, H, Tk, K], mask broadcastable to [B, H, Tq, Tk]
-        (1 = may attend) -> [B, Tq, D]."""
-        ctx = attention.attend(q, k, v, mask, self.compute_dtype)  # [B, H, Tq, K] float32
-        ctx = tf.transpose(ctx, [0, 2, 1, 3])  # [B, Tq, H, K]
-        bsz, tq = tf.shape(ctx)[0], tf.shape(ctx)[1]
-        hk = self.num_heads * self.key_dim
-        out = matmul(tf.reshape(ctx, [-1, hk]), tf.reshape(self.wo, [hk, self.dim]), self.compute_dtype) + self.bo
-        return tf.reshape(out, [bsz, tq, self.dim])  # [B, Tq, D]
-
     @tf.Module.with_name_scope
     def __call__(self, x):
         """Full causal self-attention, one head at a time. x [B, T, D] -> [B, T, D].
 
-        The same function as `attend(*qkv(x), causal_mask(T))`, arranged for
-        training: each head's q, k and v come out of their own products as
-        [B*T, K], already the [B, T, K] layout the batched products take, so
-        no [B, T, H, K] tensor is transposed, forward or backward
+        Each head's q, k and v come out of their own products as [B*T, K],
+        already the [B, T, K] layout the batched products take, so no
+        [B, T, H, K] tensor is transposed, forward or backward
         (docs/performance.md has the measurement).
         """
         cd, kd = self.compute_dtype, self.key_dim
@@ -201,6 +208,98 @@ class MultiHeadAttention(tf.Module):
             out += matmul(tf.reshape(ctx, [-1, kd]), self.wo[h], cd)  # [B*T, D]
         return tf.reshape(out, [bsz, t, self.dim])
 
+    # --- the cached path ----------------------------------------------------------
+
+    def decode_weights(self) -> dict:
+        """The projections as `batch_invariant.apply_dense` takes them: q, k, v (w [D, H * K]),
+        the attention's 1 / sqrt(K) folded into q; out (w [H * K, D]). One
+        product of D x 3 * H * K and a split measured no faster than the
+        three (docs/performance.md)."""
+        d, hk, cd = self.dim, self.num_heads * self.key_dim, self.compute_dtype
+        return {
+            "q": _as_matrix(self.wq, self.bq, d, cd, 1.0 / math.sqrt(self.key_dim)),
+            "k": _as_matrix(self.wk, self.bk, d, cd),
+            "v": _as_matrix(self.wv, self.bv, d, cd),
+            "out": _as_matrix(self.wo, self.bo, hk, cd),
+        }
+
+    def _qkv(self, x, weights, shape):
+        """x float32 [N, D] -> q (scaled), k, v, each reshaped to shape ([..., H, K])."""
+        return (tf.reshape(batch_invariant.apply_dense(x, weights[name]), shape) for name in "qkv")
+
+    def _out(self, context, weights):
+        """context [..., H, K] (N positions) -> the output projection [N, D]."""
+        return batch_invariant.apply_dense(tf.reshape(context, [-1, self.num_heads * self.key_dim]), weights["out"])
+
+    def prefill(self, x, weights, span):
+        """Causal attention over whole prompts, one head at a time as [B, C, K]
+        slices (no [B, C, H, K] transpose), and their keys and values as a
+        new cache.
+
+        x float32 [B * C, D] (B rows of C positions), weights from
+        `decode_weights`, span from `prefill_span` -> (out float32
+        [B * C, D], cache (k, v), each [B * H * S, K] with the first C slots
+        of each (row, head) filled).
+        """
+        b, c, seen = span["batch"], span["length"], span["keys"]
+        h, kd = self.num_heads, self.key_dim
+        q, k, v = self._qkv(x, weights, [b, c, h, kd])  # each [B, C, H, K]
+        ks, vs = [k[:, :, i] for i in range(h)], [v[:, :, i] for i in range(h)]
+        keys = [[0, 0], [0, seen - c], [0, 0]]
+        context_h = [
+            tf.matmul(
+                attention.softmax(
+                    tf.matmul(q[:, :, i], tf.pad(ks[i], keys), transpose_b=True) + span["blocked"]
+                ),  # [B, C, seen]
+                tf.pad(vs[i], keys),
+            )  # [B, C, K]
+            for i in range(h)
+        ]
+        out = self._out(tf.stack(context_h, 2), weights)  # [B * C, D]
+        pad = [[0, 0], [0, 0], [0, span["slots"] - c], [0, 0]]
+        cache = tuple(tf.reshape(tf.pad(tf.stack(t, 1), pad), [-1, kd]) for t in (ks, vs))  # [B * H * S, K]
+        return out, cache
+
+    def call_with_cache(self, x, cache, weights, step):
+        """One new position per row: its key and value written into the cache
+        (`attention.write_rows`), its query against the cache
+        (`attention.attend_one`).
+
+        x float32 [B, D], cache (k, v) each [B * H * S, K], weights from
+        `decode_weights`, step from the decode loop: "rows" int32 [B * H]
+        (the cache rows to write), "blocked" float32 [B, S] (0 at the slots
+        each row sees, -1e9 elsewhere), "cache_shape" int32 [4] ([B, H, S, K])
+        -> (out float32 [B, D], cache). The old cache is not to be read
+        after this: it is written in place.
+        """
+        q, k, v = self._qkv(x, weights, [-1, self.num_heads, self.key_dim])  # each [B, H, K], q scaled
+        k_cache, v_cache = cache
+        k_cache = attention.write_rows(k_cache, step["rows"], k)
+        v_cache = attention.write_rows(v_cache, step["rows"], v)
+        shape = step["cache_shape"]
+        context = attention.attend_one(
+            q, tf.reshape(k_cache, shape), tf.reshape(v_cache, shape), step["blocked"]
+        )  # [B, H, K]
+        return self._out(context, weights), (k_cache, v_cache)  # [B, D]
+
+
+def prefill_span(batch, length, slots) -> dict:
+    """What every block's `prefill` shares for B prompts of C positions
+    (right-padded) and a cache of S slots (>= C): "batch", "length", "slots";
+    "keys": the key positions, C rounded up to a multiple of 16; "blocked"
+    float32 [C, keys]: 0 where key j <= query i, -1e9 elsewhere.
+
+    A row's numbers do not depend on how far the batch's longest prompt pads
+    it: its padding comes after its tokens, where the causal mask hides it;
+    the keys are padded with zeros to a multiple of 16 positions (masked
+    too), so that the softmax's exps stay in the vector kernel
+    (`tfgpt.model.batch_invariant`) and its sums, added in order, only gain
+    exact zeros.
+    """
+    seen = batch_invariant.round_up(length)  # key positions, >= C
+    blocked = (1.0 - attention.causal_mask(length, seen)) * -1e9  # [C, seen]
+    return {"batch": batch, "length": length, "keys": seen, "blocked": blocked, "slots": slots}
+
 
 class FeedForward(tf.Module):
     """relu(x @ w1 + b1) @ w2 + b2. x [..., D] -> [..., D]."""
@@ -214,6 +313,16 @@ class FeedForward(tf.Module):
     @tf.Module.with_name_scope
     def __call__(self, x):
         return self.fc2(tf.nn.relu(self.fc1(x)))
+
+    def decode_weights(self) -> dict:
+        """fc1 (w [D, F]) and fc2 (w [F, D]) as `batch_invariant.apply_dense` takes them."""
+        return {"fc1": self.fc1.decode_weights(), "fc2": self.fc2.decode_weights()}
+
+    @staticmethod
+    def with_weights(x, weights):
+        """The feed-forward of x float32 [N, D] from the matrices of
+        `decode_weights` (or a dict holding them) -> [N, D]."""
+        return batch_invariant.apply_dense(batch_invariant.apply_dense(x, weights["fc1"], tf.nn.relu), weights["fc2"])
 
 
 class Block(tf.Module):
@@ -232,14 +341,45 @@ class Block(tf.Module):
             self.ffn = FeedForward(dim, ff_dim, seed=seed + 10, compute_dtype=compute_dtype, name="ffn")
             self.ln2 = LayerNorm(dim, name="ln2")
 
-    def finish(self, x, attn_out, seed=None, training=False):
-        """Residuals, dropout, feed-forward and norms around an attention output
-        (x and attn_out [..., D])."""
-        a = self.ln1(x + dropout(attn_out, self.rate, None if seed is None else fold_seed(seed, 1), training))
-        f = self.ffn(a)
-        return self.ln2(a + dropout(f, self.rate, None if seed is None else fold_seed(seed, 2), training))
+    def _finish(self, x, attn_out, ffn, rsqrt=tf.math.rsqrt, seed=None, training=False):
+        """Residuals, dropout, feed-forward and norms around an attention
+        output (x and attn_out [..., D]): the block's arithmetic after its
+        attention, on every path. ffn: the feed-forward function; rsqrt: the
+        layer norms' (`LayerNorm`)."""
+        a = self.ln1(x + dropout(attn_out, self.rate, None if seed is None else fold_seed(seed, 1), training), rsqrt)
+        f = ffn(a)
+        return self.ln2(a + dropout(f, self.rate, None if seed is None else fold_seed(seed, 2), training), rsqrt)
 
     @tf.Module.with_name_scope
     def __call__(self, x, seed=None, training=False):
         """x [B, T, D] -> [B, T, D]. `seed` [2] is needed when training with dropout."""
-        return self.finish(x, self.attn(x), seed, training)
+        return self._finish(x, self.attn(x), self.ffn, seed=seed, training=training)
+
+    # --- the cached path ----------------------------------------------------------
+
+    def decode_weights(self) -> dict:
+        """The cached path's matrices (`batch_invariant.apply_dense`'s (w, b)): q (scaled), k,
+        v, out (`MultiHeadAttention.decode_weights`), fc1, fc2."""
+        return {**self.attn.decode_weights(), **self.ffn.decode_weights()}
+
+    def _finish_cached(self, x, attn_out, weights):
+        """`_finish` for inference, with the decode matrices' feed-forward and
+        the rsqrt of `tfgpt.model.batch_invariant`."""
+        return self._finish(
+            x, attn_out, lambda a: FeedForward.with_weights(a, weights), rsqrt=batch_invariant.rsqrt_column
+        )
+
+    def prefill(self, x, weights, span):
+        """The block over whole prompts, filling its cache. x float32 [B * C, D],
+        weights from `decode_weights`, span from `prefill_span` -> (float32
+        [B * C, D], cache (k, v) each [B * H * S, K])."""
+        out, cache = self.attn.prefill(x, weights, span)
+        return self._finish_cached(x, out, weights), cache
+
+    def call_with_cache(self, x, cache, weights, step):
+        """The block for one new position per row against its cache.
+        x float32 [B, D], cache, weights and step as
+        `MultiHeadAttention.call_with_cache` takes them -> (float32 [B, D],
+        cache)."""
+        out, cache = self.attn.call_with_cache(x, cache, weights, step)
+        return self._finish_cached(x, out, weights), cache

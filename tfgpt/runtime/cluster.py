@@ -12,7 +12,7 @@ cluster, and which one this is, comes from (`--cluster`):
 
 The chief (the "chief" task, else worker 0; `chief_task`) writes the run
 directory; every other worker writes only to its scratch folder
-(tfgpt/checkpoint.py). On GPUs each worker
+(tfgpt/train/checkpoint.py). On GPUs each worker
 trains on --gpus N GPUs of its machine (default 1), chosen by its local index
 among the workers of that machine; on CPUs a worker is one replica.
 """
@@ -25,13 +25,14 @@ import logging
 import os
 import re
 
+from tfgpt.config import CLUSTER_MODES
 from tfgpt.errors import UserError
 from tfgpt.runtime.devices import use_gpus
 
 log = logging.getLogger(__name__)
 
 WORKER_JOBS = ("chief", "worker")
-MODES = ("auto", "tf_config", "slurm")
+MODES = CLUSTER_MODES
 
 
 def chief_task(jobs, task_type: str, task_index: int) -> bool:
@@ -170,6 +171,7 @@ def from_slurm(required: bool, port_base: int = 8888) -> Cluster | None:
         return None
     if not 0 <= rank < tasks:
         raise UserError(f"SLURM_PROCID {rank} is not a task of the {tasks} in this job step")
+    # lazy: cli.py imports this module for its checks
     from tensorflow.python.distribute.cluster_resolver import slurm_cluster_resolver as slurm
 
     try:
@@ -216,7 +218,7 @@ def multi_worker_strategy(cluster: Cluster, gpus: int | None, timeout: float):
     coordination service's heartbeats (`_bound_cluster_startup`), not by a
     per-collective timeout, which TensorFlow implements as one sleeping
     thread per collective for the whole timeout."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: cli.py imports this module for its checks
 
     if gpus is not None or tf.config.list_physical_devices("GPU"):
         accelerators = {"GPU": len(use_gpus(gpus or 1, cluster.local_index))}
@@ -257,7 +259,7 @@ def _bound_cluster_startup(cluster: Cluster, timeout: float) -> None:
     stop answering during training before every other worker's collectives
     fail. The strategy keeps a service configured before it (and then leaves
     peer health to its heartbeats)."""
-    try:
+    try:  # lazy, and inside the try: private modules that a TensorFlow release may move
         from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
         from tensorflow.python.eager import context
 
@@ -289,7 +291,7 @@ def cluster_failure(strategy, error: BaseException, timeout: float) -> str | Non
     """The one-line message for an error that means the workers lost each
     other during training (a collective timed out or was aborted); None for
     any other error, or when the run has a single worker."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: cli.py imports this module for its checks
 
     if not is_multi_worker(strategy):
         return None

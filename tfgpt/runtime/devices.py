@@ -12,15 +12,22 @@
 Everything here that changes devices must run before TensorFlow initialises
 its runtime (before any op). TensorFlow is imported inside the functions, so
 that the command line stays fast for its own checks.
+
+What a run's replicas are (`of_strategy`: GPUs or the CPU, and which GPUs)
+is asked once; `describe`, `fastest_precision`, `native` and
+`resolve_precision` read that answer. Which precision each device multiplies
+in natively is one table, `MIN_CAPABILITY` (GPUs) and `CPU_NATIVE` (oneDNN).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import shutil
 import subprocess
 
+from tfgpt.config import PRECISIONS
 from tfgpt.errors import UserError
 
 # --- what the machine has -------------------------------------------------------
@@ -175,10 +182,12 @@ def cuda_libraries_installed() -> bool:
         return False
 
 
-def why_no_gpus(asked: int, found: int) -> str:
-    """The one-line error for --gpus N when TensorFlow sees fewer GPUs: what
-    it sees, the likely reason, and the fix."""
-    import tensorflow as tf
+def why_no_gpus(asked: int | None = None, found: int = 0) -> str:
+    """Why TensorFlow sees fewer GPUs than wanted, with the likely reason and
+    its fix, on one line: for --gpus `asked` the whole error, which says what
+    TensorFlow sees; for `asked` None the reason alone, why it sees no GPU (a
+    clause for a warning or gpu-check's line)."""
+    import tensorflow as tf  # lazy: cli.py imports this module for its checks
 
     listed = driver_gpus()
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -192,47 +201,55 @@ def why_no_gpus(asked: int, found: int) -> str:
                 else f" (nvidia-smi lists {len(listed)})"
             )
         return f"--gpus {asked} asked for, but {sees}; {reason}"
+    # (what joins the reason to "--gpus N asked for, but TensorFlow sees 0 GPUs", the reason, what follows it)
+    after = ""
     if not tf.test.is_built_with_cuda():
-        return (
-            f"--gpus {asked} asked for, but {sees}: this TensorFlow build has no CUDA support; "
-            "install the GPU build with `make venv GPU=1` (pip install 'tensorflow[and-cuda]')"
+        join, reason = (
+            ": ",
+            (
+                "this TensorFlow build has no CUDA support; install the GPU build with `make venv GPU=1` "
+                "(pip install 'tensorflow[and-cuda]')"
+            ),
         )
-    if not listed:
-        return (
-            f"--gpus {asked} asked for, but {sees} and nvidia-smi lists none (no NVIDIA driver or GPU on this "
-            "machine); to train several replicas on the CPU use --cpu-replicas N"
+    elif not listed:
+        join, reason = " and ", "nvidia-smi lists none (no NVIDIA driver or GPU on this machine)"
+        after = "; to train several replicas on the CPU use --cpu-replicas N"
+    elif hidden is not None and hidden.strip() in ("", "-1"):
+        which = "the GPU" if len(listed) == 1 else f"all {len(listed)} GPUs"
+        join, reason = ": ", f"CUDA_VISIBLE_DEVICES={hidden!r} hides {which} that nvidia-smi lists; unset it"
+    elif not cuda_libraries_installed():
+        join, reason = (
+            f" while nvidia-smi lists {len(listed)}: ",
+            (
+                "TensorFlow's CUDA libraries are not installed (the plain tensorflow wheel carries none); run "
+                "`make venv GPU=1` (pip install 'tensorflow[and-cuda]')"
+            ),
         )
-    if hidden is not None and hidden.strip() in ("", "-1"):
-        return (
-            f"--gpus {asked} asked for, but {sees}: CUDA_VISIBLE_DEVICES={hidden!r} hides all "
-            f"{len(listed)} GPUs that nvidia-smi lists; unset it"
+    else:
+        join, reason = (
+            f" while nvidia-smi lists {len(listed)}: ",
+            (
+                "TensorFlow could not load its CUDA libraries or they do not match the driver; run with "
+                "TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's reason, and reinstall with `make venv GPU=1`"
+            ),
         )
-    if not cuda_libraries_installed():
-        return (
-            f"--gpus {asked} asked for, but {sees} while nvidia-smi lists {len(listed)}: TensorFlow's CUDA "
-            "libraries are not installed (the plain tensorflow wheel carries none); run `make venv GPU=1` "
-            "(pip install 'tensorflow[and-cuda]')"
-        )
-    return (
-        f"--gpus {asked} asked for, but {sees} while nvidia-smi lists {len(listed)}: TensorFlow could not load "
-        "its CUDA libraries or they do not match the driver; run with TF_CPP_MIN_LOG_LEVEL=0 to see "
-        "TensorFlow's reason, and reinstall with `make venv GPU=1`"
-    )
+    if asked is None:
+        return reason
+    return f"--gpus {asked} asked for, but {sees}{join}{reason}{after}"
 
 
 def unused_gpus_warning() -> str | None:
     """For a run without --gpus: a warning when the driver lists GPUs that
     TensorFlow cannot use, so that the run does not fall back to the CPU
     unnoticed; None otherwise."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: cli.py imports this module for its checks
 
     listed = driver_gpus()
     if not listed or tf.config.list_physical_devices("GPU"):
         return None
-    reason = why_no_gpus(1, 0).split(": ", 1)[-1]
     return (
         f"warning: nvidia-smi lists {len(listed)} GPU{'s' if len(listed) > 1 else ''} but TensorFlow sees none, "
-        f"so this run trains on the CPU ({reason})"
+        f"so this run trains on the CPU ({why_no_gpus()})"
     )
 
 
@@ -245,7 +262,7 @@ def use_gpus(count: int, local_index: int = 0) -> list[str]:
 
     Where the visible GPUs are exactly `count` (a scheduler such as SLURM
     already gave each process its own), the local index is not applied."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: cli.py imports this module for its checks
 
     found = tf.config.list_physical_devices("GPU")
     first = 0 if len(found) == count else local_index * count
@@ -269,7 +286,7 @@ def use_gpus(count: int, local_index: int = 0) -> list[str]:
 
 def use_logical_cpus(n: int) -> list[str]:
     """Splits the CPU into n logical devices; returns their names."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: cli.py imports this module for its checks
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     existing = tf.config.get_logical_device_configuration(cpu)
@@ -283,7 +300,7 @@ def use_logical_cpus(n: int) -> list[str]:
 
 def hide_unused_gpus() -> None:
     """For a run on the CPU (--cpu-replicas) on a machine with GPUs: none is used."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: cli.py imports this module for its checks
 
     if tf.config.list_physical_devices("GPU"):
         try:
@@ -293,17 +310,12 @@ def hide_unused_gpus() -> None:
 
 
 def local_devices(gpus: int | None, cpu_replicas: int | None = None, local_index: int = 0) -> list[str] | None:
-    """The devices of this process for --gpus / --cpu-replicas; None for the
-    default (one device)."""
-    if gpus is not None and cpu_replicas is not None:
-        raise UserError("--gpus and --cpu-replicas exclude each other: train on GPUs or on the CPU")
+    """The devices of this process for --gpus / --cpu-replicas (each at least
+    1, not both: the command line checks them); None for the default (one
+    device)."""
     if gpus is not None:
-        if gpus < 1:
-            raise UserError(f"--gpus must be at least 1, got {gpus}")
         return use_gpus(gpus, local_index)
     if cpu_replicas is not None:
-        if cpu_replicas < 1:
-            raise UserError(f"--cpu-replicas must be at least 1, got {cpu_replicas}")
         hide_unused_gpus()
         return use_logical_cpus(cpu_replicas)
     return None
@@ -312,19 +324,38 @@ def local_devices(gpus: int | None, cpu_replicas: int | None = None, local_index
 # --- what the run uses ------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """What the replicas of this process run on, asked once (`of_strategy`)."""
+
+    gpus: bool  # every replica on a GPU (else on the CPU)
+    count: int  # devices of this process: its replicas
+    gpu_details: tuple = ()  # `gpu_details()` of the visible GPUs, when gpus
+
+
 def all_gpus(strategy) -> bool:
     """True when every replica of this process runs on a GPU."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: cli.py imports this module for its checks
 
     if strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy():
         return bool(tf.config.get_visible_devices("GPU"))
     return all("GPU" in d.upper() for d in strategy.extended.worker_devices)
 
 
+def of_strategy(strategy) -> Devices:
+    """The devices of this process's replicas under `strategy`."""
+    try:
+        count = len(strategy.extended.worker_devices)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        count = 1
+    gpus = all_gpus(strategy)
+    return Devices(gpus=gpus, count=count, gpu_details=tuple(gpu_details()) if gpus else ())
+
+
 def gpu_details() -> list[dict]:
     """For each GPU TensorFlow uses: name, compute capability (major, minor)
     and memory in bytes (from nvidia-smi, matched by name; None if unknown)."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: cli.py imports this module for its checks
 
     memory = {}
     for line in nvidia_smi("--query-gpu=name,memory.total", "--format=csv,noheader,nounits") or []:
@@ -345,15 +376,11 @@ def gpu_details() -> list[dict]:
     return out
 
 
-def describe(strategy) -> str:
+def describe(devices: Devices) -> str:
     """What the replicas of this process run on, in a few words, e.g.
     '2 x NVIDIA H100 80GB HBM3 (compute capability 9.0, 80 GiB)'."""
-    try:
-        local = len(strategy.extended.worker_devices)
-    except (RuntimeError, AttributeError, NotImplementedError):
-        local = 1
-    if all_gpus(strategy):
-        gpus = gpu_details()[:local] or [dict(name="GPU", compute_capability=(0, 0), memory=None)]
+    if devices.gpus:
+        gpus = devices.gpu_details[: devices.count] or [dict(name="GPU", compute_capability=(0, 0), memory=None)]
         parts = []
         for d in gpus:
             cc = ".".join(map(str, d["compute_capability"]))
@@ -364,57 +391,60 @@ def describe(strategy) -> str:
         return ", ".join(parts)
     name, _ = cpu_info()
     what = f"{name} ({os.cpu_count()} cores, {cpu_kernels()})"
-    return f"{local} logical devices on {what}" if local > 1 else what
+    return f"{devices.count} logical devices on {what}" if devices.count > 1 else what
 
 
 # --- precision ----------------------------------------------------------------------
 
-PRECISIONS = ("float32", "bfloat16", "float16")
+# Where a precision other than float32 multiplies natively: on GPUs from a
+# compute capability (tensor cores: bfloat16 from 8.0, A100 and H100; float16
+# from 7.0, V100 and T4), on CPUs from a oneDNN level (AVX512_CORE_BF16: AMX or
+# AVX512-BF16 in /proc/cpuinfo, not capped by ONEDNN_MAX_CPU_ISA); a precision
+# absent from CPU_NATIVE is native on no CPU. float32 is native everywhere.
+MIN_CAPABILITY = {"bfloat16": (8, 0), "float16": (7, 0)}
+CPU_NATIVE = {"bfloat16": "AVX512_CORE_BF16"}
 
 
-def fastest_precision(strategy) -> str:
-    """The compute precision that trains fastest on this strategy's devices.
-
-    GPUs: bfloat16 from compute capability 8.0 (A100, H100), float16 with
-    loss scaling on 7.x (V100, T4: tensor cores without bfloat16), float32
-    below. CPUs: bfloat16 where oneDNN runs at AVX512_CORE_BF16 or above
-    (AMX or AVX512-BF16 in /proc/cpuinfo, not capped by ONEDNN_MAX_CPU_ISA:
-    native bfloat16 products), else float32 (bfloat16 would be emulated,
-    slower, or abort: `bfloat16_aborts`).
-    The measured speeds are in docs/performance.md.
-    """
-    if all_gpus(strategy):
-        majors = [d["compute_capability"][0] for d in gpu_details()] or [0]
-        if min(majors) >= 8:
-            return "bfloat16"
-        return "float16" if min(majors) >= 7 else "float32"
-    return "bfloat16" if isa_at_least("AVX512_CORE_BF16") else "float32"
+def native_on_gpus(precision: str, capabilities) -> bool:
+    """Whether GPUs of these compute capabilities ((major, minor) each; none
+    known counts as 0.0) all multiply in `precision` natively."""
+    need = MIN_CAPABILITY.get(precision)
+    return need is None or all(tuple(c) >= need for c in capabilities or [(0, 0)])
 
 
-def native(precision: str, strategy) -> bool:
+def native(precision: str, devices: Devices) -> bool:
     """Whether the devices multiply in `precision` natively (float32 always)."""
     if precision == "float32":
         return True
-    if all_gpus(strategy):
-        majors = [d["compute_capability"][0] for d in gpu_details()] or [0]
-        return min(majors) >= (8 if precision == "bfloat16" else 7)
-    return precision == "bfloat16" and isa_at_least("AVX512_CORE_BF16")
+    if devices.gpus:
+        return native_on_gpus(precision, [d["compute_capability"] for d in devices.gpu_details])
+    return precision in CPU_NATIVE and isa_at_least(CPU_NATIVE[precision])
+
+
+def fastest_precision(devices: Devices) -> str:
+    """The compute precision that trains fastest on these devices: bfloat16
+    where it is native, else float16 where it is native (GPUs of compute
+    capability 7.x, with loss scaling), else float32 (on a CPU without native
+    bfloat16 it would be emulated, slower, or abort: `bfloat16_aborts`).
+    The measured speeds are in docs/performance.md.
+    """
+    return next((p for p in ("bfloat16", "float16") if native(p, devices)), "float32")
 
 
 def compute_dtype(precision: str):
     """The tf.DType of a precision name."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: cli.py imports this module for its checks
 
     return {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}[precision]
 
 
-def resolve_precision(asked: str, strategy) -> str:
-    """The compute precision for --precision `asked` on this strategy's devices."""
+def resolve_precision(asked: str, devices: Devices) -> str:
+    """The compute precision for --precision `asked` on these devices."""
     if asked == "auto":
-        return fastest_precision(strategy)
+        return fastest_precision(devices)
     if asked not in PRECISIONS:
         raise UserError(f"--precision must be auto or one of {', '.join(PRECISIONS)}, got {asked!r}")
-    if asked == "bfloat16" and not all_gpus(strategy):
+    if asked == "bfloat16" and not devices.gpus:
         check_bfloat16_runs()
     return asked
 

@@ -1,32 +1,31 @@
-"""The decode step: the model run for one new token per row against a
-key/value cache, the prefill that fills the cache, and the window pass used
-once a row is longer than `maxlen`. The step's attention kernels
-(`attend_one`, `write_rows`) are in tfgpt/attention.py beside the attention
-that training uses.
+"""The decode loop's side of the model: the matrices it multiplies by
+(`DecodeWeights`, frozen in an export), the cache's slots and row layout,
+the step that turns each row's newest token into its next hidden state
+(against the cache while the row fits in `maxlen` positions, a window pass
+after), and the output layer on that hidden state.
 
-Everything here maps token ids to the last block's hidden state; turning a
-hidden state into the next token is `tfgpt.serving.sampling`, and the loop around
-both is `tfgpt.serving.sampler`. The prefill and the step share their arithmetic
-(`DecodeWeights`' matrices, float32 attention, layer norms with the rsqrt
-of `tfgpt.model.batch_invariant`), chosen so that a row's numbers do not depend
-on the other rows of its batch; the window pass is the model's own.
+The arithmetic of the cached path is the model's (`GPT.prefill`,
+`GPT.call_with_cache` and the blocks' methods in `tfgpt.model.layers`),
+chosen so that a row's numbers do not depend on the other rows of its
+batch; the window pass is the model's own forward pass. Turning logits into
+the next token is `tfgpt.serving.sampling`, and the loop around both is
+`tfgpt.serving.sampler`.
 
 The cache of a layer is a pair (k, v), each kept flattened to
-[B * H * S, K], the shape the in-place row update takes.
+[B * H * S, K], the shape the in-place row update takes
+(`tfgpt.model.attention.write_rows`).
 
-Shapes: B = batch, C = context length (<= maxlen), L = maxlen, S = cache
-slots (a multiple of 16), W = history width, D = model width, H = heads,
-K = key size, F = feed-forward width, V = vocabulary.
+Shapes: B = batch, L = maxlen, S = cache slots (a multiple of 16),
+W = history width, D = model width, H = heads, K = key size,
+V = vocabulary.
 """
 
 from __future__ import annotations
 
-import math
-
 import tensorflow as tf
 
 from tfgpt.model import batch_invariant
-from tfgpt.model.attention import attend_one, causal_mask, softmax, write_rows
+from tfgpt.model.attention import causal_mask
 
 
 def logits(hidden, weights):
@@ -38,14 +37,15 @@ def logits(hidden, weights):
     bfloat16 it gives the same bits as the other at every batch size (in
     float32 its kernel changes with the batch, so float32 keeps [D, V])."""
     if "head_t" not in weights:
-        return _dense(hidden, weights["head"])
+        return batch_invariant.apply_dense(hidden, weights["head"])
     w, b = weights["head_t"]
     return tf.cast(tf.matmul(tf.cast(hidden, w.dtype), w, transpose_b=True), tf.float32) + b
 
 
 class DecodeWeights(tf.Module):
-    """The matrices of the decode step, in the layout and dtype it multiplies
-    by (see `decode_setup`), and the output layer's.
+    """The matrices of the cached path (`GPT.decode_weights`: per block q
+    (scaled), k, v, out, fc1, fc2, in the layout and dtype `batch_invariant.apply_dense`
+    multiplies by) and the output layer's.
 
     frozen=False: computed from the model's variables at every call, for a
     model that is still training (the samples taken between epochs).
@@ -66,7 +66,7 @@ class DecodeWeights(tf.Module):
         self.frozen = frozen
         if frozen:
             with self.name_scope:
-                held = _decode_weights(model)
+                held = model.decode_weights()
                 self._weights = {
                     "blocks": [
                         {part: _keep(f"blocks_{i}_{part}", pair) for part, pair in block.items()}
@@ -81,7 +81,7 @@ class DecodeWeights(tf.Module):
 
     def __call__(self):
         if not self.frozen:
-            return _decode_weights(self._model)
+            return self._model.decode_weights()
         return tf.nest.map_structure(tf.convert_to_tensor, self._weights)
 
 
@@ -92,74 +92,6 @@ def _keep(name, pair):
         t if isinstance(t, tf.Variable) else tf.Variable(t, trainable=False, name=f"{name}_{part}")
         for t, part in zip(pair, "wb")
     )
-
-
-def _decode_weights(model) -> dict:
-    """What `DecodeWeights` holds, from the model's variables: per block q,
-    k, v (w [D, H * K]), out (w [H * K, D]), fc1 (w [D, F]), fc2 (w [F, D]),
-    the attention's 1 / sqrt(K) folded into q; and the output layer (w
-    [D, V]). One product of D x 3 * H * K and a split measured no faster
-    than the three (docs/performance.md)."""
-    blocks = []
-    for block in model.blocks:
-        attn, ffn = block.attn, block.ffn
-        d, hk, cd = attn.dim, attn.num_heads * attn.key_dim, attn.compute_dtype
-        blocks.append(
-            {
-                "q": _as_matrix(attn.wq, attn.bq, d, cd, 1.0 / math.sqrt(attn.key_dim)),
-                "k": _as_matrix(attn.wk, attn.bk, d, cd),
-                "v": _as_matrix(attn.wv, attn.bv, d, cd),
-                "out": _as_matrix(attn.wo, attn.bo, hk, cd),
-                "fc1": _as_matrix(ffn.fc1.w, ffn.fc1.b, d, ffn.fc1.compute_dtype),
-                "fc2": _as_matrix(ffn.fc2.w, ffn.fc2.b, ffn.fc2.w.shape[0], ffn.fc2.compute_dtype),
-            }
-        )
-    head = model.head
-    return {"blocks": blocks, "head": _as_matrix(head.w, head.b, head.w.shape[0], head.compute_dtype)}
-
-
-def prefill(model, context, context_len, slots, weights):
-    """Runs the contexts through the model's blocks once, with the decode
-    step's arithmetic: `DecodeWeights`' matrices (q already scaled), float32
-    attention, the layer norms with the rsqrt of `tfgpt.model.batch_invariant`.
-
-    context int32 [B, C] (right-padded), context_len int32 [B] (>= 1), slots
-    int32 [] (>= C), weights the dict of a `DecodeWeights` -> (hidden float32
-    [B, D] at each row's last token, caches: per layer (k, v), each
-    [B * H * S, K] with the first C slots of each (row, head) filled).
-
-    A row's numbers do not depend on how far the batch's longest prompt pads
-    it: its padding comes after its tokens, where the causal mask hides it;
-    the keys are padded with zeros to a multiple of 16 positions (masked
-    too), so that the softmax's exps stay in the vector kernel
-    (`tfgpt.model.batch_invariant`) and its sums, added in order, only gain exact
-    zeros.
-    """
-    b, c = tf.shape(context)[0], tf.shape(context)[1]
-    d = model.config.embed_dim
-    x = tf.reshape(model.embed(context, tf.range(c)), [-1, d])  # [B * C, D]
-    seen = batch_invariant.round_up(c)  # key positions, >= C
-    blocked = (1.0 - causal_mask(c, seen)) * -1e9  # [C, seen]: 0 where j <= i
-    caches = []
-    for block, w in zip(model.blocks, weights["blocks"]):
-        h, kd = block.attn.num_heads, block.attn.key_dim
-        q, k, v = (tf.reshape(_dense(x, w[name]), [b, c, h, kd]) for name in "qkv")  # each [B, C, H, K]
-        # One head at a time as [B, C, K] slices: no [B, C, H, K] transpose.
-        ks, vs = [k[:, :, i] for i in range(h)], [v[:, :, i] for i in range(h)]
-        keys = [[0, 0], [0, seen - c], [0, 0]]
-        context_h = [
-            tf.matmul(
-                softmax(tf.matmul(q[:, :, i], tf.pad(ks[i], keys), transpose_b=True) + blocked),  # [B, C, seen]
-                tf.pad(vs[i], keys),
-            )  # [B, C, K]
-            for i in range(h)
-        ]
-        out = _dense(tf.reshape(tf.stack(context_h, 2), [-1, h * kd]), w["out"])  # [B * C, D]
-        a = block.ln1(x + out, rsqrt=batch_invariant.rsqrt_column)
-        x = block.ln2(a + _dense(_dense(a, w["fc1"], tf.nn.relu), w["fc2"]), rsqrt=batch_invariant.rsqrt_column)
-        pad = [[0, 0], [0, 0], [0, slots - c], [0, 0]]
-        caches.append(tuple(tf.reshape(tf.pad(tf.stack(t, 1), pad), [-1, kd]) for t in (ks, vs)))  # [B * H * S, K]
-    return tf.gather(tf.reshape(x, [b, c, d]), context_len - 1, batch_dims=1), caches  # [B, D]
 
 
 def cache_slots(needed, maxlen: int):
@@ -176,8 +108,7 @@ def decode_setup(model, batch, slots, weights):
     """What the decode step needs, prepared once per call outside the loop,
     so that each step runs as few operations as possible:
 
-      blocks: per block a dict of its weights, `DecodeWeights`' (w in the
-        compute dtype, b float32; `_as_matrix`)
+      weights: the dict a `DecodeWeights` returns
       row_base, row_of int32 [B * H]: the cache row of (b, h, slot p), with a
         cache seen as [B * H * S, K], is row_base + p[row_of]
       blocked float32 [S, S]: row p is 0 at the slots a query in slot p
@@ -185,12 +116,10 @@ def decode_setup(model, batch, slots, weights):
       last_slot int32 []: the last slot a position can take, min(S, L) - 1
         (S may be rounded up past L, `tfgpt.model.batch_invariant`)
       cache_shape int32 [4]: [B, H, S, K]
-
-    weights: the dict a `DecodeWeights` returns.
     """
     heads = model.config.num_heads
     return {
-        "blocks": weights["blocks"],
+        "weights": weights,
         "row_base": tf.range(batch * heads) * slots,
         "row_of": tf.repeat(tf.range(batch), heads),  # [B * H]: the row b of each (b, h)
         "blocked": (1.0 - causal_mask(slots)) * -1e9,
@@ -199,39 +128,66 @@ def decode_setup(model, batch, slots, weights):
     }
 
 
-def decode_hidden(model, token, pos, caches, setup, in_place=True):
-    """One new token per row against the cache: the model's blocks for a
-    single query position, without the output layer.
+def decode_hidden(model, token, pos, caches, setup):
+    """One new token per row against the cache (`GPT.call_with_cache`): the
+    model's blocks for a single query position, without the output layer.
 
-    token, pos int32 [B] (pos < S); caches: per layer (k, v) [B * H * S, K];
+    token, pos int32 [B] (pos < S); caches: per layer (k, v) [B * H * S, K],
+    not to be read again (the new keys and values are written in place);
     setup from `decode_setup` -> (hidden float32 [B, D], caches).
-
-    The new key and value are written into their slots (`write_rows`), and
-    the attention of one query is computed by `attend_one`; residuals, norms
-    and feed-forward are the block's (its layer norms, with the rsqrt of
-    `tfgpt.model.batch_invariant`; the feed-forward with `DecodeWeights`'
-    matrices). in_place=False writes with a scatter instead, for XLA, which
-    has no in-place update.
     """
-    x = model.embed(token, pos)  # [B, D]
-    blocked = tf.gather(setup["blocked"], pos)  # [B, S]
-    rows = setup["row_base"] + tf.gather(pos, setup["row_of"])  # [B * H]
-    shape = setup["cache_shape"]
-    new = []
-    for block, w, (k_cache, v_cache) in zip(model.blocks, setup["blocks"], caches):
-        h, kd = block.attn.num_heads, block.attn.key_dim
-        q, k, v = (tf.reshape(_dense(x, w[name]), [-1, h, kd]) for name in "qkv")  # each [B, H, K], q scaled
-        k_cache = write_rows(k_cache, rows, k, in_place)
-        v_cache = write_rows(v_cache, rows, v, in_place)
-        context = attend_one(q, tf.reshape(k_cache, shape), tf.reshape(v_cache, shape), blocked)  # [B, H, K]
-        out = _dense(tf.reshape(context, [-1, h * kd]), w["out"])  # [B, D]
-        # Block.finish without dropout (inference), its feed-forward products
-        # from `DecodeWeights`' matrices.
-        a = block.ln1(x + out, rsqrt=batch_invariant.rsqrt_column)  # [B, D]
-        f = _dense(_dense(a, w["fc1"], tf.nn.relu), w["fc2"])  # [B, D]
-        x = block.ln2(a + f, rsqrt=batch_invariant.rsqrt_column)
-        new.append((k_cache, v_cache))
-    return x, new
+    step = {
+        "rows": setup["row_base"] + tf.gather(pos, setup["row_of"]),  # [B * H]
+        "blocked": tf.gather(setup["blocked"], pos),  # [B, S]
+        "cache_shape": setup["cache_shape"],
+    }
+    return model.call_with_cache(token, pos, caches, setup["weights"], step)
+
+
+def cached_hidden(model, token, n, caches, setup):
+    """The decode step for each row's newest token (the n-th, at slot n - 1).
+
+    token, n int32 [B]; caches, setup as `decode_hidden` takes them ->
+    (hidden float32 [B, D], caches). Rows already past L positions or ended
+    still pass through it (the batch is one tensor): their slot is clamped
+    and their result is not to be used."""
+    return decode_hidden(model, token, tf.minimum(n - 1, setup["last_slot"]), caches, setup)
+
+
+def next_hidden(model, token, n, live, hidden, caches, history, setup):
+    """The last block's output at each row's newest token (index n - 1 of
+    its history), for rows of any length.
+
+    token int32 [B], n int32 [B], live bool [B] (rows that need it), hidden
+    [B, D] (the previous step's), caches and setup as `decode_hidden` takes
+    them, history int32 [B, W] (n <= W) -> (hidden [B, D], caches). A row
+    not live gets a hidden state not to be used (the old one when no row is
+    live: then nothing runs).
+
+    Rows whose history fits in L positions decode against the cache
+    (`cached_hidden`); longer rows run a window (`window_hidden`). A batch
+    may hold both kinds at once.
+    """
+    sliding = n > model.config.maxlen  # [B]
+
+    def cached():
+        return cached_hidden(model, token, n, caches, setup)
+
+    def windowed():
+        return window_hidden(model, history, n), caches
+
+    def both():
+        from_cache, new_caches = cached()
+        from_window, _ = windowed()
+        return tf.where(sliding[:, None], from_window, from_cache), new_caches
+
+    need_cache = tf.reduce_any(live & ~sliding)
+    need_window = tf.reduce_any(live & sliding)
+    return tf.cond(
+        need_window,
+        lambda: tf.cond(need_cache, both, windowed),
+        lambda: tf.cond(need_cache, cached, lambda: (hidden, caches)),
+    )
 
 
 def window_hidden(model, history, n):
@@ -251,37 +207,3 @@ def window_hidden(model, history, n):
     window = tf.gather(history, index, batch_dims=1)  # [B, size]
     hidden = model.hidden(window)  # [B, size, D]
     return tf.gather(hidden, n - start - 1, batch_dims=1)  # [B, D]
-
-
-def _as_matrix(w, b, rows, dtype, scale=1.0):
-    """A projection's weights as `_dense` takes them: (w [rows, columns] in
-    dtype, b float32 [columns]), both multiplied by scale. A variable that
-    already has that form is returned as it is."""
-
-    def form(x, shape, dtype):
-        if scale == 1.0 and x.dtype == dtype and len(x.shape) == len(shape):
-            return x
-        return tf.cast(tf.reshape(x, shape) * scale, dtype)
-
-    return form(w, [rows, -1], dtype), form(b, [-1], b.dtype)
-
-
-def _dense(x, weights, activation=None):
-    """activation(x @ w + b) for x float32 [B, in] and (w, b) from
-    `_as_matrix` -> float32 [B, out], as the model's `Dense` computes it.
-
-    In float32 the bias is added by BiasAdd right after the product (and the
-    ReLU right after that), which TensorFlow's graph optimizer fuses into
-    the product: one pass over the output instead of three. In bfloat16 the
-    product is rounded to bfloat16 and the float32 bias added after, as in
-    the model. (Fused, the bfloat16 product took a faster oneDNN kernel at
-    batch 1, but a different one from larger batches: a row's logits then
-    depended on the batch size, and a request's text on what it was
-    batched with.)
-    """
-    w, b = weights
-    if w.dtype == tf.float32:
-        y = tf.nn.bias_add(tf.matmul(x, w), b)
-    else:
-        y = tf.cast(tf.matmul(tf.cast(x, w.dtype), w), tf.float32) + b
-    return y if activation is None else activation(y)

@@ -32,15 +32,15 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfgpt.config import load_config
 from tfgpt.console import setup_logging
 from tfgpt.data.corpus import read_corpus, split_lines
 from tfgpt.data.text import split_words
-from tfgpt.errors import UserError
-from tfgpt.model.gpt import GPT
-from tfgpt.runtime.devices import compute_dtype
-from tfgpt.serving.export import find_checkpoint
+from tfgpt.errors import UserError, run_main
+from tfgpt.serving.export import restore_model
 from tfgpt.serving.sampler import Sampler
+
+# The command's name in its usage and error lines.
+PROG = "evaluate"
 
 
 def cut_texts(lines: list[str], max_tokens: int | None, batch: int = 4096) -> list[str]:
@@ -76,17 +76,10 @@ def load_scorer(path: Path, step: int | None = None):
     if not (path / "config.json").exists():
         raise UserError(f"{path} is neither a run directory (no config.json) nor a SavedModel (no saved_model.pb)")
 
-    model_cfg, train_cfg = load_config(path / "config.json")
-    try:
-        checkpoint = find_checkpoint(path, step)
-    except UserError as e:
-        raise UserError(str(e)) from None
-    precision = train_cfg.compute_precision or (train_cfg.precision if train_cfg.precision != "auto" else "float32")
-    model = GPT(model_cfg, compute_dtype=compute_dtype(precision))
-    tf.train.Checkpoint(model=model).read(checkpoint).expect_partial().assert_existing_objects_matched()
-    sampler = Sampler(model, str(path / "vocab.txt"))
+    model, _, vocab_path = restore_model(path, step)  # in the precision the run trained in
+    sampler = Sampler(model, str(vocab_path))
     # The closure keeps the sampler alive (its tf.function holds it weakly).
-    return (lambda text: sampler.score(text)), model_cfg.maxlen
+    return (lambda text: sampler.score(text)), model.config.maxlen
 
 
 def evaluate(score, texts: list[str], batch: int = 256) -> dict:
@@ -136,7 +129,8 @@ def heldout_protocol(source, flags: list[str] = (), steps: int = PROTOCOL_STEPS)
         train_txt, test_txt = imdb_protocol_files(source, Path(tmp))
         cmd = [
             sys.executable,
-            str(Path(__file__).resolve().parents[1] / "train.py"),
+            "-m",
+            "tfgpt.cli",
             "--data",
             str(train_txt),
             "--val-fraction",
@@ -168,7 +162,7 @@ def heldout_protocol(source, flags: list[str] = (), steps: int = PROTOCOL_STEPS)
 def main(argv=None) -> int:
     setup_logging()
     parser = argparse.ArgumentParser(
-        prog="python -m tfgpt.evaluate",
+        prog=PROG,
         description=__doc__.split("\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -195,31 +189,28 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N texts")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
-    try:
-        if args.limit is not None and args.limit < 1:
-            raise UserError(f"--limit must be positive, got {args.limit}")
-        path = Path(args.model)
-        if not path.exists():
-            raise UserError(f"{path}: no such file or directory")
+    return run_main(PROG, lambda: run(args))
 
-        try:
-            lines = split_lines(read_corpus(args.data))
-        except UserError as e:
-            raise UserError(str(e)) from None
-        score, maxlen = load_scorer(path, args.step)
-        maxlen = args.maxlen or maxlen
-        if args.windows == "truncate" and maxlen is None:
-            raise UserError(
-                "--windows truncate needs the context length: pass --maxlen "
-                "(no config.json two folders above the SavedModel)"
-            )
-        texts = cut_texts(lines, maxlen + 1 if args.windows == "truncate" else None)[: args.limit]
-        if not texts:
-            raise UserError(f"--data {args.data}: no line has two tokens to score")
-        result = evaluate(score, texts)
-    except UserError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
+
+def run(args) -> None:
+    """Scores the corpus with the model; prints (and writes) the figures."""
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be positive, got {args.limit}")
+    path = Path(args.model)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    lines = split_lines(read_corpus(args.data))
+    score, maxlen = load_scorer(path, args.step)
+    maxlen = args.maxlen or maxlen
+    if args.windows == "truncate" and maxlen is None:
+        raise UserError(
+            "--windows truncate needs the context length: pass --maxlen "
+            "(no config.json two folders above the SavedModel)"
+        )
+    texts = cut_texts(lines, maxlen + 1 if args.windows == "truncate" else None)[: args.limit]
+    if not texts:
+        raise UserError(f"--data {args.data}: no line has two tokens to score")
+    result = evaluate(score, texts)
     result.update(model=str(path), data=args.data, windows=args.windows)
     print(
         f"{result['texts']:,} texts, {result['tokens']:,} tokens scored ({args.windows}): "
@@ -227,7 +218,6 @@ def main(argv=None) -> int:
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

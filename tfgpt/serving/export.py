@@ -35,17 +35,21 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from tfgpt.config import load_config
+from tfgpt.config import TrainConfig, load_config
 from tfgpt.console import setup_logging
-from tfgpt.errors import UserError
+from tfgpt.errors import UserError, run_main
 from tfgpt.model.gpt import GPT
 from tfgpt.runtime.devices import PRECISIONS, check_bfloat16_runs, compute_dtype
 from tfgpt.serving.sampler import DEFAULTS, Sampler
+
+# The command's name in its usage and error lines.
+PROG = "export"
 
 # The precision of an export unless asked otherwise (see the module's docstring).
 SERVING_PRECISION = "float32"
@@ -271,10 +275,19 @@ def write_server_config(base, model_name: str = MODEL_NAME):
 # --- from a run directory -------------------------------------------------------------
 
 
+class Restored(NamedTuple):
+    """A run's model as `restore_model` rebuilds it (for an export, and for
+    `tfgpt.serving.evaluate` of a run directory)."""
+
+    model: GPT
+    checkpoint: str  # the prefix restored: <run>/ckpt/ckpt-N
+    vocab_path: Path  # <run>/vocab.txt
+
+
 def find_checkpoint(run_dir: Path, step: int | None) -> str:
     """The checkpoint prefix to restore: <run>/ckpt/ckpt-<step>, or the latest."""
 
-    ckpt_dir = run_dir / "ckpt"
+    ckpt_dir = Path(run_dir) / "ckpt"
     if step is not None:
         prefix = ckpt_dir / f"ckpt-{step}"
         if not Path(str(prefix) + ".index").exists():
@@ -298,6 +311,44 @@ def find_checkpoint(run_dir: Path, step: int | None) -> str:
     return latest
 
 
+def trained_precision(train_config: TrainConfig) -> str:
+    """The precision the run's matrix products were computed in."""
+    if train_config.compute_precision:
+        return train_config.compute_precision
+    return train_config.precision if train_config.precision != "auto" else "float32"
+
+
+def restore_model(run_dir, step: int | None = None, precision: str | None = None) -> Restored:
+    """The run's model with the weights of its checkpoint of `step` (None:
+    the latest), computing its matrix products in `precision` ("float32",
+    "bfloat16" or "float16"; None: the precision the run trained in). The
+    variables are float32 in every precision."""
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    config_path, vocab_path = run_dir / "config.json", run_dir / "vocab.txt"
+    for path in (config_path, vocab_path):
+        if not path.is_file():
+            raise UserError(f"{path} is missing: is {run_dir} a training run directory?")
+    try:
+        model_config, train_config = load_config(config_path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read {config_path}: {e}") from None
+    checkpoint = find_checkpoint(run_dir, step)
+    precision = precision or trained_precision(train_config)
+    if precision == "bfloat16":
+        check_bfloat16_runs()
+    model = GPT(model_config, compute_dtype=compute_dtype(precision))
+    try:
+        status = tf.train.Checkpoint(model=model).read(checkpoint).expect_partial()
+        status.assert_existing_objects_matched()
+    except (tf.errors.OpError, AssertionError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot restore the model from {checkpoint}: {first}") from None
+    return Restored(model, checkpoint, vocab_path)
+
+
 def export_run(
     run_dir,
     step: int | None = None,
@@ -312,31 +363,7 @@ def export_run(
     path to write into (default <run>/export). Returns the version
     directory written."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
-    config_path, vocab_path = run_dir / "config.json", run_dir / "vocab.txt"
-    for path in (config_path, vocab_path):
-        if not path.is_file():
-            raise UserError(f"{path} is missing: is {run_dir} a training run directory?")
-
-    try:
-        model_config, train_config = load_config(config_path)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read {config_path}: {e}") from None
-    checkpoint = find_checkpoint(run_dir, step)
-    precision = precision or SERVING_PRECISION
-    if precision == "bfloat16":
-        try:
-            check_bfloat16_runs()
-        except UserError as e:
-            raise UserError(str(e)) from None
-    model = GPT(model_config, compute_dtype=compute_dtype(precision))
-    try:
-        status = tf.train.Checkpoint(model=model).read(checkpoint).expect_partial()
-        status.assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot restore the model from {checkpoint}: {first}") from None
+    model, checkpoint, vocab_path = restore_model(run_dir, step, precision or SERVING_PRECISION)
     log.info(f"restored {checkpoint}; {model.compute_dtype.name} matrix products")
     try:
         return export_model(model, vocab_path, export_base or run_dir / "export", version)
@@ -347,7 +374,7 @@ def export_run(
 def main(argv=None) -> int:
     setup_logging()
     description = __doc__.split("\n\n")[0].replace("\n", " ")
-    parser = argparse.ArgumentParser(prog="python -m tfgpt.export", description=description)
+    parser = argparse.ArgumentParser(prog=PROG, description=description)
     parser.add_argument("run_dir", help="a training run directory, e.g. logs/<run>")
     parser.add_argument("--step", type=int, help="export the checkpoint of this global step (default: the latest)")
     parser.add_argument(
@@ -362,13 +389,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.version is not None and args.version < 1:
         parser.error("--version must be a positive integer")
-    try:
+
+    def run():
         path = export_run(args.run_dir, args.step, args.version, args.precision)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported SavedModel: {path}")
-    return 0
+        print(f"exported SavedModel: {path}")
+
+    return run_main(PROG, run)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ one batch, through the model's `generate` signature, every row with the same
 settings; row i gets the seed --seed + i, so the same --seed gives the same
 text; without it each run draws a new seed. --stream prints the tokens of
 one prompt as they come. --score prints each prompt's log-probability and
-perplexity instead (the `score` signature). This module imports nothing
-from tfgpt: the SavedModel carries the model, the vocabulary and the
-sampling loop.
+perplexity instead (the `score` signature). Of tfgpt this module uses
+only its error reporting (tfgpt.errors): the SavedModel carries the model,
+the vocabulary and the sampling loop.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ import sys
 from pathlib import Path
 
 import tensorflow as tf
+
+from tfgpt.errors import UserError, run_main
+
+# The command's name in its usage and error lines.
+PROG = "generate"
 
 
 def _error_line(error) -> str:
@@ -93,7 +98,7 @@ def _with(args, **changes):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tfgpt.generate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", help="a SavedModel version directory, e.g. logs/<run>/export/1")
     parser.add_argument("--prompt", action="append", help="text to continue (repeatable; default 'this movie is')")
     parser.add_argument("--max-tokens", type=int, default=40, help="tokens to generate per sample (default 40)")
@@ -134,9 +139,13 @@ def main(argv=None) -> int:
     prompts = args.prompt or ["this movie is"]
     if args.stream and (len(prompts) > 1 or args.num_samples > 1 or args.score):
         parser.error("--stream prints one sample of one prompt (no --num-samples, --score or second --prompt)")
+    return run_main(PROG, lambda: run(args, prompts))
+
+
+def run(args, prompts: list[str]) -> None:
+    """Loads the SavedModel and prints what the flags ask for."""
     if not (Path(args.model_dir) / "saved_model.pb").is_file():
-        print(f"error: {args.model_dir} is not a SavedModel directory (no saved_model.pb)", file=sys.stderr)
-        return 2
+        raise UserError(f"{args.model_dir} is not a SavedModel directory (no saved_model.pb)")
     seed = args.seed if args.seed is not None else random.randrange(2**62)
 
     model = tf.saved_model.load(args.model_dir)
@@ -147,20 +156,18 @@ def main(argv=None) -> int:
                 prompts, out["log_prob"].numpy(), out["num_tokens"].numpy(), out["perplexity"].numpy()
             ):
                 print(f"log_prob {lp:.3f}  tokens {n}  perplexity {ppl:.2f}  {text}")
-            return 0
+            return
         if args.stream:
             stream(model, prompts[0], args, seed)
-            return 0
+            return
         batch = [p for p in prompts for _ in range(args.num_samples)]
         out = model.generate(**_inputs(tf, batch, args, seed))
     except tf.errors.InvalidArgumentError as e:
-        print(f"error: {_error_line(e)}", file=sys.stderr)
-        return 2
+        raise UserError(_error_line(e)) from None
     for i, text in enumerate(out["text"].numpy()):
         if len(batch) > 1:
             print(f"[{i + 1}] ", end="")
         print(text.decode("utf-8", errors="replace"))
-    return 0
 
 
 if __name__ == "__main__":

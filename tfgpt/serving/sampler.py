@@ -19,17 +19,18 @@ How a batch is generated (in `tf.while_loop`s):
   1. The prompts are tokenized and right-padded. The last `maxlen` tokens of
      each prompt are its context; the whole prompt is still returned as text.
   2. One pass over the contexts fills a preallocated key/value cache per
-     layer (`tfgpt.serving.decode.prefill`, the decode step's arithmetic) and gives
-     each row's hidden state at its own last token.
+     layer (`GPT.prefill`, the decode step's arithmetic) and gives each
+     row's hidden state at its own last token.
   3. Each step turns the hidden states into logits, picks one token per
      row with the row's settings and random numbers (`tfgpt.serving.sampling`),
      appends it to the row's history, and computes the next hidden states.
      While a row fits in `maxlen` positions this is one position's
-     attention against the cache (`tfgpt.serving.decode.decode_hidden`); past
-     `maxlen` the row runs the model again over its last `maxlen` tokens
-     (`tfgpt.serving.decode.window_hidden`). A first loop, whose step is the cached
-     one alone, runs while every row will still fit after its next token;
-     a second one, whose step can also run windows, takes over from there.
+     attention against the cache (`tfgpt.serving.decode.cached_hidden`);
+     past `maxlen` the row runs the model again over its last `maxlen`
+     tokens (`tfgpt.serving.decode.window_hidden`). A first loop, whose step
+     is the cached one alone, runs while every row will still fit after its
+     next token; a second one, whose step can also run windows
+     (`tfgpt.serving.decode.next_hidden`), takes over from there.
   4. A row ends when it samples the padding id 0 (the end of a review) or
      has its max_tokens; the loop ends when every row has ended, at most
      after the largest max_tokens of the batch.
@@ -50,7 +51,6 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfgpt.data.text import Tokenizer
-from tfgpt.model.gpt import GPT
 from tfgpt.model.loss import token_log_probs
 from tfgpt.serving import decode, sampling
 
@@ -113,16 +113,9 @@ class Sampler(tf.Module):
     frozen: the model's weights will not change any more (an export): the
       decode step's matrices are prepared once, here, instead of at every
       call (`tfgpt.serving.decode.DecodeWeights`).
-
-    The generation loop calls `_start`, `_cached_step` and `_general_step`
-    for the model side; the benchmark's variants (`benchmarks.bench`: no cache,
-    an XLA-compiled decode step) are subclasses that override them.
     """
 
-    # Whether the loop starts with the cache-only loop (see the module doc).
-    cache_loop = True
-
-    def __init__(self, model: GPT, vocab_path, frozen: bool = False, name="sampler"):
+    def __init__(self, model: tf.Module, vocab_path, frozen: bool = False, name="sampler"):
         super().__init__(name=name)
         self.model = model
         self.weights = decode.DecodeWeights(model, frozen)
@@ -318,7 +311,8 @@ class Sampler(tf.Module):
         # A row uses the cache while it fits in L positions.
         slots = decode.cache_slots(context_len + max_tokens, self.maxlen)
         weights = self.weights()
-        hidden, caches, setup = self._start(context, context_len, history, slots, weights)
+        hidden, caches = self.model.prefill(context, context_len, slots, weights)
+        setup = decode.decode_setup(self.model, batch, slots, weights)
         uniforms = sampling.row_uniforms(seed, steps)  # [B, steps]
         penalised = tf.reduce_any(penalty != 1.0)
         offsets = tf.broadcast_to(tf.range(batch)[:, None] * self.vocab_size, [batch, width])  # [B, W]
@@ -328,7 +322,11 @@ class Sampler(tf.Module):
         def more(i, hidden, caches, history, n, done):
             return (i < steps) & ~tf.reduce_all(done)
 
-        def make_step(next_hidden, general):
+        def make_step(next_hidden, any_way):
+            """The loop's step, with next_hidden for the next hidden states;
+            any_way: `sampling.pick` with the branches of every way of
+            choosing a token, else the fast way's only."""
+
             def step(i, hidden, caches, history, n, done):
                 # The output layer runs here only, on each row's newest hidden
                 # state: one matrix product per step.
@@ -336,7 +334,7 @@ class Sampler(tf.Module):
                 logits = tf.cond(
                     penalised, lambda: sampling.penalize(logits, history, penalty, offsets), lambda: logits
                 )
-                token = sampling.pick(logits, plan, uniforms[:, i : i + 1], general)
+                token = sampling.pick(logits, plan, uniforms[:, i : i + 1], any_way)
                 token = tf.where(done, 0, token)  # [B]
                 history = _write(history, n, token)
                 ended = token == 0
@@ -348,25 +346,25 @@ class Sampler(tf.Module):
 
             return step
 
-        def loops(general):
+        def cached(token, n, live, hidden, caches, history):
+            return decode.cached_hidden(self.model, token, n, caches, setup)
+
+        def general(token, n, live, hidden, caches, history):
+            return decode.next_hidden(self.model, token, n, live, hidden, caches, history, setup)
+
+        def fits(i, hidden, caches, history, n, done):
+            return more(i, hidden, caches, history, n, done) & tf.reduce_all(done | (n < self.maxlen))
+
+        def loops(any_way):
             state = (tf.constant(0), hidden, caches, history, n, done)
-            if self.cache_loop:
-                # First, while every row will still fit in L positions after
-                # the next token, a loop whose step is the cached decode
-                # alone, without the general step's branches (which cost
-                # time at every step).
-                def cached(token, n, live, hidden, caches, history):
-                    return self._cached_step(token, n, caches, setup)
-
-                def fits(i, hidden, caches, history, n, done):
-                    return more(i, hidden, caches, history, n, done) & tf.reduce_all(done | (n < self.maxlen))
-
-                state = tf.while_loop(fits, make_step(cached, general), state)
+            # First, while every row will still fit in L positions after the
+            # next token, a loop whose step is the cached decode alone,
+            # without the general step's branches (which cost time at every
+            # step).
+            state = tf.while_loop(fits, make_step(cached, any_way), state)
             # Then the general step, in which rows may decode from the cache
             # or run a window.
-            _, _, _, history_out, n_out, _ = tf.while_loop(
-                more, make_step(lambda *a: self._general_step(*a, setup), general), state
-            )
+            _, _, _, history_out, n_out, _ = tf.while_loop(more, make_step(general, any_way), state)
             return history_out, n_out
 
         # The loops twice: for requests whose every row takes the fast way of
@@ -379,55 +377,6 @@ class Sampler(tf.Module):
         token_ids = tf.gather(history, index, batch_dims=1)
         token_ids = tf.where(columns[None, :] < lengths[:, None], token_ids, 0)  # [B, S]
         return token_ids, lengths
-
-    # --- the model side of the loop (overridden by the benchmark's variants) ------
-
-    def _start(self, context, context_len, history, slots, weights):
-        """-> (hidden [B, D] at each row's last context token, caches, setup)."""
-        hidden, caches = decode.prefill(self.model, context, context_len, slots, weights)
-        return hidden, caches, decode.decode_setup(self.model, tf.shape(context)[0], slots, weights)
-
-    def _decode(self, token, pos, caches, setup):
-        """The one-token decode step (`tfgpt.serving.decode.decode_hidden`)."""
-        return decode.decode_hidden(self.model, token, pos, caches, setup)
-
-    def _cached_step(self, token, n, caches, setup):
-        """The decode step for each row's newest token, at slot n - 1.
-
-        Rows already sliding or ended still pass through it (the batch is one
-        tensor); their slot is clamped and their result is not used."""
-        return self._decode(token, tf.minimum(n - 1, setup["last_slot"]), caches, setup)
-
-    def _general_step(self, token, n, live, hidden, caches, history, setup):
-        """The last block's output at each row's newest token (index n - 1 of
-        its history).
-
-        token int32 [B], n int32 [B], live bool [B] (rows that need it),
-        hidden [B, D] (the previous step's) -> (hidden [B, D], caches); rows
-        not live keep their old hidden state.
-        Rows whose history fits in L positions decode against the cache; longer
-        rows run a window. A batch may hold both kinds at once.
-        """
-        sliding = n > self.maxlen  # [B]
-
-        def cached():
-            return self._cached_step(token, n, caches, setup)
-
-        def windowed():
-            return decode.window_hidden(self.model, history, n), caches
-
-        def both():
-            from_cache, new_caches = cached()
-            from_window, _ = windowed()
-            return tf.where(sliding[:, None], from_window, from_cache), new_caches
-
-        need_cache = tf.reduce_any(live & ~sliding)
-        need_window = tf.reduce_any(live & sliding)
-        return tf.cond(
-            need_window,
-            lambda: tf.cond(need_cache, both, windowed),
-            lambda: tf.cond(need_cache, cached, lambda: (hidden, caches)),
-        )
 
     # --- scoring ------------------------------------------------------------------
 

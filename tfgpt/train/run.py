@@ -1,9 +1,14 @@
 """A whole training run: devices, data, trainer, reporting, export.
 
 `train` runs the steps in order: the strategy (before any other TensorFlow
-op), the devices' precision, the run lock, then `_train`: the data and the
+op), the plan (tfgpt/train/plan.py: precision, XLA, steps per call, loss
+chunk) and its device line, the run lock, then `_train`: the data and the
 resolved configs (saved as config.json), the trainer and its checkpoints,
 the reporter, the fit under signal handlers, and the export.
+
+Besides its figures, a run says how long its start took: `data: ready in
+S s` (finding or building the token store and opening its windows) and
+`first step: S s after the process started`.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -20,31 +26,31 @@ from pathlib import Path
 import tensorflow as tf
 from tensorflow.python.framework import config
 
-from tfgpt import errors
-from tfgpt.config import GPTConfig, TrainConfig, save_config
+from tfgpt.config import GPTConfig, TrainConfig, save_config, write_text_atomic
 from tfgpt.console import setup_logging
 from tfgpt.data.corpus import resolve_imdb
 from tfgpt.data.prepare import ensure_store
 from tfgpt.data.text import read_vocab, split_words
 from tfgpt.data.windows import batches_per_epoch
-from tfgpt.errors import UserError
+from tfgpt.errors import UserError, run_main
 from tfgpt.model.gpt import count_params
 from tfgpt.runtime.cluster import cluster_failure, is_chief
-from tfgpt.runtime.devices import describe, native, resolve_precision
 from tfgpt.runtime.distribute import make_strategy
 from tfgpt.runtime.flops import flops_per_token, measured_peak, peak_devices
 from tfgpt.runtime.memory import release_library_pages
+from tfgpt.serving.export import SERVING_PRECISION, export_model, in_precision
 from tfgpt.serving.sampler import Sampler
 from tfgpt.train.checkpoint import worker_scratch
+from tfgpt.train.plan import Plan, make_plan
 from tfgpt.train.report import Reporter
 from tfgpt.train.runlock import RunLock, RunLocked
-from tfgpt.train.trainer import Interrupted, NonFiniteLoss, Trainer, auto_steps_per_call, use_xla
+from tfgpt.train.trainer import Interrupted, NonFiniteLoss, Trainer
 
 log = logging.getLogger(__name__)
 
 
 def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse_vocab: bool):
-    """Finds or builds the corpus's token store (tfgpt/prepare.py) and opens
+    """Finds or builds the corpus's token store (tfgpt/data/prepare.py) and opens
     its windows. Returns (train_windows, val_windows, model_cfg): window
     sources that read from the store (val_windows None without validation
     lines), and model_cfg with the vocabulary size of the store (a new
@@ -89,8 +95,6 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
         )
     vocab = store.vocab()
     if given is None:
-        from tfgpt.config import write_text_atomic
-
         write_text_atomic(vocab_path, store.vocab_path.read_text(encoding="utf-8"))
         log.info(f"vocabulary: {len(vocab):,} entries")
     if len(vocab) < model_cfg.vocab_size:
@@ -109,44 +113,54 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
     return train_windows, val_windows, model_cfg
 
 
-def _fail(message, status: int) -> int:
-    """Prints the one-line error a user sees and returns the exit status."""
-    print(f"train.py: error: {message}", file=sys.stderr)
-    return status
+def seconds_since_start() -> float:
+    """Seconds since this process started (Linux: from /proc), else since
+    this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rpartition(")")[2].split()[19])  # field 22: clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - started / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
 
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -> int:
-    """Runs training; returns the process exit status."""
+    """Runs training; returns the process exit status (a UserError's one
+    line on stderr and its code, `tfgpt.errors.run_main`)."""
+    return run_main("train.py", lambda: _run(model_cfg, cfg, run_dir, resume))
+
+
+def _run(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -> int:
+    """The run: the strategy (before any other TensorFlow op), the plan and
+    its device line, the run lock, then `_train`."""
     setup_logging(chief=True)  # until the cluster is known, every worker prints
-    try:
-        strategy = make_strategy(
-            cfg.gpus, cfg.cpu_replicas, cfg.cluster, cfg.collective_timeout, cluster_port=cfg.cluster_port
-        )  # before any other TensorFlow op
-    except UserError as e:
-        return _fail(e, e.code)
+    strategy = make_strategy(
+        cfg.gpus, cfg.cpu_replicas, cfg.cluster, cfg.collective_timeout, cluster_port=cfg.cluster_port
+    )  # before any other TensorFlow op
     # TensorFlow is imported: unmap the library pages only its start-up used,
-    # before reading and tokenizing the corpus (see tfgpt/memory.py).
+    # before reading and tokenizing the corpus (see tfgpt/runtime/memory.py).
     release_library_pages()
     chief = is_chief(strategy)
     setup_logging(chief)  # the other workers' logger is quiet
     if cfg.deterministic:
-        import tensorflow as tf
-
         tf.config.experimental.enable_op_determinism()
-    try:
-        cfg, notes = resolve_devices(cfg, strategy, resume)
-    except UserError as e:
-        return _fail(e, 2)
-    log.info(device_line(strategy, cfg))
-    for note in notes:
+    plan = make_plan(model_cfg, cfg, strategy, resume)
+    cfg = dataclasses.replace(cfg, compute_precision=plan.precision)  # saved in config.json
+    log.info(plan.device_line())
+    for note in plan.notes:
         log.info(note)
     lock = RunLock(run_dir) if chief else None
     try:
         if lock:
             lock.acquire()
-        return _train(strategy, model_cfg, cfg, run_dir, resume, chief)
+        return _train(strategy, plan, model_cfg, cfg, run_dir, resume, chief)
     except RunLocked as e:
-        return _fail(e, 2)
+        raise UserError(str(e)) from None
     except KeyboardInterrupt:
         print("\ntrain.py: interrupted before training started; nothing to save", file=sys.stderr)
         return 130
@@ -155,50 +169,21 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -
             lock.release()
 
 
-def resolve_devices(cfg: TrainConfig, strategy, resume: bool) -> tuple[TrainConfig, list[str]]:
-    """(cfg with compute_precision set for this strategy's devices, lines to
-    tell the user). On --resume the precision is checked again: `auto` may
-    choose differently on other devices (the weights are float32 in every
-    precision, so the run goes on); an explicit precision that the devices
-    do not run natively is pointed out."""
-
-    chosen, notes = resolve_precision(cfg.precision, strategy), []
-    if resume and cfg.compute_precision and chosen != cfg.compute_precision:
-        notes.append(
-            f"precision: {chosen} on these devices (--precision {cfg.precision}); the run trained in "
-            f"{cfg.compute_precision} before"
-        )
-    if cfg.precision != "auto" and not native(chosen, strategy):
-        notes.append(f"warning: --precision {chosen} is not native on these devices: slower than float32, or emulated")
-    return dataclasses.replace(cfg, compute_precision=chosen), notes
-
-
-def device_line(strategy, cfg: TrainConfig) -> str:
-    """The run's first line: devices, precision, XLA, replicas, steps per call."""
-
-    workers = ""
-    if getattr(strategy, "cluster_resolver", None) is not None:
-        spec = strategy.cluster_resolver.cluster_spec().as_dict()
-        workers = f" on each of {sum(len(v) for v in spec.values())} workers"
-    spc = auto_steps_per_call(cfg.steps_per_call, strategy, cfg.log_every)
-    return (
-        f"devices: {describe(strategy)}{workers}; precision {cfg.compute_precision}; "
-        f"XLA {'on' if use_xla(cfg.xla, strategy) else 'off'}; {strategy.num_replicas_in_sync} replica(s); "
-        f"{spc} step(s) per call" + ("; deterministic ops" if cfg.deterministic else "")
-    )
-
-
-def _train(strategy, model_cfg, cfg, run_dir, resume, chief) -> int:
+def _train(strategy, plan: Plan, model_cfg, cfg, run_dir, resume, chief) -> int:
     """The run after the devices are set: data, trainer, reporter, fit, export."""
 
     vocab_path = vocab_file(run_dir, resume, chief)
     try:
+        t0 = time.perf_counter()
         train_windows, val_windows, model_cfg = prepare_data(model_cfg, cfg, vocab_path, reuse_vocab=resume)
+        log.info(f"data: ready in {time.perf_counter() - t0:.2f} s")
         per_epoch = batches_per_epoch(len(train_windows), cfg.batch_size)
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-        trainer = Trainer(model_cfg, cfg, strategy, run_dir, total_steps=total)
-    except (errors.UserError, ValueError) as e:
-        return _fail(e, 2)
+        trainer = Trainer(model_cfg, cfg, strategy, run_dir, total_steps=total, plan=plan.for_model(model_cfg, cfg))
+    except UserError:
+        raise
+    except ValueError as e:  # a value the data or the model cannot take: the user's to change
+        raise UserError(str(e)) from None
     if chief:  # the configs as resolved for this run: vocabulary size, precision
         save_config(run_dir / "config.json", model_cfg, cfg)
     trainer.checkpoints.open()
@@ -206,7 +191,7 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief) -> int:
         try:
             path = trainer.checkpoints.restore_latest()
         except RuntimeError as e:
-            return _fail(e, 2)
+            raise UserError(str(e)) from None
         log.info(
             f"resumed from {path} (step {int(trainer.state.step.numpy())})"
             if path
@@ -221,8 +206,6 @@ def _train(strategy, model_cfg, cfg, run_dir, resume, chief) -> int:
     if isinstance(history, int):  # the exit status of a run that stopped early
         return history
     if chief and cfg.export:
-        from tfgpt.serving.export import SERVING_PRECISION, export_model, in_precision
-
         with op_determinism(False):  # serving_default draws a fresh seed per request
             path = export_model(in_precision(trainer.model), vocab_path, run_dir / "export")
         log.info(
@@ -283,11 +266,32 @@ def mfu_peak(trainer, model_cfg, cfg) -> float | None:
     return per_device * count
 
 
+class FirstStep:
+    """Training hooks that pass every call on to `hooks` (a Reporter) and,
+    at this process's first step, log how long after the process started it
+    came: TensorFlow's start, the data, the model, tracing and compiling."""
+
+    def __init__(self, hooks):
+        self.hooks, self.seen = hooks, False
+
+    def before_step(self, step: int):
+        self.hooks.before_step(step)
+
+    def on_step(self, info):
+        if not self.seen:
+            self.seen = True
+            log.info(f"first step: {seconds_since_start():.1f} s after the process started")
+        self.hooks.on_step(info)
+
+    def on_epoch(self, info):
+        self.hooks.on_epoch(info)
+
+
 def _fit(strategy, trainer, reporter, cfg, train_windows, val_windows) -> list | int:
     """trainer.fit with SIGINT and SIGTERM handlers that stop it after the
     current step. Returns its history, or the exit status of a run stopped
-    by a signal, a non-finite loss or a lost worker. Closes the reporter and
-    the trainer's checkpoints either way."""
+    by a signal; raises UserError (code 1) for a non-finite loss or a lost
+    worker. Closes the reporter and the trainer's checkpoints either way."""
 
     def on_signal(signum, frame):
         if trainer.stop_signal is None:
@@ -301,23 +305,23 @@ def _fit(strategy, trainer, reporter, cfg, train_windows, val_windows) -> list |
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return trainer.fit(train_windows, val_windows, reporter)
+        return trainer.fit(train_windows, val_windows, FirstStep(reporter))
     except Interrupted as e:
         name = signal.Signals(e.signum).name
         log.info(f"stopped by {name} after step {e.step}; checkpoint: {e.checkpoint}")
         log.info(f"resume with: python train.py --logdir {cfg.logdir} --run-name {cfg.run_name} --resume")
         return 128 + e.signum
     except NonFiniteLoss as e:
-        return _fail(
+        raise UserError(
             f"{e}; the step was not applied and nothing was saved after it; "
             f"last good checkpoint: {trainer.checkpoints.latest or 'none'}",
-            1,
-        )
+            code=1,
+        ) from None
     except Exception as e:  # a lost worker: one line, not a traceback
         message = cluster_failure(strategy, e, cfg.collective_timeout)
         if message is None:
             raise
-        return _fail(message, 1)
+        raise UserError(message, code=1) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

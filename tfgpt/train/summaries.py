@@ -21,8 +21,10 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import summary_v2 as hp
 
-# Config fields that say where a run lives, not how it trains.
-NOT_HPARAMS = ("logdir", "run_name")
+from tfgpt.config import not_hparams
+
+# Config fields that say where a run lives, not how it trains (declared hparam=False).
+NOT_HPARAMS = not_hparams()
 
 
 class Summaries:
@@ -80,8 +82,8 @@ def run_hparams(model_cfg, cfg, **extra) -> dict:
     fields are left out), head_dim resolved to the key size in use, and
     `extra` (e.g. num_params, flops_per_token). Names are the config field
     names, which the two configs do not share."""
-    values = dataclasses.asdict(model_cfg) | {"head_dim": model_cfg.key_dim}
-    values |= {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HPARAMS}
+    values = dataclasses.asdict(model_cfg) | {"head_dim": model_cfg.key_dim} | dataclasses.asdict(cfg)
+    values = {k: v for k, v in values.items() if k not in NOT_HPARAMS}
     values |= extra
     return {k: _plain(v) for k, v in values.items() if isinstance(_plain(v), (bool, int, float, str))}
 

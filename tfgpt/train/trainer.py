@@ -20,10 +20,10 @@ makes the call's remaining steps change nothing (`train_steps`). Every
 replica applies the same all-reduced update to its own copy of the
 variables, so the copies stay identical. Summaries, progress, samples and
 exports come from the chief, outside any compiled function (the `hooks` of
-`Trainer.fit`); checkpoints are tfgpt/checkpoint.py's.
+`Trainer.fit`); checkpoints are tfgpt/train/checkpoint.py's.
 
 float16 (`--precision float16`) multiplies the loss by a dynamic loss scale
-(tfgpt/loss_scale.py) before the backward pass; a step whose all-reduced
+(tfgpt/train/loss_scale.py) before the backward pass; a step whose all-reduced
 gradients are not finite is skipped and the scale halved. In float32 and
 bfloat16 a non-finite loss or gradient stops training with an error.
 """
@@ -40,13 +40,13 @@ import tensorflow as tf
 from tfgpt.config import GPTConfig, TrainConfig
 from tfgpt.data.windows import batches_per_epoch, eval_dataset, train_dataset
 from tfgpt.model.gpt import GPT
-from tfgpt.model.loss import CHUNK_BUDGET, auto_chunk
 from tfgpt.runtime import memory
 from tfgpt.runtime.cluster import is_chief
-from tfgpt.runtime.devices import all_gpus, compute_dtype, resolve_precision
+from tfgpt.runtime.devices import compute_dtype
 from tfgpt.train.checkpoint import Checkpoints
 from tfgpt.train.loss_scale import LossScale
 from tfgpt.train.optim import Adam, clip_scale, make_schedule
+from tfgpt.train.plan import Plan, make_plan
 
 
 class NonFiniteLoss(RuntimeError):
@@ -81,43 +81,30 @@ class TrainState(tf.Module):
         self.batch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch")
 
 
-def use_xla(setting: str, strategy) -> bool:
-    if setting == "on":
-        return True
-    if setting == "off":
-        return False
-    return all_gpus(strategy)  # auto: XLA on GPUs; on CPU it measured slower
-
-
-def auto_steps_per_call(setting: int, strategy, log_every: int) -> int:
-    """Steps per compiled call: `setting`, or for 0 (automatic) log_every on
-    GPUs, whose steps are short enough for the host's wait after each one to
-    leave the device idle, and 1 on CPUs, whose steps are long."""
-    if setting:
-        return setting
-    return max(1, min(log_every, 100)) if all_gpus(strategy) else 1
-
-
 class Trainer:
     """Builds the model, optimizer and step functions under a strategy and runs
-    the loop over prepared windows."""
+    the loop over prepared windows, as `plan` says (tfgpt/train/plan.py:
+    precision, XLA, steps per call, loss chunk); without a plan, the one
+    `make_plan` gives for these configs and strategy."""
 
     def __init__(
-        self, model_cfg: GPTConfig, cfg: TrainConfig, strategy, run_dir: str | Path, total_steps: int | None = None
+        self,
+        model_cfg: GPTConfig,
+        cfg: TrainConfig,
+        strategy,
+        run_dir: str | Path,
+        total_steps: int | None = None,
+        plan: Plan | None = None,
     ):
         self.model_cfg, self.cfg, self.strategy = model_cfg, cfg, strategy
         self.run_dir = Path(run_dir)
         self.chief = is_chief(strategy)
-        self.xla = use_xla(cfg.xla, strategy)
+        self.plan = plan = plan or make_plan(model_cfg, cfg, strategy)
         self.replicas = strategy.num_replicas_in_sync
-        if cfg.batch_size % self.replicas:
-            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {self.replicas} replicas")
-        self.precision = cfg.compute_precision or resolve_precision(cfg.precision, strategy)
-        self.steps_per_call = auto_steps_per_call(cfg.steps_per_call, strategy, cfg.log_every)
-        self.loss_rows = cfg.batch_size // self.replicas * model_cfg.maxlen  # loss rows per replica
-        self.loss_chunk = cfg.loss_chunk or auto_chunk(
-            self.loss_rows, model_cfg.vocab_size, CHUNK_BUDGET["GPU" if all_gpus(strategy) else "CPU"]
-        )
+        if (plan.replicas, plan.loss_rows) != (self.replicas, cfg.batch_size // self.replicas * model_cfg.maxlen):
+            raise ValueError("the plan was made for another strategy, batch size or model")
+        self.xla, self.precision, self.steps_per_call = plan.xla, plan.precision, plan.steps_per_call
+        self.loss_rows, self.loss_chunk = plan.loss_rows, plan.loss_chunk  # a replica's loss rows, per chunk
         with strategy.scope():
             self.model = GPT(model_cfg, seed=cfg.seed, compute_dtype=compute_dtype(self.precision))
             schedule = make_schedule(cfg.lr_schedule, cfg.lr, cfg.warmup_steps, total_steps)
@@ -142,7 +129,7 @@ class Trainer:
         self._stepped = False  # whether train_step has run in this process
         self._build_steps()
         # TensorFlow is loaded and running: unmap the pages of its libraries
-        # that only start-up touched (tfgpt/memory.py).
+        # that only start-up touched (tfgpt/runtime/memory.py).
         memory.release_library_pages()
 
     # --- steps ---------------------------------------------------------------
