@@ -21,12 +21,12 @@ import json
 import os
 from pathlib import Path
 
-# The sections of `train.py --help`, in order. Within a section, TrainConfig's
-# flags come first, then GPTConfig's, each in declaration order.
 # The precisions a run can compute in, and where a multi-worker cluster can come from.
 PRECISIONS = ("float32", "bfloat16", "float16")
 CLUSTER_MODES = ("auto", "tf_config", "slurm")
 
+# The sections of `train.py --help`, in order. Within a section, TrainConfig's
+# flags come first, then GPTConfig's, each in declaration order.
 FLAG_GROUPS = ("data", "model", "optimisation", "devices and speed", "run directory, logging, samples")
 
 # --recipe: named sets of training settings. "example" is the Keras example's
