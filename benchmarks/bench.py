@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from benchmarks import bench_data
 from tfgpt.config import GPTConfig, TrainConfig
 from tfgpt.console import LOGGER, quiet, setup_logging
 from tfgpt.data.corpus import read_corpus, split_lines
@@ -499,8 +500,6 @@ def _main(argv) -> int:
         print(json.dumps(row))
         return 0
     if args.data_scale:
-        from benchmarks import bench_data
-
         return bench_data.main(
             ["--data-scale", args.data_scale]
             + (["--data", args.data] if args.data else [])

@@ -142,3 +142,21 @@ def test_benchmarks_are_not_in_the_package():
     for m, path in modules("tfgpt").items():
         assert not imports_of(path, set(modules("benchmarks"))), f"{m} imports the benchmarks"
     assert (ROOT / "benchmarks" / "bench.py").exists()
+
+
+def test_imports_inside_functions_say_why():
+    """Imports go at the top of a module; one inside a function is there to
+    keep TensorFlow's start-up out of the command line's checks, and says so
+    in a comment on its line or the line above."""
+    silent = []
+    for m, path in modules("tfgpt").items():
+        lines = path.read_text(encoding="utf-8").split("\n")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    near = " ".join(lines[max(0, inner.lineno - 3) : inner.lineno]).lower()
+                    if "lazy" not in near and "not at the top" not in near:
+                        silent.append(f"{m}:{inner.lineno}")
+    assert not silent, "imports inside functions without a comment saying why: " + ", ".join(sorted(set(silent)))
