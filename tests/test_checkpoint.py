@@ -1,4 +1,4 @@
-"""tfgpt/checkpoint.py: checkpoints written and read back, the newest one
+"""tfgpt/train/checkpoint.py: checkpoints written and read back, the newest one
 restored first, and the scratch folder of the workers other than the chief."""
 
 import os

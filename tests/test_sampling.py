@@ -21,7 +21,7 @@ def pick(logits, top_k, top_p, temperature, u):
 
 def reference_pick(logits, k, p, t, u, tol=1e-4):
     """(token, nucleus, ambiguous) for one row, in float64, from the
-    definitions in tfgpt/sampling.py. The nucleus also holds the tokens
+    definitions in tfgpt/serving/sampling.py. The nucleus also holds the tokens
     within `tol` of its end; ambiguous: the draw or the nucleus's end lies
     within `tol` of a boundary, where float32 sums (over up to 20,000
     probabilities) may decide the other way."""

@@ -1,4 +1,4 @@
-"""tfgpt/summaries.py: TensorBoard events read back from the files with
+"""tfgpt/train/summaries.py: TensorBoard events read back from the files with
 tf.compat.v1.train.summary_iterator, equal to what was written. The Reporter
 that writes them at the steps it should is tests/test_report.py."""
 

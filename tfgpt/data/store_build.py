@@ -320,7 +320,7 @@ def build(
     ...)), and the manifest says so with "own_vocab": false."""
     t0 = time.perf_counter()
     # TensorFlow is running: unmap the library pages only its start-up used
-    # (tfgpt/memory.py), as training does before it reads its data.
+    # (tfgpt/runtime/memory.py), as training does before it reads its data.
     release_library_pages()
     archives = [p for p in paths if not p.is_dir() and sources.kind_of(p) == "tar"]
     progress = Progress("reading archives", sum(p.stat().st_size for p in archives))

@@ -114,7 +114,7 @@ def train_dataset(
     """One epoch of per-replica batches for this input pipeline.
 
     Global batch b holds the windows at positions b * global_batch ... of the
-    epoch's order, a permutation keyed by (seed, epoch) alone (tfgpt/order.py),
+    epoch's order, a permutation keyed by (seed, epoch) alone (tfgpt/data/order.py),
     so a resumed run sees the same batches; `skip` starts at global batch
     `skip`. With an input context, each global batch is cut into
     num_replicas_in_sync equal slices and this pipeline (worker) reads and

@@ -7,7 +7,7 @@ in vector registers of 16 float32 numbers, and compute the last (size mod
 Which numbers of a row fall into that tail depends on the whole tensor's
 size: the same row computed alone and inside a batch can come out different,
 and a generated text with them (a row's numbers must depend on the row only,
-see tfgpt/sampler.py).
+see tfgpt/serving/sampler.py).
 
 The functions here keep every number in the vector path by giving the
 kernel a tensor whose size is a multiple of `PACKET`: a column is widened

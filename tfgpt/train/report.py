@@ -3,7 +3,7 @@
 `Reporter` receives the trainer's per-step and per-epoch records on the chief
 and decides what to show and write at each: the lines come from
 tfgpt/console.py, the TensorBoard files (their layout is described there) are
-written by tfgpt/summaries.py. On other workers it stays silent.
+written by tfgpt/train/summaries.py. On other workers it stays silent.
 """
 
 from __future__ import annotations
