@@ -54,7 +54,6 @@ GB = 1e9
 
 
 def _vocabulary(rng, size: int):
-
     letters = np.frombuffer(b"etaoinshrdlcumwfgypbvkjxqz", np.uint8)
     weights = np.array(
         [
@@ -157,7 +156,6 @@ def replicate(source: str, path: Path, size_bytes: int) -> int:
 
 
 def _vmhwm_mb() -> float:
-
     return peak_rss_mb()
 
 
@@ -202,7 +200,6 @@ def run_timings(out: str) -> dict:
 
 
 def _child(kind: str, *args) -> dict:
-
     cmd = [sys.executable, "-m", "benchmarks.bench_data", "--child", json.dumps([kind, *args])]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

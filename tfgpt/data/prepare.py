@@ -47,7 +47,7 @@ from tfgpt.data.corpus import cache_dir, resolve_imdb
 from tfgpt.data.store import VERSION, Store, StoreError, is_store, read_manifest
 from tfgpt.errors import UserError, run_main
 
-# Named after the module also when it runs as `python -m tfgpt.prepare` (__name__ is then
+# Named after the module also when it runs as `python -m tfgpt.data.prepare` (__name__ is then
 # "__main__", a logger outside "tfgpt").
 log = logging.getLogger(__spec__.name if __spec__ else __name__)
 
@@ -67,7 +67,6 @@ class Prepared:
 
 
 def default_store_dir() -> Path:
-
     return cache_dir() / "stores"
 
 
@@ -87,7 +86,6 @@ def vocab_digest(vocab: list[str]) -> str:
 def store_params(
     paths, inputs, *, imdb_unsup: bool, vocab_size: int, val_fraction: float, seed: int, vocab: str | None = None
 ) -> dict:
-
     return dict(
         format=VERSION,
         data=[str(Path(p).resolve()) for p in paths],

@@ -32,7 +32,6 @@ from tfgpt.runtime.devices import use_gpus
 log = logging.getLogger(__name__)
 
 WORKER_JOBS = ("chief", "worker")
-MODES = CLUSTER_MODES
 
 
 def chief_task(jobs, task_type: str, task_index: int) -> bool:
@@ -133,8 +132,8 @@ def from_tf_config() -> Cluster | None:
 def detect(mode: str = "auto", port_base: int = 8888) -> Cluster | None:
     """The cluster this process belongs to (see the module docstring); None
     for a single-process run. Raises UserError on a malformed environment."""
-    if mode not in MODES:
-        raise UserError(f"--cluster must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in CLUSTER_MODES:
+        raise UserError(f"--cluster must be one of {', '.join(CLUSTER_MODES)}, got {mode!r}")
     if mode == "tf_config":
         if not os.environ.get("TF_CONFIG", "").strip():
             raise UserError("--cluster tf_config: TF_CONFIG is not set")

@@ -54,7 +54,7 @@ PROG = "export"
 # The precision of an export unless asked otherwise (see the module's docstring).
 SERVING_PRECISION = "float32"
 
-# Named after the module also when it runs as `python -m tfgpt.export` (__name__ is then
+# Named after the module also when it runs as `python -m tfgpt.serving.export` (__name__ is then
 # "__main__", a logger outside "tfgpt").
 log = logging.getLogger(__spec__.name if __spec__ else __name__)
 

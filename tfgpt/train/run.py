@@ -110,6 +110,7 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
         f"tokens: {train_windows.tokens:,} in training lines -> {len(train_windows):,} windows of "
         f"{model_cfg.maxlen + 1} ({cfg.packing})"
     )
+    log.info(f"data: ready in {time.perf_counter() - t0:.2f} s")
     return train_windows, val_windows, model_cfg
 
 
@@ -174,9 +175,7 @@ def _train(strategy, plan: Plan, model_cfg, cfg, run_dir, resume, chief) -> int:
 
     vocab_path = vocab_file(run_dir, resume, chief)
     try:
-        t0 = time.perf_counter()
         train_windows, val_windows, model_cfg = prepare_data(model_cfg, cfg, vocab_path, reuse_vocab=resume)
-        log.info(f"data: ready in {time.perf_counter() - t0:.2f} s")
         per_epoch = batches_per_epoch(len(train_windows), cfg.batch_size)
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
         trainer = Trainer(model_cfg, cfg, strategy, run_dir, total_steps=total, plan=plan.for_model(model_cfg, cfg))
