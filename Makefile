@@ -34,7 +34,7 @@ comma := ,
 EXTRAS := $(if $(filter 1,$(GPU_CHOICE)),test$(comma)lint$(comma)gpu,test$(comma)lint)
 STAMP := $(VENV)/.installed-gpu$(GPU_CHOICE)
 
-.PHONY: venv train test test-isa test-fast lint format test-gpu gpu-check bench clean
+.PHONY: venv train test test-isa test-fast lint format test-gpu gpu-check bench profile clean
 
 venv: $(STAMP)
 
@@ -110,6 +110,10 @@ gpu-check: venv
 
 bench: venv
 	$(PY) -m benchmarks.bench $(ARGS)
+
+# Where a training step's time goes, per op class (ARGS="--precision bfloat16").
+profile: venv
+	$(PY) -m benchmarks.profile_step $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -319,8 +319,11 @@ def test_the_plan_decides_what_the_devices_decided_before(monkeypatch, capabilit
     precision, xla, per_call = decided[:3]
     assert plan.device_line() == (
         f"devices: {what}; precision {precision}; XLA {'on' if xla else 'off'}; 1 replica(s); "
-        f"{per_call} step(s) per call" + ("; deterministic ops" if cfg.deterministic else "")
+        f"{per_call} step(s) per call"
+        + ("; deterministic ops" if cfg.deterministic else "")
+        + (f"; precision auto: {plan.auto}" if cfg.precision == "auto" else "")
     )
+    assert bool(plan.auto) == (cfg.precision == "auto")
     # Another vocabulary (the token store's): the chunk again, the devices not asked again.
     monkeypatch.setattr(devices, "all_gpus", lambda s: pytest.fail("the devices asked again"))
     small = plan.for_model(GPTConfig(vocab_size=40, maxlen=128), cfg)
@@ -391,6 +394,48 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path):
         cpuinfo.unlink()  # no /proc/cpuinfo at all
         assert devices.cpu_info() == ("unknown CPU", set())
         assert devices.fastest_precision(found) == "float32"
+
+
+@pytest.mark.parametrize(
+    "flags, cap, precision, line_ends",
+    [
+        (f"{AVX512} avx512_bf16", None, "bfloat16", "precision auto: bfloat16, native on this CPU (AVX512_CORE_BF16)"),
+        ("fpu avx2 amx_bf16", None, "bfloat16", "precision auto: bfloat16, native on this CPU (AVX512_CORE_BF16)"),
+        (
+            "sse4_1 avx avx2 fma",
+            None,
+            "float32",
+            "precision auto: float32; bfloat16 is not native on this CPU and measured no faster where it is converted",
+        ),
+        (
+            f"{AVX512} avx512_vnni",
+            None,
+            "float32",
+            "precision auto: float32; bfloat16 is not native on this CPU and measured no faster where it is converted",
+        ),
+        (
+            f"{AVX512} avx512_bf16",
+            "AVX2",
+            "float32",
+            "precision auto: float32; bfloat16 would abort on these oneDNN kernels",
+        ),
+    ],
+)
+def test_the_device_line_says_what_auto_chose_and_why(monkeypatch, tmp_path, flags, cap, precision, line_ends):
+    """--precision auto states its choice on the device line: bfloat16 only
+    where the CPU multiplies in it natively; an explicit precision says
+    nothing more."""
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("about machines without a GPU")
+    fake_cpuinfo(monkeypatch, tmp_path).write_text(f"flags\t: {flags}\n")
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    strategy = tf.distribute.get_strategy()
+    plan = make_plan(BIG, TrainConfig(batch_size=64), strategy)
+    assert plan.precision == precision
+    assert plan.device_line().endswith("; 1 step(s) per call; " + line_ends)
+    explicit = make_plan(BIG, TrainConfig(batch_size=64, precision="float32"), strategy)
+    assert explicit.device_line().endswith("; 1 step(s) per call")
 
 
 @pytest.mark.parametrize(

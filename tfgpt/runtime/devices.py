@@ -431,6 +431,22 @@ def fastest_precision(devices: Devices) -> str:
     return next((p for p in ("bfloat16", "float16") if native(p, devices)), "float32")
 
 
+def auto_reason(precision: str, devices: Devices) -> str:
+    """Why `--precision auto` chose `precision` (`fastest_precision`) on these
+    devices, for the device line. On a CPU without native bfloat16 auto keeps
+    float32: there bfloat16 is converted in software, and where it was
+    measured (AVX2, docs/performance.md) it was not clearly faster than
+    float32, nor checked to learn as well, or its products abort
+    (`bfloat16_aborts`)."""
+    if devices.gpus:
+        return f"{precision}, the fastest precision these GPUs multiply in natively"
+    if precision == "bfloat16":
+        return f"bfloat16, native on this CPU ({CPU_NATIVE['bfloat16']})"
+    if bfloat16_aborts():
+        return "float32; bfloat16 would abort on these oneDNN kernels"
+    return "float32; bfloat16 is not native on this CPU and measured no faster where it is converted"
+
+
 def compute_dtype(precision: str):
     """The tf.DType of a precision name."""
     import tensorflow as tf  # lazy: cli.py imports this module for its checks

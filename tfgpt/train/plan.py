@@ -40,6 +40,7 @@ class Plan:
     loss_chunk: int  # positions per chunk of the output layer and loss; divides loss_rows
     deterministic: bool  # TensorFlow's op determinism on
     notes: tuple[str, ...] = ()  # lines for the user about the precision
+    auto: str = ""  # --precision auto: what it chose and why (`devices.auto_reason`); "" otherwise
 
     def device_line(self) -> str:
         """The run's first line: devices, precision, XLA, replicas, steps per call."""
@@ -47,7 +48,9 @@ class Plan:
         return (
             f"devices: {self.description}{workers}; precision {self.precision}; "
             f"XLA {'on' if self.xla else 'off'}; {self.replicas} replica(s); "
-            f"{self.steps_per_call} step(s) per call" + ("; deterministic ops" if self.deterministic else "")
+            f"{self.steps_per_call} step(s) per call"
+            + ("; deterministic ops" if self.deterministic else "")
+            + (f"; precision auto: {self.auto}" if self.auto else "")
         )
 
     def for_model(self, model_cfg: GPTConfig, cfg: TrainConfig) -> Plan:
@@ -79,10 +82,8 @@ def make_plan(model_cfg: GPTConfig, cfg: TrainConfig, strategy, resume: bool = F
     replicas = strategy.num_replicas_in_sync
     if cfg.batch_size % replicas:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {replicas} replicas")
-    if cfg.compute_precision and not resume:
-        precision = cfg.compute_precision
-    else:
-        precision = devices.resolve_precision(cfg.precision, found)
+    chosen_here = not (cfg.compute_precision and not resume)
+    precision = devices.resolve_precision(cfg.precision, found) if chosen_here else cfg.compute_precision
     native = devices.native(precision, found)
     notes = []
     if resume and cfg.compute_precision and precision != cfg.compute_precision:
@@ -110,4 +111,5 @@ def make_plan(model_cfg: GPTConfig, cfg: TrainConfig, strategy, resume: bool = F
         loss_chunk=chunk,
         deterministic=cfg.deterministic,
         notes=tuple(notes),
+        auto=devices.auto_reason(precision, found) if cfg.precision == "auto" and chosen_here else "",
     )
