@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import ROOT, log_messages, run_python, write_corpus
-from test_cli import REFERENCE, actions
+from test_cli import ADDED, EXTENDED, REFERENCE, actions, unspaced, without_added
 
 from tfgpt import errors
+from tfgpt.cli import build_parser as build_train_parser
 from tfgpt.data import prepare, store_build, text
 from tfgpt.data.corpus import read_corpus, train_val_split
 from tfgpt.data.text import Tokenizer, tokenize_lines, write_vocab
@@ -267,11 +268,13 @@ def test_prepare_command_prints_its_messages(tmp_path):
 def test_prepare_flags_are_the_reference_with_train_py_s_texts(monkeypatch):
     """The command line of prepare is the reference's (tests/data/cli_reference.json,
     see tests/test_cli.py), but the flags it shares with train.py now say what
-    train.py's say: their help texts, like their defaults, come from the configs."""
+    train.py's say: their help texts, like their defaults, come from the
+    configs; --tokenizer, added since, is train.py's."""
     monkeypatch.setenv("COLUMNS", "80")
     parser = prepare.build_parser()
-    assert actions(parser) == REFERENCE["prepare_actions"]
-    assert vars(parser.parse_args(["--data", "x"])) == REFERENCE["prepare_parsed_defaults"]
+    assert without_added(actions(parser)) == REFERENCE["prepare_actions"]
+    parsed = vars(parser.parse_args(["--data", "x"]))
+    assert parsed.pop("tokenizer") == "word" and parsed == REFERENCE["prepare_parsed_defaults"]
     train_help = " ".join(REFERENCE["train_help"].split())
     expected = " ".join(REFERENCE["prepare_help"].split())
     for own, shared in [
@@ -285,7 +288,16 @@ def test_prepare_flags_are_the_reference_with_train_py_s_texts(monkeypatch):
     ]:
         assert expected.count(own) == 1 and (shared in train_help or own.startswith("usage"))
         expected = expected.replace(own, shared)
-    assert " ".join(parser.format_help().split()) == expected
+    shown = parser.format_help()
+    tokenizer = [b for b in shown.split("\n  --") if b.startswith("tokenizer ")]
+    train_tokenizer = [b for b in build_train_parser().format_help().split("\n  --") if b.startswith("tokenizer ")]
+    assert len(tokenizer) == 1 and tokenizer == train_tokenizer  # train.py's --tokenizer, word for word
+    # Without the added flag and words, the rest is the reference with train.py's texts.
+    rest = unspaced(shown.replace("\n  --" + tokenizer[0], ""))
+    for added in [*ADDED.values(), *EXTENDED.values()]:
+        assert rest.count(unspaced(added)) == 1, added
+        rest = rest.replace(unspaced(added), "")
+    assert rest == unspaced(expected)
 
 
 @pytest.mark.parametrize(
@@ -331,7 +343,8 @@ def test_prepare_command(tmp_path, capsys):
         assert prepare.main(argv + ["--store-dir", str(tmp_path / "stores")]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (argv, err)
-    one = write_corpus(tmp_path / "one_line.txt", 1)
+    one = tmp_path / "one_byte.txt"  # a single document is split by its bytes: one byte cannot be
+    one.write_text("x")
     assert prepare.main(["--data", str(one), "--val-fraction", "0.9", "--store-dir", str(tmp_path / "st")]) == 2
     assert "leaves no training data" in capsys.readouterr().err
 

@@ -20,6 +20,7 @@ from tfgpt.config import (
     load_config,
     refused,
     resumable_fields,
+    subword_vocab_refused,
 )
 from tfgpt.errors import UserError, run_main
 from tfgpt.runtime.cluster import is_chief_task
@@ -72,6 +73,7 @@ def validate(model: GPTConfig, train: TrainConfig) -> None:
     """Raises a UserError for the first value that its field's declaration
     (tfgpt.config) refuses, then for flags that exclude each other."""
     message = refused(dataclasses.asdict(model) | dataclasses.asdict(train))
+    message = message or subword_vocab_refused(train.tokenizer, model.vocab_size)
     if message:
         raise UserError(message)
     if model.tie_embeddings and train.embedding_update == "per-token":
@@ -131,12 +133,14 @@ def main(argv=None) -> int:
 
 
 def _run(args: dict) -> int:
+    # --packing given, or a resumed run's (its config.json's): not replaced by the automatic choice.
+    packing_given = "packing" in args or bool(args.get("resume"))
     model_cfg, train_cfg, run_dir, resume = resolve_run(args)
     # Imported here, not at the top: TensorFlow's start-up takes seconds, and
     # --help and the flag checks above need none of it.
     from tfgpt.train.run import train
 
-    return train(model_cfg, train_cfg, run_dir, resume)
+    return train(model_cfg, train_cfg, run_dir, resume, packing_given=packing_given)
 
 
 if __name__ == "__main__":

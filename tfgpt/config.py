@@ -25,6 +25,20 @@ from pathlib import Path
 PRECISIONS = ("float32", "bfloat16", "float16")
 CLUSTER_MODES = ("auto", "tf_config", "slurm")
 
+# The smallest subword vocabulary: id 0 and the 256 bytes (tfgpt/data/subword.py).
+SUBWORD_MIN_VOCAB = 257
+
+
+def subword_vocab_refused(tokenizer: str, vocab_size: int) -> str | None:
+    """The one-line error for a vocabulary size the subword tokenizer cannot take; None if fine."""
+    if tokenizer == "subword" and vocab_size < SUBWORD_MIN_VOCAB:
+        return (
+            f"--vocab-size {vocab_size} is too small for subwords: it needs at least {SUBWORD_MIN_VOCAB} "
+            "(the 256 bytes and id 0)"
+        )
+    return None
+
+
 # The sections of `train.py --help`, in order. Within a section, TrainConfig's
 # flags come first, then GPTConfig's, each in declaration order.
 FLAG_GROUPS = ("data", "model", "optimisation", "devices and speed", "run directory, logging, samples")
@@ -72,7 +86,8 @@ class GPTConfig:
 
     vocab_size: int = option(
         20000,
-        "vocabulary entries, including padding and [UNK] (default: {default})",
+        "vocabulary entries, including padding and [UNK] (default: {default}); with --tokenizer subword, the size "
+        "of the subword vocabulary learned from the corpus",
         group="data",
         check=(lambda v: v >= 3, "--vocab-size must be at least 3, got {value}"),
     )
@@ -157,6 +172,18 @@ class TrainConfig:
         resumable=True,
     )
     imdb_unsup: bool = option(False, "also read IMDB's train/unsup reviews", group="data")
+    # How text becomes tokens: "word" (tfgpt/data/text.py, the Keras example's)
+    # or "subword" (tfgpt/data/subword.py). A run keeps it: its tokenizer file
+    # (vocab.txt or subword.json) gives the ids its checkpoints were trained on.
+    tokenizer: str = option(
+        "word",
+        "word: the Keras example's vocabulary of lowercased words, punctuation split off (reproduces the example; "
+        "words outside the vocabulary become [UNK]); subword: byte-level BPE learned from the corpus, for any text, "
+        "code or language: case and whitespace are kept and every byte has a token, so nothing becomes [UNK]; a run "
+        "keeps its tokenizer beside config.json, vocab.txt or subword.json (default: {default})",
+        group="data",
+        choices=["word", "subword"],
+    )
     packing: str = option(
         "truncate",
         "truncate: each line gives one window of its first maxlen+1 tokens, as the example; pack: lines joined "

@@ -122,7 +122,7 @@ def read_corpus(path: str | Path, imdb_unsup: bool = False) -> list[TextDocument
         else:
             raw = [(p.name, _read_file(p))]
         if not raw:
-            raise UserError(f"--data {p}: no .txt files found")
+            raise UserError(sources.no_text_files(p))
         for name, data in sorted(raw):
             try:
                 text = data.decode("utf-8")
@@ -162,11 +162,47 @@ def held_out(n: int, val_fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
 
 
+def split_by_share(lines: int, text_lines: int, val_fraction: float) -> bool:
+    """Whether a single document's validation split is the last val_fraction
+    of its bytes (`share_offset`) rather than `held_out` lines: when holding
+    out lines would leave no training data, or when at most one line holds
+    text (a corpus that is one long line). Everywhere else the lines are
+    held out, as they always were."""
+    if val_fraction <= 0:
+        return False
+    n_val = max(1, int(round(val_fraction * lines)))
+    return n_val >= lines or text_lines <= 1
+
+
+def share_offset(total_bytes: int, val_fraction: float) -> int:
+    """The byte offset from which the last val_fraction of a document of
+    total_bytes is held out (at least one byte on each side); the split
+    itself is at the first safe place from there (`sources.split_place`)."""
+    if total_bytes < 2:
+        raise UserError(f"--val-fraction {val_fraction} leaves no training data (a document of {total_bytes} bytes)")
+    return min(max(1, int(round((1.0 - val_fraction) * total_bytes))), total_bytes - 1)
+
+
+def split_text(data: bytes, val_fraction: float) -> tuple[bytes, bytes]:
+    """A document's bytes split by share: (training part, validation part),
+    cut at `sources.split_place` (a "\\n" there is left out), as the token
+    store splits it while streaming."""
+    cut = sources.split_place(data, share_offset(len(data), val_fraction))
+    head = data[: cut - 1] if cut and data[cut - 1 : cut] == b"\n" else data[:cut]
+    return head, data[cut:]
+
+
 def train_val_split(docs: list[TextDocument], val_fraction: float, seed: int):
     """Holds out a deterministic fraction of the documents (of the lines, when
-    the corpus is a single document: `held_out`). Returns (train_lines,
-    val_lines)."""
+    the corpus is a single document: `held_out`; of its bytes, the last
+    share, when `split_by_share` says so). Returns (train_lines, val_lines)."""
     if len(docs) == 1:
+        text = docs[0].text
+        raw = text.split("\n")
+        if split_by_share(len(raw), sum(1 for line in raw if line), val_fraction):
+            parts = split_text(text.encode("utf-8"), val_fraction)
+            head, tail = (split_lines([TextDocument("", p.decode("utf-8"))]) for p in parts)
+            return head, tail
         docs = [TextDocument(f"{docs[0].name}:{i}", line) for i, line in enumerate(split_lines(docs))]
     val_ids = set(held_out(len(docs), val_fraction, seed).tolist())
     train = [d for i, d in enumerate(docs) if i not in val_ids]

@@ -7,8 +7,10 @@
 A store is kept under a key of everything that decides its contents: every
 input file (path, size, modification time), the standardization (its rules
 and TensorFlow's version), the vocabulary size, the validation fraction, the
-seed, whether IMDB's unlabelled reviews are read, the store format, and, for
-a resumed run whose vocabulary the corpus no longer gives, that vocabulary.
+seed, whether IMDB's unlabelled reviews are read, the store format, the
+tokenizer when it is not the word one (so word stores keep the keys they
+always had), and, for a resumed run whose vocabulary the corpus no longer
+gives (word) or whose subword vocabulary is given, that vocabulary.
 `train.py --data CORPUS` looks the key up in the cache (`--store-dir`, by
 default $TFGPT_CACHE/stores or ~/.cache/tfgpt/stores): a store is reused when
 it is there and intact, and built otherwise. So an input file that changed
@@ -30,6 +32,7 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -40,9 +43,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from tfgpt.config import GPTConfig, TrainConfig, add_flag, refused
+from tfgpt.config import GPTConfig, TrainConfig, add_flag, refused, subword_vocab_refused
 from tfgpt.console import setup_logging
-from tfgpt.data import sources, store_build, text
+from tfgpt.data import sources, store_build, subword, text
 from tfgpt.data.corpus import cache_dir, resolve_imdb
 from tfgpt.data.store import VERSION, Store, StoreError, is_store, read_manifest
 from tfgpt.errors import UserError, run_main
@@ -83,10 +86,34 @@ def vocab_digest(vocab: list[str]) -> str:
     return hashlib.sha256("\n".join(vocab).encode("utf-8")).hexdigest()
 
 
+def subword_definition() -> str:
+    """What decides a learned subword vocabulary besides the text and its
+    size: the subword format and pre-tokenization rule (tfgpt/data/subword.py)
+    and the version of the `tokenizers` package that learns the merges."""
+    rule = json.dumps([subword.FORMAT, subword.VERSION, subword.PRETOKENIZE], sort_keys=True)
+    return hashlib.sha256(f"{rule}|{importlib.metadata.version('tokenizers')}".encode()).hexdigest()[:16]
+
+
+def subword_digest(path) -> str:
+    """The digest of a subword vocabulary file (`SubwordVocab.digest`)."""
+    return subword.SubwordVocab.load(path).digest()
+
+
 def store_params(
-    paths, inputs, *, imdb_unsup: bool, vocab_size: int, val_fraction: float, seed: int, vocab: str | None = None
+    paths,
+    inputs,
+    *,
+    imdb_unsup: bool,
+    vocab_size: int,
+    val_fraction: float,
+    seed: int,
+    vocab: str | None = None,
+    tokenizer: str = "word",
 ) -> dict:
-    return dict(
+    """The parameters a store's key hashes. vocab: the digest of a given
+    vocabulary (a resumed run's). The tokenizer is there only when it is not
+    "word", so a word store's key is the one it had before there was a choice."""
+    params = dict(
         format=VERSION,
         data=[str(Path(p).resolve()) for p in paths],
         inputs=[[f.path, f.size, f.mtime_ns] for f in inputs],
@@ -97,6 +124,15 @@ def store_params(
         standardization=standardization_id(),
         vocab=vocab,
     )
+    if tokenizer != "word":
+        params["tokenizer"] = tokenizer
+        params["subword"] = subword_definition()
+    return params
+
+
+def tokenizer_of(params: dict) -> str:
+    """The tokenizer of a store's parameters (stores from before the choice: word)."""
+    return params.get("tokenizer", "word")
 
 
 def key_of(params: dict) -> str:
@@ -174,7 +210,9 @@ def _usage(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
-def _build(target: Path, paths, params: dict, key: str, alt: tuple | None, vocab, workers, shard_tokens):
+def _build(
+    target: Path, paths, params: dict, key: str, alt: tuple | None, vocab, workers, shard_tokens, given_subword=None
+):
     """Builds into a temporary folder beside target, then renames it to target
     (or, with a given vocabulary the corpus does not give, to alt's folder).
     Returns the published folder."""
@@ -195,6 +233,7 @@ def _build(target: Path, paths, params: dict, key: str, alt: tuple | None, vocab
             alt=alt,
             workers=workers,
             shard_tokens=shard_tokens,
+            **_tokenizer_args(params, given_subword),
         )
         final = target if manifest["key"] == key else alt[2]
         _publish(tmp, final)
@@ -205,6 +244,21 @@ def _build(target: Path, paths, params: dict, key: str, alt: tuple | None, vocab
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _disk_full(target, written) from None
         raise
+
+
+def _tokenizer_args(params: dict, given_subword) -> dict:
+    """store_build.build's tokenizer arguments: none for a word store (the
+    build it always was), else the tokenizer and a given subword file."""
+    if tokenizer_of(params) == "word":
+        return {}
+    return dict(tokenizer=tokenizer_of(params), given_subword=Path(given_subword) if given_subword else None)
+
+
+def _same_vocabulary(store, vocab, given_digest) -> bool:
+    """Whether store holds the given vocabulary's ids (True when none is given)."""
+    if vocab is not None and store.vocab() != list(vocab):
+        return False
+    return given_digest is None or subword_digest(store.tokenizer_path) == given_digest
 
 
 def _publish(tmp: Path, target: Path) -> None:
@@ -281,30 +335,40 @@ def ensure_store(
     rebuild: bool = False,
     workers: int | None = None,
     shard_tokens: int | None = None,
+    tokenizer: str = "word",
+    given_subword=None,
 ) -> Prepared:
     """The token store for `data_spec` with these settings: reused when it
     exists and is intact, else built. data_spec may name a store itself.
 
-    vocab: a resumed run's vocabulary; the store's ids are then that
-    vocabulary's. out: the store's folder instead of the cache's."""
+    vocab: a resumed word run's vocabulary; the store's ids are then that
+    vocabulary's. tokenizer: "word" or "subword"; given_subword: a resumed
+    subword run's subword.json, whose ids the store then holds (else the
+    build learns a subword vocabulary of vocab_size from the training text).
+    out: the store's folder instead of the cache's."""
 
     t0 = time.perf_counter()
     shard_tokens = shard_tokens or store_build.SHARD_TOKENS
+    given_digest = subword_digest(given_subword) if tokenizer == "subword" and given_subword else None
     if out is None and is_store(Path(str(data_spec)).expanduser()):
-        return _named_store(Path(str(data_spec)).expanduser(), vocab, checksums, workers, shard_tokens, t0)
+        return _named_store(
+            Path(str(data_spec)).expanduser(), vocab, checksums, workers, shard_tokens, t0, tokenizer, given_subword
+        )
     paths = sources.expand(str(data_spec))
     for p in paths:
         if p.is_dir() and is_store(p):
             raise UserError(f"--data {p}: a token store can only be given alone")
     inputs = sources.input_files(paths, imdb_unsup)
-    settings = dict(imdb_unsup=imdb_unsup, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed)
+    settings = dict(
+        imdb_unsup=imdb_unsup, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed, tokenizer=tokenizer
+    )
     params = store_params(paths, inputs, **settings)
     key = key_of(params)
     root = Path(store_dir).expanduser() if store_dir else default_store_dir()
     target = Path(out).expanduser() if out else root / key
     alt = None
-    if vocab is not None:
-        alt_params = store_params(paths, inputs, **settings, vocab=vocab_digest(vocab))
+    if vocab is not None or given_digest is not None:
+        alt_params = store_params(paths, inputs, **settings, vocab=given_digest or vocab_digest(vocab))
         alt = (alt_params, key_of(alt_params), target if out else root / key_of(alt_params))
     if out is not None and target.exists() and not is_store(target) and any(target.iterdir()):
         raise UserError(f"--out {target}: the folder exists and is not a token store; choose another")
@@ -330,28 +394,34 @@ def ensure_store(
                 )
                 action = "rebuilt"
                 continue
-            if vocab is not None and found.vocab() != list(vocab):
+            if not _same_vocabulary(found, vocab, given_digest):
                 continue
             if rebuild:
                 action = "rebuilt"
                 break
             return Prepared(found, "reused", time.perf_counter() - t0)
-        folder = _build(target, paths, params, key, alt, vocab, workers, shard_tokens)
+        folder = _build(target, paths, params, key, alt, vocab, workers, shard_tokens, given_subword)
     if out is None:
         _remove_stale(root, params)
 
     return Prepared(Store(folder), action, time.perf_counter() - t0)
 
 
-def _named_store(path: Path, vocab, checksums, workers, shard_tokens, t0) -> Prepared:
+def _named_store(path: Path, vocab, checksums, workers, shard_tokens, t0, tokenizer, given_subword) -> Prepared:
     """`--data STORE`: the store as it is, unless its inputs are still there
-    and changed (or it is damaged): then it is rebuilt in place from them."""
+    and changed (or it is damaged): then it is rebuilt in place from them.
+    Its tokenizer must be the run's."""
 
     try:
         manifest = read_manifest(path)
     except StoreError as e:
         raise UserError(f"--data {path}: {e}") from None
     params = manifest["params"]
+    if tokenizer_of(params) != tokenizer:
+        raise UserError(
+            f"--data {path}: the token store was built with the {tokenizer_of(params)} tokenizer, not the "
+            f"{tokenizer} one; pass --tokenizer {tokenizer_of(params)} or give the corpus itself"
+        )
     paths = [Path(p) for p in params["data"]]
     present = all(p.exists() for p in paths)
     settings = dict(
@@ -359,7 +429,9 @@ def _named_store(path: Path, vocab, checksums, workers, shard_tokens, t0) -> Pre
         vocab_size=params["vocab_size"],
         val_fraction=params["val_fraction"],
         seed=params["seed"],
+        tokenizer=tokenizer,
     )
+    given_digest = subword_digest(given_subword) if tokenizer == "subword" and given_subword else None
     reason = None
     if present:
         try:
@@ -377,23 +449,25 @@ def _named_store(path: Path, vocab, checksums, workers, shard_tokens, t0) -> Pre
             raise UserError(f"--data {path}: the token store is damaged ({e}) and its input is gone") from None
         reason = f"it is damaged ({e})"
     if reason is None:
-        if vocab is not None and found.vocab() != list(vocab):
-            raise UserError(f"--data {path}: the store's vocabulary differs from the run's vocab.txt")
+        if not _same_vocabulary(found, vocab, given_digest):
+            own = "vocab.txt" if tokenizer == "word" else subword.SUBWORD_FILE
+            raise UserError(f"--data {path}: the store's vocabulary differs from the run's {own}")
         if not present:
             log.info(f"note: token store {path}: its input is not here; using it as it is")
         return Prepared(found, "reused", time.perf_counter() - t0)
     log.warning(f"warning: token store {path}: {reason}; rebuilding it")
     given = None
     if params.get("vocab"):
-        given = vocab  # built for a resumed run's vocabulary: only that run can rebuild it
-        if given is None:
+        given = vocab if tokenizer == "word" else given_subword  # built for a resumed run's vocabulary:
+        if given is None:  # only that run can rebuild it
             raise UserError(
                 f"--data {path}: {reason}, and it was built for a run's vocabulary; rebuild it by resuming that run"
             )
     prepared = ensure_store(
         os.pathsep.join(map(str, paths)),
         **settings,
-        vocab=given,
+        vocab=given if tokenizer == "word" else None,
+        given_subword=given if tokenizer != "word" else None,
         out=path,
         checksums=checksums,
         rebuild=True,
@@ -408,12 +482,13 @@ def summary(prepared: Prepared) -> list[str]:
     m = st.manifest
     train, val = st.split("train"), st.split("val")
     size = sum(f["bytes"] for f in m["files"].values())
+    units = "lines" if tokenizer_of(m["params"]) == "word" else "documents"  # a subword store's units
     return [
         f"token store: {prepared.action} {st.root} in {prepared.seconds:.1f}s",
         f"  {m['documents']:,} documents, {m['text_bytes'] / 1e6:,.1f} MB of text; "
-        f"training: {train['lines']:,} lines, {train['tokens']:,} tokens; "
-        f"validation: {val['lines']:,} lines, {val['tokens']:,} tokens",
-        f"  vocabulary: {m['vocab_entries']:,} entries; ids: {m['dtype']} in "
+        f"training: {train['lines']:,} {units}, {train['tokens']:,} tokens; "
+        f"validation: {val['lines']:,} {units}, {val['tokens']:,} tokens",
+        f"  {tokenizer_of(m['params'])} vocabulary: {m['vocab_entries']:,} entries; ids: {m['dtype']} in "
         f"{len(train['shards']) + len(val['shards'])} shard(s); {size / 1e6:,.1f} MB on disk",
     ]
 
@@ -437,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="the store's folder (default: the cache that train.py --data looks in)")
     add_flag(p, "store_dir")
+    add_flag(p, "tokenizer")
     add_flag(p, "vocab_size")
     add_flag(p, "val_fraction")
     add_flag(p, "seed", help="chooses the validation documents (default: {default})")
@@ -454,6 +530,7 @@ def main(argv=None) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     message = refused(dict(vocab_size=args.vocab_size, val_fraction=args.val_fraction))
+    message = message or subword_vocab_refused(args.tokenizer, args.vocab_size)
     if message:
         raise UserError(message)
     if args.workers is not None and args.workers < 1:
@@ -472,6 +549,7 @@ def _prepare(args: argparse.Namespace) -> int:
         checksums="all",
         rebuild=args.rebuild,
         workers=args.workers,
+        tokenizer=args.tokenizer,
     )
     for line in summary(prepared):
         print(line)

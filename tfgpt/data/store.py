@@ -4,14 +4,19 @@ read from it.
     STORE/
       manifest.json       written last: what was built from what, and the size,
                           SHA-256 and modification time of every other file
-      vocab.txt           the vocabulary (`text.write_vocab`)
+      vocab.txt           the vocabulary (`text.write_vocab`) of a word store,
+      or subword.json     or a subword store's (`subword.SubwordVocab.save`)
       train-00000.tok     token ids, uint16 when the vocabulary fits, else uint32:
-      train-00001.tok     the training lines one after the other, each followed
+      train-00001.tok     the training units one after the other, each followed
       ...                 by the id 0 (the stream that `--packing pack` cuts),
                           split into shards of `shard_tokens` ids
-      train.starts        int64: where each training line of at least 2 tokens
+      train.starts        int64: where each training unit of at least 2 tokens
                           starts in that stream (the windows of `truncate`)
-      val-00000.tok, val.starts   the same for the validation lines
+      val-00000.tok, val.starts   the same for the validation units
+
+A unit ("line" in the manifest) is a line of a word store, a document of a
+subword store (its lines joined by the newline's id). The manifest's
+"tokenizer" says which ("word" when it is absent: stores from before).
 
 A window is read with a positioned read (pread) of its maxlen + 1 ids, so
 reading needs no memory beyond the batch in flight, whatever the corpus size
@@ -103,6 +108,16 @@ class Store:
     @property
     def key(self) -> str:
         return self.manifest["key"]
+
+    @property
+    def tokenizer(self) -> str:
+        """The store's tokenizer, "word" or "subword" (old manifests: word)."""
+        return self.manifest.get("tokenizer", "word")
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The tokenizer's file: vocab.txt (word) or subword.json (subword)."""
+        return self.root / ("subword.json" if self.tokenizer == "subword" else "vocab.txt")
 
     @property
     def vocab_path(self) -> Path:

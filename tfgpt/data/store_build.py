@@ -1,8 +1,14 @@
 """Building a token store (tfgpt/data/store.py) in one streaming pass over the text.
 
-The documents are read as line-aligned chunks of a few MB. Each chunk is
-analysed by a compiled TensorFlow function, on one thread per core (the
-function runs without Python's lock, so the threads use every core):
+The documents are read as chunks of a few MB that end at line ends; a line
+longer than a chunk is cut into parts (`sources.segments`: at a space
+between two words where there is one), so memory and speed do not depend
+on the length of the lines. The parts of a line continue the same line in
+the store: its count, its start and its truncate window are the line's.
+
+Word stores (tokenizer "word"): each chunk is analysed by a compiled
+TensorFlow function, on one thread per core (the function runs without
+Python's lock, so the threads use every core):
 
     words = the chunk standardized (`text.standardize`, the Tokenizer's own),
     split at "\\n" into lines and each line at whitespace;
@@ -24,9 +30,17 @@ vocabulary id into the final shard (uint16 when the vocabulary fits), with
 its checksum. So the text is standardized and split once, not once for the
 vocabulary and again for the ids.
 
+Subword stores (tokenizer "subword"): a first pass streams the training
+text into `subword.train_subword` (unless a vocabulary is given), then the
+chunks are encoded (`SubwordVocab.encode_lines`, on worker threads) straight
+into final ids. Their units are documents: a document's lines joined by the
+newline's id, then 0.
+
 The training/validation split is `corpus.train_val_split`'s (`corpus.held_out`
-of the documents, of the lines for a single document). The store is built in
-a folder that the caller (tfgpt/data/prepare.py) renames into place when it
+of the documents; of the lines for a single document, or the last share of
+its bytes when `corpus.split_by_share` says so, and always for a subword
+store, whose single document is its only unit). The store is built in a
+folder that the caller (tfgpt/data/prepare.py) renames into place when it
 is complete.
 """
 
@@ -45,7 +59,7 @@ import tensorflow as tf
 
 from tfgpt.config import write_text_atomic
 from tfgpt.data import sources
-from tfgpt.data.corpus import held_out
+from tfgpt.data.corpus import held_out, share_offset, split_by_share
 from tfgpt.data.progress import Progress
 from tfgpt.data.store import FORMAT, MANIFEST, VERSION, file_sha256
 from tfgpt.data.text import PAD, UNK, standardize, write_vocab
@@ -68,19 +82,21 @@ class Plan:
 
     docs: list
     val_docs: set  # indices of validation documents (several documents)
-    val_lines: np.ndarray | None  # sorted validation line numbers (a single document)
+    val_lines: np.ndarray | None  # sorted validation line numbers (a single document split by lines)
+    split_at: int | None = None  # a single document split by share: the offset its validation part starts from
 
 
-def plan_split(docs: list, val_fraction: float, seed: int, on_read=lambda n: None) -> Plan:
-    """`corpus.train_val_split`'s choice of validation documents (lines, for a
-    single document: `corpus.held_out`), without reading the text (a single
-    document's lines are counted)."""
-    single = len(docs) == 1
-    n = sources.count_lines(docs[0], on_read=on_read) if single else len(docs)
-    val = held_out(n, val_fraction, seed)
-    if single:
-        return Plan(docs, set(), val.astype(np.int64))
-    return Plan(docs, set(val.tolist()), None)
+def plan_split(docs: list, val_fraction: float, seed: int, on_read=lambda n: None, by_share: bool = False) -> Plan:
+    """`corpus.train_val_split`'s choice of validation documents (for a single
+    document: `corpus.held_out` lines, or its last share of bytes when
+    `corpus.split_by_share` says so or by_share is set), without reading the
+    text (a single document is counted: its lines and bytes)."""
+    if len(docs) != 1:
+        return Plan(docs, set(held_out(len(docs), val_fraction, seed).tolist()), None)
+    scan = sources.scan(docs[0], on_read=on_read)
+    if val_fraction > 0 and (by_share or split_by_share(scan.lines, scan.text_lines, val_fraction)):
+        return Plan(docs, set(), None, share_offset(scan.bytes, val_fraction))
+    return Plan(docs, set(), held_out(scan.lines, val_fraction, seed).astype(np.int64))
 
 
 @dataclasses.dataclass
@@ -89,44 +105,159 @@ class ReadStats:
     bad_utf8: int = 0
 
 
+@dataclasses.dataclass
+class Chunk:
+    """A few MB of text: rows (its lines, or the parts of a line cut while
+    streaming) joined by "\\n"."""
+
+    text: bytes
+    val: np.ndarray  # indices of the validation rows
+    ends: np.ndarray  # indices of the rows that end a document (or its training part)
+    open_last: bool  # the last row's line goes on in the next chunk
+
+
 def chunks(plan: Plan, stats: ReadStats, on_read, chunk_bytes: int):
-    """(text, val_line_indices) chunks of whole lines, about chunk_bytes each:
-    the lines of consecutive documents, with the indices (in the chunk) of
-    the lines that are held out for validation."""
+    """The documents as Chunks of about chunk_bytes, in order. A line longer
+    than a chunk is cut into several rows (`sources.segments`): the rows of
+    one line follow one another, the first ones in chunks that end `open_last`."""
     spools: dict = {}
-    parts, size, val, lines, line0 = [], 0, [], 0, 0
+    parts, size, rows, line0, cont = [], 0, 0, 0, False
+    val: list = []
+    ends: list = []
 
     def flush():
-        nonlocal parts, size, val, lines, line0
-        text = b"\n".join(parts)
+        nonlocal parts, size, val, ends, rows, line0
+        text = b"".join(parts)
         if plan.val_lines is not None:  # a single document: its listed lines
-            lo, hi = np.searchsorted(plan.val_lines, [line0, line0 + lines])
+            lo, hi = np.searchsorted(plan.val_lines, [line0, line0 + rows])
             local = plan.val_lines[lo:hi] - line0
         else:
             local = np.concatenate(val) if val else np.zeros([0], np.int64)
-        line0 += lines
-        parts, size, val, lines = [], 0, [], 0
-        return text, local
+        chunk = Chunk(text, local, np.asarray(ends, np.int64), cont)
+        line0 += rows - cont  # a line that goes on is the next chunk's first line too
+        parts, size, val, ends, rows = [], 0, [], [], 0
+        return chunk
 
     try:
         for i, doc in enumerate(plan.docs):
-            is_val, valid = i in plan.val_docs, True
-            for piece, ok in sources.pieces(doc, block=chunk_bytes, on_read=on_read, spools=spools):
-                valid &= ok
-                n = piece.count(b"\n") + 1
-                if is_val:
-                    val.append(np.arange(lines, lines + n, dtype=np.int64))
-                parts.append(piece)
-                size, lines = size + len(piece) + 1, lines + n
-                stats.text_bytes += len(piece) + 1
+            in_val, valid = i in plan.val_docs, True
+            segments = sources.segments(doc, chunk_bytes, on_read, spools, split_at=plan.split_at)
+            for piece, ok, end in segments:
                 if size >= chunk_bytes:
                     yield flush()
+                valid &= ok
+                merge = cont and bool(parts)  # the piece goes on with the chunk's last row
+                if parts and not cont:
+                    parts.append(b"\n")
+                parts.append(piece)
+                new = piece.count(b"\n") + (not merge)
+                if in_val and new:
+                    val.append(np.arange(rows, rows + new, dtype=np.int64))
+                rows, size = rows + new, size + len(piece) + 1
+                stats.text_bytes += len(piece) + (end != sources.OPEN)
+                cont = end == sources.OPEN
+                if end == sources.SPLIT:  # what follows is the validation part
+                    ends.append(rows - 1)
+                    in_val = True
+            ends.append(rows - 1)
             stats.bad_utf8 += not valid
         if parts:
             yield flush()
     finally:
         for fd in spools.values():
             os.close(fd)
+
+
+def row_seps(chunk: Chunk, rows: int, joiner: int) -> np.ndarray:
+    """int64 [rows]: the id after each row: 0 where a unit ends, joiner
+    after the other rows (0 for word stores: every line is a unit; the
+    newline's id for subword stores: a document is), -1 (nothing) after a
+    row whose line goes on in the next chunk."""
+    seps = np.full(rows, joiner, np.int64)
+    seps[chunk.ends] = 0
+    if chunk.open_last:
+        seps[-1] = -1
+    return seps
+
+
+@dataclasses.dataclass
+class Carry:
+    """A unit that goes on in the next chunk: where it starts in its
+    split's stream, its tokens so far, whether its start is written."""
+
+    start: int
+    tokens: int
+    started: bool
+
+
+def split_streams(ids: np.ndarray, lengths: np.ndarray, is_val: np.ndarray, seps: np.ndarray, carry: dict, at: dict):
+    """A chunk's rows as ids (flat, `lengths` per row) -> for the training and
+    the validation rows: (id stream with each row's sep after it, where each
+    unit of at least 2 tokens starts (absolute: `at[split]` is the stream's
+    length so far), units begun). A unit is the rows up to a sep 0; one that
+    does not end in the chunk goes on in the next (`carry[split]`)."""
+    out = {}
+    for split, keep in (("train", ~is_val), ("val", is_val)):
+        n, sep = lengths[keep].astype(np.int64), seps[keep]
+        if not len(n):
+            out[split] = (np.zeros([0], np.uint32), np.zeros([0], np.int64), 0)
+            continue
+        has_sep = sep >= 0
+        size = n + has_sep
+        row_at = np.cumsum(size) - size
+        stream = np.zeros(int(size.sum()), np.uint32)
+        first = np.cumsum(n) - n  # each row's first id in `tok`
+        tok = ids[np.repeat(keep, lengths)]
+        stream[np.arange(len(tok)) + np.repeat(row_at - first, n)] = tok
+        stream[(row_at + n)[has_sep]] = sep[has_sep]
+        begins = np.ones(len(n), bool)
+        begins[1:] = sep[:-1] == 0
+        unit = np.cumsum(begins) - 1
+        tokens = np.bincount(unit, weights=n + (sep > 0)).astype(np.int64)
+        starts = row_at[begins] + at[split]
+        units, before = len(tokens), carry.pop(split, None)
+        if before is not None:  # the first unit began in an earlier chunk
+            tokens[0] += before.tokens
+            starts[0] = before.start
+            units -= 1
+        write = tokens >= 2
+        if before is not None and before.started:
+            write[0] = False
+        if sep[-1] != 0:  # the last unit goes on
+            started = bool(write[-1]) or (before is not None and before.started and len(tokens) == 1)
+            carry[split] = Carry(int(starts[-1]), int(tokens[-1]), started)
+        out[split] = (stream, starts[write], units)
+    return out
+
+
+class _Output:
+    """The training and validation streams and starts being written, with
+    the units that go on from one chunk to the next."""
+
+    def __init__(self, folder: Path, suffix: str, dtype, shard_tokens: int, sync: bool = False):
+        self.streams = {s: _ShardWriter(folder, s, suffix, dtype, shard_tokens, sync) for s in ("train", "val")}
+        self.starts = {s: _StartsWriter(folder / f"{s}.starts") for s in ("train", "val")}
+        self.lines = {"train": 0, "val": 0}
+        self.carry: dict = {}
+
+    def add(self, ids, lengths, is_val, seps) -> None:
+        at = {s: w.length for s, w in self.streams.items()}
+        for s, (stream, starts, units) in split_streams(ids, lengths, is_val, seps, self.carry, at).items():
+            self.starts[s].write(starts)
+            self.streams[s].write(stream)
+            self.lines[s] += units
+
+    def close(self) -> dict:
+        """-> the shard names of each split."""
+        if self.carry:
+            raise RuntimeError("the text ended inside a unit")  # segments end every document
+        for w in self.starts.values():
+            w.close()
+        return {s: w.close() for s, w in self.streams.items()}
+
+    def abort(self) -> None:
+        for w in list(self.starts.values()) + list(self.streams.values()):
+            w.abort()
 
 
 def analyse(text):
@@ -136,22 +267,6 @@ def analyse(text):
     words = tf.strings.split(tf.strings.split(standardize(text), sep="\n"))
     uniq, idx = tf.unique(words.flat_values, out_idx=tf.int32)
     return uniq, idx, tf.cast(words.row_lengths(), tf.int32)
-
-
-def split_streams(pids: np.ndarray, lengths: np.ndarray, is_val: np.ndarray):
-    """A chunk's words as ids (pids, one per word) and line lengths -> for the
-    training and the validation lines: (id stream with 0 after each line,
-    where each line of at least 2 words starts in it, lines)."""
-    out = []
-    line_of_word = np.repeat(np.arange(len(lengths)), lengths)
-    stream = np.zeros(len(pids) + len(lengths), np.uint32)
-    stream[np.arange(len(pids)) + line_of_word] = pids
-    stream_val = np.repeat(is_val, lengths + 1)
-    for keep_line, keep in ((~is_val, ~stream_val), (is_val, stream_val)):
-        n = lengths[keep_line].astype(np.int64)
-        starts = np.cumsum(n + 1) - (n + 1)
-        out.append((stream[keep], starts[n >= 2], len(n)))
-    return out
 
 
 class _Ids:
@@ -217,8 +332,8 @@ def rank_vocab(words: np.ndarray, counts: np.ndarray, vocab_size: int) -> tuple[
 class _ShardWriter:
     """Appends ids to shards of `shard_tokens` each: <split>-00000.<suffix>, ..."""
 
-    def __init__(self, folder: Path, split: str, suffix: str, dtype, shard_tokens: int):
-        self.folder, self.split, self.suffix = folder, split, suffix
+    def __init__(self, folder: Path, split: str, suffix: str, dtype, shard_tokens: int, sync: bool = False):
+        self.folder, self.split, self.suffix, self.sync = folder, split, suffix, sync
         self.dtype, self.shard_tokens = np.dtype(dtype), shard_tokens
         self.names: list[str] = []
         self.length, self._file = 0, None
@@ -234,14 +349,21 @@ class _ShardWriter:
 
     def _next(self):
         if self._file:
-            self._file.close()
+            self._finish()
         self.names.append(f"{self.split}-{len(self.names):05d}.{self.suffix}")
         self._file = open(self.folder / self.names[-1], "wb")
+
+    def _finish(self):
+        """Closes the open shard (final shards: on disk first)."""
+        if self.sync:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self._file.close()
 
     def close(self) -> list[str]:
         if self._file is None:
             self._next()  # an empty split still has one (empty) shard
-        self._file.close()
+        self._finish()
         return self.names
 
     def abort(self) -> None:
@@ -310,14 +432,25 @@ def build(
     shard_tokens: int = SHARD_TOKENS,
     workers: int | None = None,
     chunk_bytes: int | None = None,
+    tokenizer: str = "word",
+    given_subword: Path | None = None,
 ) -> dict:
     """Builds a store into the empty folder `folder`; returns its manifest
     (written last, as folder/manifest.json), with `key` and `params`.
 
-    With given_vocab the ids are those of that vocabulary (a resumed run's).
-    When the corpus's own vocabulary is the same, the store is the ordinary
-    one (key, params); when not, it is the vocabulary's (alt = (params, key,
-    ...)), and the manifest says so with "own_vocab": false."""
+    tokenizer "word": the ids of the corpus's word vocabulary of vocab_size
+    (vocab.txt). With given_vocab the ids are those of that vocabulary (a
+    resumed run's). When the corpus's own vocabulary is the same, the store
+    is the ordinary one (key, params); when not, it is the vocabulary's
+    (alt = (params, key, ...)), and the manifest says so with "own_vocab":
+    false.
+
+    tokenizer "subword": a byte-level BPE vocabulary of vocab_size learned
+    from the training text (subword.json), or given_subword's (a resumed
+    run's; the store is then alt's, when alt is given). Its units are
+    documents: a document's lines joined by the newline's id."""
+    if tokenizer not in ("word", "subword"):
+        raise ValueError(f"unknown tokenizer {tokenizer!r}")
     t0 = time.perf_counter()
     # TensorFlow is running: unmap the library pages only its start-up used
     # (tfgpt/runtime/memory.py), as training does before it reads its data.
@@ -328,30 +461,92 @@ def build(
     if len(docs) == 1:
         progress.close()
         progress = Progress("counting lines", _doc_bytes(docs))
-    plan = plan_split(docs, val_fraction, seed, on_read=progress.add if len(docs) == 1 else (lambda n: None))
+    on_count = progress.add if len(docs) == 1 else (lambda n: None)
+    plan = plan_split(docs, val_fraction, seed, on_read=on_count, by_share=tokenizer == "subword")
     progress.close()
-    progress = Progress("tokenizing", _doc_bytes(docs))
-
-    stats = ReadStats()
     workers, chunk_bytes = workers or cores(), chunk_bytes or CHUNK_BYTES
+    stats = ReadStats()
+    if tokenizer == "subword":
+        made = _subword_store(folder, plan, stats, vocab_size, given_subword, shard_tokens, workers, chunk_bytes)
+    else:
+        made = _word_store(folder, plan, stats, vocab_size, given_vocab, shard_tokens, workers, chunk_bytes)
+    for spool in folder.glob("spool-*"):
+        spool.unlink()
+
+    splits = {}
+    for s in ("train", "val"):
+        length = made.output.streams[s].length
+        lines = made.output.lines[s]
+        splits[s] = dict(
+            lines=lines,
+            tokens=length - lines,
+            stream=length,
+            line_starts=made.output.starts[s].count,
+            shards=made.shards[s],
+            starts=f"{s}.starts",
+        )
+    files = {}
+    for name in [made.vocab_file] + [n for s in splits.values() for n in s["shards"] + [s["starts"]]]:
+        st = (folder / name).stat()
+        files[name] = dict(bytes=st.st_size, sha256=file_sha256(folder / name), mtime_ns=st.st_mtime_ns)
+    seconds = time.perf_counter() - t0
+    if not made.own_vocab and alt is not None:
+        params, key = alt[0], alt[1]
+    manifest = dict(
+        format=FORMAT,
+        version=VERSION,
+        key=key,
+        params=params,
+        created=time.strftime("%Y-%m-%d %H:%M:%S"),
+        documents=len(docs),
+        bad_utf8=stats.bad_utf8,
+        text_bytes=stats.text_bytes,
+        vocab_entries=made.entries,
+        dtype=np.dtype(made.dtype).name,
+        shard_tokens=shard_tokens,
+        own_vocab=made.own_vocab,
+        splits=splits,
+        files=files,
+        seconds=dict(read_and_tokenize=round(made.read_s, 3), total=round(seconds, 3)),
+    )
+    if tokenizer != "word":  # a word store's manifest is the one it always was
+        manifest["tokenizer"] = tokenizer
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _fsync_dir(folder)
+    return manifest
+
+
+@dataclasses.dataclass
+class _Made:
+    """What a tokenizing pass wrote."""
+
+    output: _Output
+    shards: dict  # split -> final shard names
+    vocab_file: str
+    entries: int
+    dtype: object
+    own_vocab: bool
+    read_s: float
+
+
+def _word_store(folder, plan, stats, vocab_size, given_vocab, shard_tokens, workers, chunk_bytes) -> _Made:
+    """The word pass: provisional ids while reading, then the vocabulary
+    ranked and the shards rewritten in its ids."""
+    t0 = time.perf_counter()
+    progress = Progress("tokenizing", _doc_bytes(plan.docs))
     run = tf.function(analyse, input_signature=[tf.TensorSpec([], tf.string)])
     ids = _Ids()
-    streams = {s: _ShardWriter(folder, s, "u32", np.uint32, shard_tokens) for s in ("train", "val")}
-    starts = {s: _StartsWriter(folder / f"{s}.starts") for s in ("train", "val")}
-    lines = {"train": 0, "val": 0}
+    output = _Output(folder, "u32", np.uint32, shard_tokens)
 
     def consume(job):
-        future, val = job
+        future, chunk = job
         uniq, idx, lengths = future.result()
         idx, lengths = idx.numpy(), lengths.numpy()
         is_val = np.zeros(len(lengths), bool)
-        is_val[val] = True
+        is_val[chunk.val] = True
         counts = np.bincount(idx[~np.repeat(is_val, lengths)], minlength=len(uniq))
         pids = ids.add(uniq, counts).take(idx)
-        for s, (stream, at, n) in zip(("train", "val"), split_streams(pids, lengths, is_val)):
-            starts[s].write(at + streams[s].length)
-            streams[s].write(stream)
-            lines[s] += n
+        output.add(pids, lengths, is_val, row_seps(chunk, len(lengths), 0))
 
     # The analysis runs on `workers` threads (TensorFlow releases the GIL
     # while a function runs); this thread reads the next chunks and takes
@@ -359,18 +554,15 @@ def build(
     try:
         with ThreadPoolExecutor(workers) as pool:
             pending: collections.deque = collections.deque()
-            for text, val in chunks(plan, stats, progress.add, chunk_bytes):
-                pending.append((pool.submit(run, tf.constant(text)), val))
+            for chunk in chunks(plan, stats, progress.add, chunk_bytes):
+                pending.append((pool.submit(run, tf.constant(chunk.text)), chunk))
                 if len(pending) > workers:
                     consume(pending.popleft())
             while pending:
                 consume(pending.popleft())
-        for w in starts.values():
-            w.close()
-        prov = {s: w.close() for s, w in streams.items()}
+        prov = output.close()
     except BaseException:
-        for w in list(starts.values()) + list(streams.values()):
-            w.abort()
+        output.abort()
         raise
     finally:
         progress.close()
@@ -393,47 +585,80 @@ def build(
     dtype = np.uint16 if len(vocab) <= 1 << 16 else np.uint32
     write_vocab(vocab, folder / "vocab.txt", vocab_counts)
     shards = {s: _remap(folder, prov[s], lut.astype(dtype)) for s in prov}
-    for spool in folder.glob("spool-*"):
-        spool.unlink()
+    return _Made(output, shards, "vocab.txt", len(vocab), dtype, own_vocab, read_s)
 
-    splits = {}
-    for s in ("train", "val"):
-        length = streams[s].length
-        splits[s] = dict(
-            lines=lines[s],
-            tokens=length - lines[s],
-            stream=length,
-            line_starts=starts[s].count,
-            shards=shards[s],
-            starts=f"{s}.starts",
-        )
-    files = {}
-    for name in ["vocab.txt"] + [n for s in splits.values() for n in s["shards"] + [s["starts"]]]:
-        st = (folder / name).stat()
-        files[name] = dict(bytes=st.st_size, sha256=file_sha256(folder / name), mtime_ns=st.st_mtime_ns)
-    seconds = time.perf_counter() - t0
-    if not own_vocab:
-        params, key = alt[0], alt[1]
-    manifest = dict(
-        format=FORMAT,
-        version=VERSION,
-        key=key,
-        params=params,
-        created=time.strftime("%Y-%m-%d %H:%M:%S"),
-        documents=len(docs),
-        bad_utf8=stats.bad_utf8,
-        text_bytes=stats.text_bytes,
-        vocab_entries=len(vocab),
-        dtype=np.dtype(dtype).name,
-        shard_tokens=shard_tokens,
-        own_vocab=own_vocab,
-        splits=splits,
-        files=files,
-        seconds=dict(read_and_tokenize=round(read_s, 3), total=round(seconds, 3)),
-    )
-    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    _fsync_dir(folder)
-    return manifest
+
+def training_text(plan: Plan, stats_on_read, chunk_bytes: int):
+    """The training part's text as str pieces, streamed (what a subword
+    vocabulary is learned from): the training documents, or a single
+    document's part before its split."""
+    spools: dict = {}
+    try:
+        for i, doc in enumerate(plan.docs):
+            if i in plan.val_docs:
+                continue
+            for piece, _, end in sources.segments(doc, chunk_bytes, stats_on_read, spools, split_at=plan.split_at):
+                yield piece.decode("utf-8")
+                if end == sources.SPLIT:
+                    break
+                if end == sources.LINE:
+                    yield "\n"  # a line end, as in the text
+    finally:
+        for fd in spools.values():
+            os.close(fd)
+
+
+def _subword_store(folder, plan, stats, vocab_size, given_subword, shard_tokens, workers, chunk_bytes) -> _Made:
+    """The subword pass: learn the vocabulary from the training text (a
+    first pass over it) unless one is given, then encode the chunks on a
+    worker thread while this one reads the next (`encode_lines` uses every
+    core itself, and its cache of encoded pieces is not shared between
+    threads, so one call runs at a time)."""
+    # Imported here, not at the top: word stores never need the `tokenizers` package.
+    from tfgpt.data.subword import SUBWORD_FILE, SubwordVocab, train_subword
+
+    t0 = time.perf_counter()
+    if given_subword is not None:
+        vocab = SubwordVocab.load(given_subword)
+    else:
+        training = [d for i, d in enumerate(plan.docs) if i not in plan.val_docs]
+        progress = Progress("learning subwords", _doc_bytes(training))
+        try:
+            vocab = train_subword(training_text(plan, progress.add, chunk_bytes), vocab_size)
+        finally:
+            progress.close()
+    vocab.save(folder / SUBWORD_FILE)
+    dtype = np.uint16 if vocab.size <= 1 << 16 else np.uint32
+    progress = Progress("tokenizing", _doc_bytes(plan.docs))
+    output = _Output(folder, "tok", dtype, shard_tokens, sync=True)
+
+    def encode(text: bytes):
+        return vocab.encode_lines(text.decode("utf-8").split("\n"))
+
+    def consume(job):
+        future, chunk = job
+        ids, lengths = future.result()
+        is_val = np.zeros(len(lengths), bool)
+        is_val[chunk.val] = True
+        output.add(ids, lengths, is_val, row_seps(chunk, len(lengths), vocab.newline_id))
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending: collections.deque = collections.deque()
+            for chunk in chunks(plan, stats, progress.add, chunk_bytes):
+                pending.append((pool.submit(encode, chunk.text), chunk))
+                if len(pending) > workers:
+                    consume(pending.popleft())
+            while pending:
+                consume(pending.popleft())
+        shards = output.close()
+    except BaseException:
+        output.abort()
+        raise
+    finally:
+        progress.close()
+    read_s = time.perf_counter() - t0
+    return _Made(output, shards, SUBWORD_FILE, vocab.size, dtype, given_subword is None, read_s)
 
 
 def _given_counts(vocab: list[str], words: np.ndarray, counts: np.ndarray) -> list[int]:

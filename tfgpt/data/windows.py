@@ -67,6 +67,34 @@ def batches_per_epoch(num_windows: int, global_batch: int) -> int:
     return num_windows // global_batch
 
 
+def choose_packing(train: dict, maxlen: int, global_batch: int, packing: str, explicit: bool) -> tuple[str, str | None]:
+    """The packing to train with, and a one-line note when it is not the one
+    asked for. train: a token store's training split (`Store.split("train")`:
+    its "line_starts", the truncate windows, and "stream", its ids).
+
+    Lines longer than the context give one truncate window each, so a corpus
+    of few long lines (one long line, say) can give fewer truncate windows
+    than one global batch where pack would give enough. Then pack is chosen
+    when the packing was not given (explicit False); when it was, it is a
+    UserError that names --packing pack."""
+    if packing != "truncate":
+        return packing, None
+    truncate = int(train["line_starts"])
+    pack = max(0, (int(train["stream"]) - 1) // maxlen)
+    if truncate >= global_batch or pack < global_batch:
+        return packing, None  # enough windows, or pack would not help either
+    if explicit:
+        raise UserError(
+            f"the training data gives {truncate} windows with --packing truncate (one per line), fewer than one "
+            f"global batch of {global_batch}; --packing pack gives {pack:,}: use it, or more lines or a smaller "
+            "--batch-size"
+        )
+    return "pack", (
+        f"note: the training lines give {truncate} truncate windows, fewer than one global batch of "
+        f"{global_batch}; packing them instead (--packing pack: {pack:,} windows of {maxlen + 1})"
+    )
+
+
 class ArrayWindows:
     """Windows held in memory (int32 [N, maxlen + 1]) as a window source."""
 

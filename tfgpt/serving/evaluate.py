@@ -5,10 +5,11 @@
 
 RUN_OR_EXPORT is a run directory (its latest checkpoint, or --step N) or an
 exported SavedModel version (scored with TensorFlow alone, through its
-`score` signature). Every line of the corpus (any form `--data` of train.py
-accepts) is one text. The figure is the mean cross-entropy per real token,
-in nats, over every token but the first of each text, each predicted from
-the tokens before it:
+`score` signature). The texts are the corpus's (any form `--data` of
+train.py accepts) lines for a word model, its documents (files) for a
+subword model, as each is trained (--texts chooses otherwise). The figure is
+the mean cross-entropy per real token, in nats, over every token but the
+first of each text, each predicted from the tokens before it:
 
   truncate  each text cut to its first maxlen + 1 tokens: the windows
             training reads in truncate mode (the Keras example's)
@@ -16,6 +17,8 @@ the tokens before it:
             tokens before it, as in generation
 
 Texts with fewer than two tokens have nothing to predict and are skipped.
+A subword text is cut at the last token boundary, at most maxlen + 1
+tokens in, whose text gives those tokens again.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ import tensorflow as tf
 
 from tfgpt.console import setup_logging
 from tfgpt.data.corpus import read_corpus, split_lines
+from tfgpt.data.subword import SubwordVocab
 from tfgpt.data.text import split_words
 from tfgpt.errors import UserError, run_main
+from tfgpt.serving import tokenizers
 from tfgpt.serving.export import restore_model
 from tfgpt.serving.sampler import Sampler
 
@@ -58,6 +63,40 @@ def cut_texts(lines: list[str], max_tokens: int | None, batch: int = 4096) -> li
         counts = words.row_lengths().numpy()
         out += [t.decode("utf-8") for t, n in zip(joined, counts) if n >= 2]
     return out
+
+
+def cut_subword_texts(texts: list[str], vocab: SubwordVocab, max_tokens: int | None) -> list[str]:
+    """Each text cut to its first max_tokens subword tokens (all, if None),
+    as text; texts of fewer than two tokens are left out. A cut inside a
+    character or a merge would tokenize otherwise when scored, so the cut
+    moves back to the last boundary whose text gives the same tokens."""
+
+    out = []
+    ids, lengths = vocab.encode_lines(texts)
+    ends = np.cumsum(lengths)
+    for text, end, n in zip(texts, ends, lengths):
+        if n < 2:
+            continue
+        if max_tokens is None or n <= max_tokens:
+            out.append(text)
+            continue
+        row = ids[end - n : end].tolist()
+        for k in range(max_tokens, 1, -1):
+            cut = vocab.decode(row[:k])
+            if vocab.encode(cut) == row[:k]:
+                out.append(cut)
+                break
+    return out
+
+
+def subword_file(path: Path) -> Path | None:
+    """The subword.json of a model (a run directory, or an export's assets);
+    None for a word model."""
+    for folder in (path, path / "assets"):
+        found = tokenizers.file_in(folder)
+        if found is not None:
+            return found if tokenizers.kind_of(found) == "subword" else None
+    return None
 
 
 def load_scorer(path: Path, step: int | None = None):
@@ -185,6 +224,12 @@ def main(argv=None) -> int:
         help="the model's context length, for --windows truncate with a "
         "SavedModel outside its run directory (default: from the run's config.json)",
     )
+    parser.add_argument(
+        "--texts",
+        choices=("lines", "documents"),
+        help="what one text is: a line of the corpus, or a whole document (file) (default: lines for a word "
+        "model, documents for a subword one, the units each is trained on)",
+    )
     parser.add_argument("--step", type=int, help="a run directory's checkpoint of this step (default: the latest)")
     parser.add_argument("--limit", type=int, help="only the first N texts")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
@@ -199,7 +244,7 @@ def run(args) -> None:
     path = Path(args.model)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
-    lines = split_lines(read_corpus(args.data))
+    docs = read_corpus(args.data)
     score, maxlen = load_scorer(path, args.step)
     maxlen = args.maxlen or maxlen
     if args.windows == "truncate" and maxlen is None:
@@ -207,7 +252,14 @@ def run(args) -> None:
             "--windows truncate needs the context length: pass --maxlen "
             "(no config.json two folders above the SavedModel)"
         )
-    texts = cut_texts(lines, maxlen + 1 if args.windows == "truncate" else None)[: args.limit]
+    subword = subword_file(path)
+    units = args.texts or ("documents" if subword else "lines")
+    lines = [d.text for d in docs] if units == "documents" else split_lines(docs)
+    max_tokens = maxlen + 1 if args.windows == "truncate" else None
+    if subword:
+        texts = cut_subword_texts(lines, SubwordVocab.load(subword), max_tokens)[: args.limit]
+    else:
+        texts = cut_texts(lines, max_tokens)[: args.limit]
     if not texts:
         raise UserError(f"--data {args.data}: no line has two tokens to score")
     result = evaluate(score, texts)

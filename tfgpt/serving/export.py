@@ -5,7 +5,8 @@ directories, the warmup requests, and the server's configuration files.
 
 Rebuilds the model from <run>/config.json, restores the latest checkpoint in
 <run>/ckpt (or ckpt-N with --step N), and writes <run>/export/<version>/ with
-the vocabulary <run>/vocab.txt as an asset. Without --version the next
+the run's tokenizer as an asset: <run>/vocab.txt (word) or
+<run>/subword.json (subword). Without --version the next
 integer version is used, so a server watching <run>/export picks it up.
 The exported model computes its matrix products in float32, whatever the
 run trained in (as the export at the end of training does), unless
@@ -16,7 +17,7 @@ docs/serving.md has the figures.
 
 What one export writes, under the model base path <base> (= <run>/export):
 
-  <base>/<version>/saved_model.pb, variables/, assets/vocab.txt
+  <base>/<version>/saved_model.pb, variables/, assets/vocab.txt (or subword.json)
       the SavedModel (`tfgpt.serving.sampler.Sampler`'s three signatures)
   <base>/<version>/assets.extra/tf_serving_warmup_requests
       a TFRecord of PredictionLogs that TensorFlow Serving replays when it
@@ -24,7 +25,9 @@ What one export writes, under the model base path <base> (= <run>/export):
   <base>/models.config, <base>/batching_parameters.txt
       the server's model configuration and batching parameters
       (`write_server_config`); the server ignores files that are not
-      integer version directories in a base path
+      integer version directories in a base path. For a subword model
+      models.config also says, in a comment, that its tokenizer is subword
+      (the prompt's case and spacing are kept).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from tfgpt.console import setup_logging
 from tfgpt.errors import UserError, run_main
 from tfgpt.model.gpt import GPT
 from tfgpt.runtime.devices import PRECISIONS, check_bfloat16_runs, compute_dtype
+from tfgpt.serving import tokenizers
 from tfgpt.serving.sampler import DEFAULTS, Sampler
 
 # The command's name in its usage and error lines.
@@ -121,7 +125,9 @@ def export_model(model, vocab_path, export_base, version: int | None = None) -> 
     (an integer version directory under a model base path), with its warmup
     requests, and the server's configuration files beside the versions.
 
-    model: a `tfgpt.model.gpt.GPT`. version None takes the next integer. The
+    model: a `tfgpt.model.gpt.GPT`. vocab_path: its tokenizer's file
+    (vocab.txt or subword.json, `tfgpt.serving.tokenizers`), copied into the
+    SavedModel's assets. version None takes the next integer. The
     version is written to a temporary directory first and renamed, so a
     server watching export_base never sees a half-written one. Returns the
     version directory.
@@ -140,7 +146,7 @@ def export_model(model, vocab_path, export_base, version: int | None = None) -> 
     sampler = Sampler(model, vocab_path, frozen=True)
     tf.saved_model.save(sampler, str(partial), signatures=sampler.signatures())
     write_warmup(partial / WARMUP_FILE, warmup_requests(model.config.maxlen, model.config.vocab_size))
-    write_server_config(base)
+    write_server_config(base, tokenizer=tokenizers.kind_of(vocab_path))
     partial.rename(target)
     return target
 
@@ -229,15 +235,23 @@ def write_warmup(path, requests, model_name: str = MODEL_NAME):
 # --- the server's configuration -------------------------------------------------------
 
 
-def models_config(model_name: str = MODEL_NAME, base_path: str = SERVED_BASE_PATH) -> str:
+def models_config(model_name: str = MODEL_NAME, base_path: str = SERVED_BASE_PATH, tokenizer: str = "word") -> str:
     """TensorFlow Serving's --model_config_file: one model, its base path as
     the server sees it, serving the latest version only (a new version
-    replaces the old one once it is loaded and warmed up)."""
+    replaces the old one once it is loaded and warmed up). A subword
+    model's file says so in a comment (a word model's is as it always was)."""
+    subword = (
+        f"# The model's tokenizer is subword (assets/{tokenizers.FILES['subword']} in each version): a prompt\n"
+        "# keeps its case and spacing, and the text returned is the prompt followed by the completion.\n"
+        if tokenizer == "subword"
+        else ""
+    )
     return (
         "# TensorFlow Serving model configuration (--model_config_file), written by tfgpt.export.\n"
         f"# base_path is where the server sees this directory: the README's docker command\n"
         f"# mounts it at {base_path}; for a server started otherwise, put this directory's path.\n"
-        "model_config_list {\n"
+        + subword
+        + "model_config_list {\n"
         "  config {\n"
         f'    name: "{model_name}"\n'
         f'    base_path: "{base_path}"\n'
@@ -259,12 +273,12 @@ def batching_parameters(params: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_server_config(base, model_name: str = MODEL_NAME):
+def write_server_config(base, model_name: str = MODEL_NAME, tokenizer: str = "word"):
     """Writes base/models.config and base/batching_parameters.txt, each
     replaced whole (written beside and renamed)."""
     base = Path(base)
     for name, text in (
-        ("models.config", models_config(model_name)),
+        ("models.config", models_config(model_name, tokenizer=tokenizer)),
         ("batching_parameters.txt", batching_parameters()),
     ):
         partial = base / f".{name}.partial"
@@ -281,7 +295,7 @@ class Restored(NamedTuple):
 
     model: GPT
     checkpoint: str  # the prefix restored: <run>/ckpt/ckpt-N
-    vocab_path: Path  # <run>/vocab.txt
+    vocab_path: Path  # the tokenizer's file: <run>/vocab.txt or <run>/subword.json
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> str:
@@ -327,14 +341,16 @@ def restore_model(run_dir, step: int | None = None, precision: str | None = None
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
-    config_path, vocab_path = run_dir / "config.json", run_dir / "vocab.txt"
-    for path in (config_path, vocab_path):
-        if not path.is_file():
-            raise UserError(f"{path} is missing: is {run_dir} a training run directory?")
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{config_path} is missing: is {run_dir} a training run directory?")
     try:
         model_config, train_config = load_config(config_path)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read {config_path}: {e}") from None
+    vocab_path = run_dir / tokenizers.FILES.get(train_config.tokenizer, tokenizers.WORD_FILE)
+    if not vocab_path.is_file():
+        raise UserError(f"{vocab_path} is missing: is {run_dir} a training run directory?")
     checkpoint = find_checkpoint(run_dir, step)
     precision = precision or trained_precision(train_config)
     if precision == "bfloat16":

@@ -12,7 +12,10 @@ text; without it each run draws a new seed. --stream prints the tokens of
 one prompt as they come. --score prints each prompt's log-probability and
 perplexity instead (the `score` signature). Of tfgpt this module uses
 only its error reporting (tfgpt.errors): the SavedModel carries the model,
-the vocabulary and the sampling loop.
+the tokenizer and the sampling loop. A model with the word tokenizer
+returns the standardized prompt and the words joined by spaces; one with
+the subword tokenizer (assets/subword.json) the prompt as given, then the
+completion's text.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from tfgpt.errors import UserError, run_main
 
 # The command's name in its usage and error lines.
 PROG = "generate"
+
+# The asset of a SavedModel whose tokenizer is subword (tfgpt.data.subword.SUBWORD_FILE).
+SUBWORD_ASSET = Path("assets") / "subword.json"
 
 
 def _error_line(error) -> str:
@@ -61,7 +67,7 @@ def _inputs(tf, prompts, args, seed) -> dict:
     )
 
 
-def stream(model, prompt: str, args, seed: int, out=None):
+def stream(model, prompt: str, args, seed: int, out=None, exact: bool = False):
     """Prints the continuation of one prompt token by token.
 
     The exported loop runs inside one graph call and returns at its end, so
@@ -70,13 +76,21 @@ def stream(model, prompt: str, args, seed: int, out=None):
     asked for (its random numbers are a function of the seed and the step),
     so the printed text is the text of one call for all of them. Each call
     runs the loop from the start: printing m tokens costs about m / 2 calls
-    of m tokens."""
+    of m tokens.
+
+    exact (a subword model): the text is the tokens' bytes, not words
+    joined by spaces, so each call's text extends the one printed; a
+    character whose bytes are not all generated yet (U+FFFD at the end) is
+    printed once it is whole, or at the end."""
 
     out = out or sys.stdout
     printed = 0
     if not 0 <= args.max_tokens <= 1024:
         # Refused by the model (its limit is 1024): fail before printing.
         model.generate(**_inputs(tf, [prompt], args, seed))
+    if exact:
+        _stream_text(model, prompt, args, seed, out)
+        return
     first = model.generate(**_inputs(tf, [prompt], _with(args, max_tokens=0), seed))
     out.write(first["text"].numpy()[0].decode("utf-8", errors="replace"))
     out.flush()
@@ -91,6 +105,24 @@ def stream(model, prompt: str, args, seed: int, out=None):
         if length < asked:  # the row ended (it sampled the end of a review)
             break
     out.write("\n")
+
+
+def _stream_text(model, prompt: str, args, seed: int, out) -> None:
+    """`stream` for a subword model: prints what each call's text adds."""
+    shown = ""
+    text = ""
+    for asked in range(0, args.max_tokens + 1):
+        result = model.generate(**_inputs(tf, [prompt], _with(args, max_tokens=asked), seed))
+        text = result["text"].numpy()[0].decode("utf-8", errors="replace")
+        whole = text.rstrip("\ufffd")  # a character cut in its bytes may still change
+        if whole.startswith(shown) and len(whole) > len(shown):
+            out.write(whole[len(shown) :])
+            out.flush()
+            shown = whole
+        if asked and int(result["lengths"].numpy()[0]) < asked:  # the row ended
+            break
+    out.write(text[len(shown) :] + "\n")
+    out.flush()
 
 
 def _with(args, **changes):
@@ -158,7 +190,7 @@ def run(args, prompts: list[str]) -> None:
                 print(f"log_prob {lp:.3f}  tokens {n}  perplexity {ppl:.2f}  {text}")
             return
         if args.stream:
-            stream(model, prompts[0], args, seed)
+            stream(model, prompts[0], args, seed, exact=(Path(args.model_dir) / SUBWORD_ASSET).is_file())
             return
         batch = [p for p in prompts for _ in range(args.num_samples)]
         out = model.generate(**_inputs(tf, batch, args, seed))

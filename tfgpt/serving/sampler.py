@@ -2,7 +2,8 @@
 functions of the exported SavedModel, their input checks, and the
 generation loop.
 
-`Sampler` wraps a trained `GPT` and its vocabulary. Its `tf.function`s take
+`Sampler` wraps a trained `GPT` and its tokenizer (the word one of
+vocab.txt or the subword one of subword.json). Its `tf.function`s take
 and return plain tensors (strings in, strings and numbers out), so the
 exported SavedModel runs on TensorFlow alone:
 
@@ -50,9 +51,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfgpt.data.text import Tokenizer
 from tfgpt.model.loss import token_log_probs
-from tfgpt.serving import decode, sampling
+from tfgpt.serving import decode, sampling, tokenizers
 
 # The most tokens one request may generate per prompt, and the most prompts
 # (or texts to score) one request may hold. Larger requests are refused with
@@ -104,12 +104,16 @@ def refuse_rows(bad, message: str, values=None):
 
 
 class Sampler(tf.Module):
-    """A GPT plus its vocabulary, with in-graph `generate`, `serving_default`
+    """A GPT plus its tokenizer, with in-graph `generate`, `serving_default`
     and `score` functions.
 
     model: the trained GPT (its variables may be mirrored over devices).
-    vocab_path: the vocabulary file (`tfgpt.data.text.write_vocab`); it becomes
-      an asset of the SavedModel.
+    vocab_path: the tokenizer's file, which becomes an asset of the
+      SavedModel: a vocabulary file (`tfgpt.data.text.write_vocab`) for the
+      word tokenizer, subword.json for the subword one
+      (`tfgpt.serving.tokenizers`). A word prompt and its completion are
+      joined by a space (the words are); a subword text is its tokens'
+      bytes, in order, so the prompt keeps its own spacing.
     frozen: the model's weights will not change any more (an export): the
       decode step's matrices are prepared once, here, instead of at every
       call (`tfgpt.serving.decode.DecodeWeights`).
@@ -120,8 +124,9 @@ class Sampler(tf.Module):
         self.model = model
         self.weights = decode.DecodeWeights(model, frozen)
         # The tables are created here, outside any tf.function, so that the
-        # SavedModel tracks them and carries the vocabulary file as an asset.
-        self.tokenizer = Tokenizer(vocab_path)
+        # SavedModel tracks them and carries the tokenizer's file as an asset.
+        self.tokenizer = tokenizers.load(vocab_path)
+        self.subword = tokenizers.kind_of(vocab_path) == "subword"
         self.maxlen = model.config.maxlen
         self.vocab_size = model.config.vocab_size
 
@@ -137,7 +142,8 @@ class Sampler(tf.Module):
           the most likely token); temperature float32 (<= 0: greedy);
           repetition_penalty float32 > 0 (1: off); seed int64.
         Returns a dict:
-          text string [N]: prompt and completion, tokens joined by spaces
+          text string [N]: prompt and completion (word: joined by a space;
+            subword: the prompt as given, then the completion)
           completion string [N]: the generated tokens only
           token_ids int32 [N, S]: the generated ids, 0-padded (S = the longest row)
           lengths int32 [N]: generated tokens per row (the ending 0 not counted)
@@ -199,8 +205,9 @@ class Sampler(tf.Module):
     def _tokenize(self, strings, what):
         """string [N] -> ragged int32 [N, None], after checking the batch size.
 
-        Any bytes are accepted: what is not UTF-8 becomes U+FFFD, and NUL
-        becomes a space (lowercasing would otherwise cut the string there)."""
+        Any bytes are accepted: what is not UTF-8 becomes U+FFFD, and for
+        the word tokenizer NUL becomes a space (lowercasing would otherwise
+        cut the string there)."""
         with tf.control_dependencies(
             [
                 tf.debugging.Assert(
@@ -209,6 +216,8 @@ class Sampler(tf.Module):
             ]
         ):
             strings = tf.strings.unicode_transcode(strings, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+        if self.subword:
+            return self.tokenizer(strings)
         return self.tokenizer(tf.strings.regex_replace(strings, r"\x00", " "))
 
     def _checks(self, prompt, lengths, settings):
@@ -232,7 +241,12 @@ class Sampler(tf.Module):
             top_p, penalty = settings["top_p"], settings["repetition_penalty"]
             finite = tf.math.is_finite
             return checks + [
-                refuse_rows(lengths == 0, "every prompt needs at least one word after standardization"),
+                refuse_rows(
+                    lengths == 0,
+                    "every prompt needs at least one token"
+                    if self.subword
+                    else "every prompt needs at least one word after standardization",
+                ),
                 refuse_rows((mt < 0) | (mt > MAX_TOKENS), f"max_tokens must be between 0 and {MAX_TOKENS}", mt),
                 refuse_rows(~finite(t), "temperature must be a finite number", t),
                 refuse_rows(~finite(top_p), "top_p must be a finite number (1 = off)", top_p),
@@ -284,7 +298,10 @@ class Sampler(tf.Module):
         token_ids, num = token_ids[:rows], num[:rows]
         prompt_text = self.tokenizer.detokenize(ids.to_tensor())
         completion = self.tokenizer.detokenize(token_ids)
-        text = tf.where(completion == "", prompt_text, tf.strings.join([prompt_text, completion], separator=" "))
+        if self.subword:  # the tokens' bytes in order: the text's own spacing
+            text = tf.strings.join([prompt_text, completion])
+        else:
+            text = tf.where(completion == "", prompt_text, tf.strings.join([prompt_text, completion], separator=" "))
         return {"text": text, "completion": completion, "token_ids": token_ids, "lengths": num}
 
     # --- the generation loop ----------------------------------------------------

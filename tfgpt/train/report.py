@@ -199,7 +199,9 @@ class Reporter:
             for text in texts:
                 self.print(f"sample: {text}")
             seconds = time.perf_counter() - t0
-            self.summaries.samples(info["step"], sample_markdown(prompt, texts, f"{settings}, {seconds:.2f}s"))
+            exact = getattr(self.sample_fn, "exact", False)  # subword samples keep their spacing
+            markdown = sample_markdown(prompt, texts, f"{settings}, {seconds:.2f}s", exact=exact)
+            self.summaries.samples(info["step"], markdown)
 
     # --- profiler -----------------------------------------------------------------
 

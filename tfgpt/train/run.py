@@ -30,14 +30,16 @@ from tfgpt.config import GPTConfig, TrainConfig, save_config, write_text_atomic
 from tfgpt.console import setup_logging
 from tfgpt.data.corpus import resolve_imdb
 from tfgpt.data.prepare import ensure_store
+from tfgpt.data.subword import SubwordVocab
 from tfgpt.data.text import read_vocab, split_words
-from tfgpt.data.windows import batches_per_epoch
+from tfgpt.data.windows import batches_per_epoch, choose_packing
 from tfgpt.errors import UserError, run_main
 from tfgpt.model.gpt import count_params
 from tfgpt.runtime.cluster import cluster_failure, is_chief
 from tfgpt.runtime.distribute import make_strategy
 from tfgpt.runtime.flops import flops_per_token, measured_peak, peak_devices
 from tfgpt.runtime.memory import release_library_pages
+from tfgpt.serving import tokenizers
 from tfgpt.serving.export import SERVING_PRECISION, export_model, in_precision
 from tfgpt.serving.sampler import Sampler
 from tfgpt.train.checkpoint import worker_scratch
@@ -49,20 +51,29 @@ from tfgpt.train.trainer import Interrupted, NonFiniteLoss, Trainer
 log = logging.getLogger(__name__)
 
 
-def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse_vocab: bool):
+def prepare_data(
+    model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse_vocab: bool, packing_given: bool = True
+):
     """Finds or builds the corpus's token store (tfgpt/data/prepare.py) and opens
-    its windows. Returns (train_windows, val_windows, model_cfg): window
+    its windows. Returns (train_windows, val_windows, model_cfg, cfg): window
     sources that read from the store (val_windows None without validation
-    lines), and model_cfg with the vocabulary size of the store (a new
-    config; the one given is left as it is).
+    lines), model_cfg with the vocabulary size of the store and cfg with the
+    packing trained with (new configs; the ones given are left as they are).
 
-    The vocabulary is the store's, copied to vocab_path; a resumed run
-    (reuse_vocab) keeps its vocab_path, and its store holds that
-    vocabulary's ids."""
+    A corpus whose lines give fewer truncate windows than one global batch,
+    where pack would give enough, is packed (with a note) unless --packing
+    was given (packing_given): then it is an error naming --packing pack
+    (`windows.choose_packing`).
+
+    The tokenizer (cfg.tokenizer) is the store's: its vocabulary, vocab.txt
+    or subword.json, is copied to vocab_path; a resumed run (reuse_vocab)
+    keeps its vocab_path, and its store holds that vocabulary's ids."""
 
     t0 = time.perf_counter()
     source = resolve_imdb() if cfg.data == "imdb" else cfg.data
-    given = read_vocab(vocab_path) if reuse_vocab and vocab_path.exists() else None
+    subword = cfg.tokenizer == "subword"
+    given = read_vocab(vocab_path) if reuse_vocab and vocab_path.exists() and not subword else None
+    given_subword = vocab_path if reuse_vocab and vocab_path.exists() and subword else None
     prepared = ensure_store(
         source,
         imdb_unsup=cfg.imdb_unsup,
@@ -71,12 +82,14 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
         seed=cfg.seed,
         vocab=given,
         store_dir=cfg.store_dir,
+        **(dict(tokenizer="subword", given_subword=given_subword) if subword else {}),
     )
     store, manifest = prepared.store, prepared.store.manifest
     train_info, val_info = store.split("train"), store.split("val")
+    units = "documents" if subword else "lines"  # what a subword store's units are
     log.info(
         f"data: {source}: {manifest['documents']:,} files, {train_info['lines']:,} training and "
-        f"{val_info['lines']:,} validation lines ({time.perf_counter() - t0:.1f}s)"
+        f"{val_info['lines']:,} validation {units} ({time.perf_counter() - t0:.1f}s)"
     )
     verb = {"reused": "reusing", "built": "built", "rebuilt": "rebuilt"}[prepared.action]
     rate = f", {manifest['text_bytes'] / 1e6 / max(prepared.seconds, 1e-9):.1f} MB/s" if verb != "reusing" else ""
@@ -84,34 +97,41 @@ def prepare_data(model_cfg: GPTConfig, cfg: TrainConfig, vocab_path: Path, reuse
     if manifest["bad_utf8"]:
         log.warning(f"warning: {manifest['bad_utf8']} file(s) were not valid UTF-8; undecodable bytes became U+FFFD")
     params = manifest["params"]
-    if (params["vocab_size"], params["val_fraction"], params["seed"]) != (
-        model_cfg.vocab_size,
-        cfg.val_fraction,
-        cfg.seed,
-    ) and given is None:
+    built_with = (params["vocab_size"], params["val_fraction"], params["seed"])
+    if built_with != (model_cfg.vocab_size, cfg.val_fraction, cfg.seed) and given is None and given_subword is None:
         log.info(
             f"note: the store was built with vocabulary size {params['vocab_size']}, validation fraction "
             f"{params['val_fraction']} and seed {params['seed']}"
         )
-    vocab = store.vocab()
-    if given is None:
-        write_text_atomic(vocab_path, store.vocab_path.read_text(encoding="utf-8"))
-        log.info(f"vocabulary: {len(vocab):,} entries")
-    if len(vocab) < model_cfg.vocab_size:
+    if subword:
+        entries = SubwordVocab.load(store.tokenizer_path).size
+        if given_subword is None:
+            write_text_atomic(vocab_path, store.tokenizer_path.read_text(encoding="utf-8"))
+            log.info(f"subword vocabulary: {entries:,} entries (byte-level BPE), kept as {vocab_path.name}")
+    else:
+        entries = len(store.vocab())
+        if given is None:
+            write_text_atomic(vocab_path, store.vocab_path.read_text(encoding="utf-8"))
+            log.info(f"vocabulary: {entries:,} entries")
+    if entries < model_cfg.vocab_size:
         # A small corpus: the output layer only needs the words that exist.
-        log.info(f"note: the corpus has only {len(vocab)} distinct entries; vocab_size is {len(vocab)}")
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(vocab))
-    elif len(vocab) > model_cfg.vocab_size:
-        log.info(f"note: the store's vocabulary has {len(vocab)} entries; vocab_size is {len(vocab)}")
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(vocab))
+        log.info(f"note: the corpus has only {entries} distinct entries; vocab_size is {entries}")
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=entries)
+    elif entries > model_cfg.vocab_size:
+        log.info(f"note: the store's vocabulary has {entries} entries; vocab_size is {entries}")
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=entries)
+    packing, note = choose_packing(train_info, model_cfg.maxlen, cfg.batch_size, cfg.packing, packing_given)
+    if note:
+        log.info(note)
+    cfg = dataclasses.replace(cfg, packing=packing)
     train_windows = store.windows("train", model_cfg.maxlen, cfg.packing)
     val_windows = store.windows("val", model_cfg.maxlen, cfg.packing) if val_info["lines"] else None
     log.info(
-        f"tokens: {train_windows.tokens:,} in training lines -> {len(train_windows):,} windows of "
+        f"tokens: {train_windows.tokens:,} in training {units} -> {len(train_windows):,} windows of "
         f"{model_cfg.maxlen + 1} ({cfg.packing})"
     )
     log.info(f"data: ready in {time.perf_counter() - t0:.2f} s")
-    return train_windows, val_windows, model_cfg
+    return train_windows, val_windows, model_cfg, cfg
 
 
 def seconds_since_start() -> float:
@@ -130,13 +150,15 @@ def seconds_since_start() -> float:
 _IMPORTED = time.perf_counter()
 
 
-def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -> int:
+def train(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool, packing_given: bool = False) -> int:
     """Runs training; returns the process exit status (a UserError's one
-    line on stderr and its code, `tfgpt.errors.run_main`)."""
-    return run_main("train.py", lambda: _run(model_cfg, cfg, run_dir, resume))
+    line on stderr and its code, `tfgpt.errors.run_main`). packing_given:
+    cfg.packing was asked for (a flag, or a resumed run's config), so it is
+    never replaced by the automatic choice (`prepare_data`)."""
+    return run_main("train.py", lambda: _run(model_cfg, cfg, run_dir, resume, packing_given))
 
 
-def _run(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) -> int:
+def _run(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool, packing_given: bool = False) -> int:
     """The run: the strategy (before any other TensorFlow op), the plan and
     its device line, the run lock, then `_train`."""
     setup_logging(chief=True)  # until the cluster is known, every worker prints
@@ -159,7 +181,7 @@ def _run(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) ->
     try:
         if lock:
             lock.acquire()
-        return _train(strategy, plan, model_cfg, cfg, run_dir, resume, chief)
+        return _train(strategy, plan, model_cfg, cfg, run_dir, resume, chief, packing_given)
     except RunLocked as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
@@ -170,12 +192,14 @@ def _run(model_cfg: GPTConfig, cfg: TrainConfig, run_dir: Path, resume: bool) ->
             lock.release()
 
 
-def _train(strategy, plan: Plan, model_cfg, cfg, run_dir, resume, chief) -> int:
+def _train(strategy, plan: Plan, model_cfg, cfg, run_dir, resume, chief, packing_given=False) -> int:
     """The run after the devices are set: data, trainer, reporter, fit, export."""
 
-    vocab_path = vocab_file(run_dir, resume, chief)
+    vocab_path = vocab_file(run_dir, resume, chief, cfg.tokenizer)
     try:
-        train_windows, val_windows, model_cfg = prepare_data(model_cfg, cfg, vocab_path, reuse_vocab=resume)
+        train_windows, val_windows, model_cfg, cfg = prepare_data(
+            model_cfg, cfg, vocab_path, reuse_vocab=resume, packing_given=packing_given
+        )
         per_epoch = batches_per_epoch(len(train_windows), cfg.batch_size)
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
         trainer = Trainer(model_cfg, cfg, strategy, run_dir, total_steps=total, plan=plan.for_model(model_cfg, cfg))
@@ -183,7 +207,7 @@ def _train(strategy, plan: Plan, model_cfg, cfg, run_dir, resume, chief) -> int:
         raise
     except ValueError as e:  # a value the data or the model cannot take: the user's to change
         raise UserError(str(e)) from None
-    if chief:  # the configs as resolved for this run: vocabulary size, precision
+    if chief:  # the configs as resolved for this run: vocabulary size, packing, precision
         save_config(run_dir / "config.json", model_cfg, cfg)
     trainer.checkpoints.open()
     if resume:
@@ -219,16 +243,25 @@ def _train(strategy, plan: Plan, model_cfg, cfg, run_dir, resume, chief) -> int:
     return 0
 
 
-def vocab_file(run_dir: Path, resume: bool, chief: bool) -> Path:
-    """Where this process keeps the run's vocabulary: the run directory on
+def vocab_file(run_dir: Path, resume: bool, chief: bool, tokenizer: str = "word") -> Path:
+    """Where this process keeps the run's tokenizer file (vocab.txt for the
+    word tokenizer, subword.json for the subword one): the run directory on
     the chief; elsewhere its scratch folder (only the chief writes into the
-    run directory), starting on --resume with the chief's vocabulary when the
-    run directory is visible (a shared filesystem)."""
+    run directory), starting on --resume with the chief's file when the run
+    directory is visible (a shared filesystem). A resumed run whose
+    directory holds the other tokenizer's file, not its own, is refused."""
+    name = tokenizers.FILES[tokenizer]
+    other = next(n for t, n in tokenizers.FILES.items() if t != tokenizer)
+    if resume and (run_dir / other).exists() and not (run_dir / name).exists():
+        raise UserError(
+            f"--resume: {run_dir} holds {other}, the tokenizer file of the other tokenizer, and config.json says "
+            f"--tokenizer {tokenizer}; the run's files do not agree"
+        )
     if chief:
-        return run_dir / "vocab.txt"
-    path = worker_scratch() / "vocab.txt"
-    if resume and (run_dir / "vocab.txt").exists():
-        shutil.copyfile(run_dir / "vocab.txt", path)
+        return run_dir / name
+    path = worker_scratch() / name
+    if resume and (run_dir / name).exists():
+        shutil.copyfile(run_dir / name, path)
     return path
 
 
@@ -342,7 +375,8 @@ def op_determinism(enabled: bool):
 
 
 def make_sample_fn(trainer, cfg: TrainConfig, vocab_path: Path):
-    """step -> (prompt, text, settings): the per-epoch sample, from the in-graph sampler."""
+    """step -> (prompt, text, settings): the per-epoch sample, from the in-graph
+    sampler, with either tokenizer (its file, vocab_path, says which)."""
 
     sampler = Sampler(trainer.model, str(vocab_path))
 
@@ -363,6 +397,11 @@ def make_sample_fn(trainer, cfg: TrainConfig, vocab_path: Path):
         settings = f"{cfg.gen_tokens} tokens, top-k {cfg.top_k}, temperature {cfg.temperature}, step {step}"
         return prompt, text, settings
 
-    # The prompt as the model sees it (standardized), to mark it in the sample.
-    prompt = " ".join(w.decode("utf-8") for w in split_words(tf.constant([cfg.prompt]))[0].numpy())
+    # The prompt as the model sees it, to mark it in the sample: the words
+    # standardized, or (subword) the text itself.
+    if sampler.subword:
+        prompt = cfg.prompt
+        sample.exact = True  # the Text tab shows the sample's own spacing
+    else:
+        prompt = " ".join(w.decode("utf-8") for w in split_words(tf.constant([cfg.prompt]))[0].numpy())
     return sample

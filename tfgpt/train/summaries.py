@@ -112,17 +112,46 @@ def write_hparams(run_dir: Path, hparams: dict):
 # --- samples ------------------------------------------------------------------------
 
 
-def sample_markdown(prompt: str, texts: list[str], settings: str) -> str:
+def sample_markdown(prompt: str, texts: list[str], settings: str, exact: bool = False) -> str:
     """Markdown for the Text tab: one paragraph (line) per sample, its first
     len(prompt words) words (the prompt as the model read it) in bold, then
-    the settings in italics."""
+    the settings in italics. exact (subword samples, whose text keeps its
+    own spacing): the prompt is the text's first characters, and the
+    text's line breaks and runs of spaces are kept."""
     n = len(prompt.split())
     lines = []
     for text in texts:
+        if exact:
+            head, tail = (prompt, text[len(prompt) :]) if text.startswith(prompt) else ("", text)
+            lines.append(_spaced_md(head, bold=True) + _spaced_md(tail))
+            continue
         words = text.split()
         head, tail = _md(" ".join(words[:n])), _md(" ".join(words[n:]))
         lines.append(" ".join(part for part in (f"**{head}**" if head else "", tail) if part))
     return "\n\n".join(lines + [f"*{_md(settings)}*"])
+
+
+# Where bold begins and ends, until the text is escaped (private-use characters).
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+def _spaced_md(text: str, bold: bool = False) -> str:
+    """text as Markdown that shows its whitespace: a line break is a hard
+    break, a tab or a space after a space (or at a line's start) a
+    non-breaking space; bold marks each line's non-blank part."""
+    out = []
+    for line in text.split("\n"):
+        core = line.strip()
+        if bold and core:
+            start = line.index(core)
+            line = line[:start] + _OPEN + core + _CLOSE + line[start + len(core) :]
+        line = _md(line.replace("\t", "    ")).replace(_OPEN, "**").replace(_CLOSE, "**")
+        shown, previous = [], " "
+        for c in line:
+            shown.append("&nbsp;" if c == " " and previous == " " else c)
+            previous = c
+        out.append("".join(shown))
+    return "  \n".join(out)
 
 
 def _md(text: str) -> str:
