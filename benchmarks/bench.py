@@ -309,11 +309,18 @@ def train_variant(
     warmup: int = 2,
     batch_size: int = 128,
     gpus: int | None = None,
+    loss_chunk: int = 0,
+    inter_op: int = 0,
 ) -> dict:
     """Times `steps` training steps of the default model after `warmup` ones,
     in this process (which must not have run any TensorFlow op yet), at the
     global batch `batch_size`. gpus None: `replicas` logical CPU devices (one
-    device, the first GPU else the CPU, for 1); gpus N: N GPUs."""
+    device, the first GPU else the CPU, for 1); gpus N: N GPUs. loss_chunk:
+    --loss-chunk (0: auto); inter_op: TensorFlow's inter-op threads (0: its
+    default), for comparing settings."""
+
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
 
     with quiet("tfgpt.runtime.distribute"):  # a CPU variant on a machine with GPUs is no news here
         strategy = make_strategy(gpus=gpus, cpu_replicas=replicas if replicas > 1 and not gpus else None)
@@ -321,7 +328,12 @@ def train_variant(
     windows = np.load(windows_path)
     model_cfg = GPTConfig()
     cfg = TrainConfig(
-        batch_size=batch_size, epochs=1, max_steps=warmup + steps, xla="on" if xla else "off", precision=precision
+        batch_size=batch_size,
+        epochs=1,
+        max_steps=warmup + steps,
+        xla="on" if xla else "off",
+        precision=precision,
+        loss_chunk=loss_chunk,
     )
     with tempfile.TemporaryDirectory(prefix="tfgpt-bench-") as tmp:
         trainer = Trainer(model_cfg, cfg, strategy, tmp)
@@ -457,6 +469,12 @@ def _main(argv) -> int:
         "not part of the default set",
     )
     parser.add_argument(
+        "--tokenizer",
+        choices=("word", "subword"),
+        default="word",
+        help="with --data-scale: the stores' tokenizer, as train.py's --tokenizer (default: word)",
+    )
+    parser.add_argument(
         "--heldout",
         action="append",
         nargs="?",
@@ -500,12 +518,14 @@ def _main(argv) -> int:
             warmup=spec.get("warmup", 2),
             batch_size=spec.get("batch_size", 128),
             gpus=spec.get("gpus"),
+            loss_chunk=spec.get("loss_chunk", 0),
+            inter_op=spec.get("inter_op", 0),
         )
         print(json.dumps(row))
         return 0
     if args.data_scale:
         return bench_data.main(
-            ["--data-scale", args.data_scale]
+            ["--data-scale", args.data_scale, "--tokenizer", args.tokenizer]
             + (["--data", args.data] if args.data else [])
             + (["--json", args.json] if args.json else [])
         )

@@ -159,12 +159,12 @@ def _vmhwm_mb() -> float:
     return peak_rss_mb()
 
 
-def child_prepare(corpus: str, store_dir: str) -> dict:
+def child_prepare(corpus: str, store_dir: str, tokenizer: str = "word") -> dict:
     """In a fresh process: prepare the corpus into store_dir (no validation split)."""
 
     t0 = time.perf_counter()
     with quiet("tfgpt"):  # the child's output is its result; the parent prints the figures
-        prepared = ensure_store(corpus, store_dir=store_dir, val_fraction=0.0)
+        prepared = ensure_store(corpus, store_dir=store_dir, val_fraction=0.0, tokenizer=tokenizer)
     manifest = prepared.store.manifest
     return dict(
         seconds=time.perf_counter() - t0,
@@ -175,14 +175,14 @@ def child_prepare(corpus: str, store_dir: str) -> dict:
     )
 
 
-def child_train(corpus: str, store_dir: str, logdir: str, run: str, steps: int) -> dict:
+def child_train(corpus: str, store_dir: str, logdir: str, run: str, steps: int, tokenizer: str = "word") -> dict:
     """In a fresh process: train.py on the corpus for a few steps, as a user
     runs it (its lines go to this process's output, where `run_timings`
     reads them)."""
 
     status = cli.main(
         [
-            *("--data", corpus, "--store-dir", store_dir, "--val-fraction", "0"),
+            *("--data", corpus, "--store-dir", store_dir, "--val-fraction", "0", "--tokenizer", tokenizer),
             *("--logdir", logdir, "--run-name", run, "--max-steps", str(steps), "--epochs", "1"),
             *("--no-export", "--quiet"),
         ]
@@ -220,7 +220,7 @@ def _child(kind: str, *args) -> dict:
     return result
 
 
-def run_scale(scale_gb: float, work: Path, data: str | None, steps: int) -> dict:
+def run_scale(scale_gb: float, work: Path, data: str | None, steps: int, tokenizer: str = "word") -> dict:
     folder = work / f"{scale_gb:g}GB"
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"
@@ -228,14 +228,14 @@ def run_scale(scale_gb: float, work: Path, data: str | None, steps: int) -> dict
     size = replicate(data, corpus, int(scale_gb * GB)) if data else generate(corpus, int(scale_gb * GB))
     log.info(f"{scale_gb:g} GB: corpus of {size / GB:.2f} GB written in {time.perf_counter() - t0:.0f}s")
     stores = folder / "stores"
-    prep = _child("prepare", str(corpus), str(stores))
+    prep = _child("prepare", str(corpus), str(stores), tokenizer)
     log.info(
         f"  prepared in {prep['wall_s']:.1f}s ({size / 1e6 / prep['wall_s']:.1f} MB/s; the build alone "
         f"{prep['seconds']:.1f}s), {prep['cpu_s']:.0f} CPU s, peak {prep['peak_rss_mb']:.0f} MB"
     )
     runs = []
     for i in range(2):
-        runs.append(_child("train", str(corpus), str(stores), str(folder / "logs"), f"run{i}", steps))
+        runs.append(_child("train", str(corpus), str(stores), str(folder / "logs"), f"run{i}", steps, tokenizer))
         r = runs[-1]
         log.info(
             f"  training run {i + 1}: first step after {r['first_step_s']:.1f}s, data work {r['data_s']:.2f}s, "
@@ -243,6 +243,7 @@ def run_scale(scale_gb: float, work: Path, data: str | None, steps: int) -> dict
         )
     return dict(
         scale_gb=scale_gb,
+        tokenizer=tokenizer,
         text_gb=size / GB,
         prepare_s=prep["wall_s"],
         prepare_inner_s=prep["seconds"],
@@ -265,7 +266,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(
-            f"| {r['text_gb']:.2f} GB | {r['tokens'] / 1e6:,.0f}M | {r['prepare_s']:.0f} s | "
+            f"| {r['text_gb']:.2f} GB, {r['tokenizer']} | {r['tokens'] / 1e6:,.0f}M | {r['prepare_s']:.0f} s | "
             f"{r['prepare_mb_s']:.1f} / {r['build_mb_s']:.1f} | {r['prepare_cpu_s_per_gb']:.0f} | "
             f"{r['prepare_peak_mb']:,.0f} MB | "
             f"{r['first_step_s'][0]:.1f} s / {r['first_step_s'][1]:.1f} s | "
@@ -285,6 +286,12 @@ def _main(argv) -> int:
     p.add_argument("--data-scale", default="0.5,5", help="corpus sizes in GB, comma-separated (default: 0.5,5)")
     p.add_argument(
         "--data", help="real text to repeat up to each size (any train.py --data form; default: generated reviews)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        choices=("word", "subword"),
+        default="word",
+        help="the stores' tokenizer, as train.py's --tokenizer (default: word)",
     )
     p.add_argument("--steps", type=int, default=3, help="training steps per run (default: 3)")
     p.add_argument("--workdir", help="scratch folder (default: a new folder under /tmp)")
@@ -313,7 +320,7 @@ def _main(argv) -> int:
     rows = []
     try:
         for scale in scales:
-            rows.append(run_scale(scale, work, args.data, args.steps))
+            rows.append(run_scale(scale, work, args.data, args.steps, args.tokenizer))
             if not args.keep:
                 shutil.rmtree(work / f"{scale:g}GB", ignore_errors=True)
     finally:
