@@ -5,6 +5,7 @@ word stores."""
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def build(folder: Path, paths, tokenizer="subword", **kw) -> Store:
         params={"test": True},
         key="k",
         shard_tokens=101,
-        workers=2,
+        workers=kw.pop("workers", 2),
         tokenizer=tokenizer,
         **kw,
     )
@@ -148,3 +149,61 @@ def test_manifests_without_a_tokenizer_are_word_stores(tmp_path):
     manifest["tokenizer"] = "subword"
     store.manifest = manifest
     assert store.tokenizer_path == store.root / SUBWORD_FILE
+
+
+def test_worker_processes_encode_as_this_process_does(tmp_path, monkeypatch):
+    """The same store from forked encoding processes as from one thread, and
+    the vocabulary saved is the one the processes encoded with."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    rng = random.Random(4)
+    texts = [corpus_text(rng) for _ in range(40)]
+    for i, text in enumerate(texts):
+        (root / f"d{i:02d}.txt").write_text(text)
+    one = build(tmp_path / "one", [root], chunk_bytes=300, workers=1)
+    monkeypatch.setattr(store_build, "POOL_MIN_BYTES", 0)
+    started = []
+    real = store_build._Encoders.__init__
+
+    def spy(self, workers):
+        real(self, workers)
+        started.append(self.pool is not None)
+
+    monkeypatch.setattr(store_build._Encoders, "__init__", spy)
+    pooled = build(tmp_path / "pooled", [root], chunk_bytes=300)
+    assert started == [True]
+    assert pooled.tokenizer_path.read_text() == one.tokenizer_path.read_text()
+    for split in ("train", "val"):
+        assert units(pooled, split) == units(one, split)
+    vocab = SubwordVocab.load(pooled.tokenizer_path)
+    assert [vocab.decode(u) for u in units(pooled, "train") + units(pooled, "val")] == sorted(
+        texts, key=lambda t: (texts.index(t) in set(held_out(40, 0.2, 3).tolist()), texts.index(t))
+    )
+
+
+@pytest.mark.parametrize("shape", ["files", "one line"])
+def test_the_vocabulary_is_learned_from_an_even_sample(tmp_path, shape):
+    """Past the budget, the text learned from is about budget bytes, drawn
+    from the beginning, the middle and the end of the training part."""
+    rng = random.Random(6)
+    if shape == "files":
+        root = tmp_path / "corpus"
+        root.mkdir()
+        for i in range(200):
+            (root / f"d{i:03d}.txt").write_text(f"doc{i:03d} " + make_review(rng))
+        paths, chunk = [root], 1 << 20
+    else:
+        root = tmp_path / "one.txt"
+        root.write_text(" ".join(f"doc{i:03d} " + make_review(rng) for i in range(200)))
+        paths, chunk = [root], 400
+    docs = store_build.sources.list_documents(paths, False, spool_dir=tmp_path)
+    plan = store_build.plan_split(docs, 0.0, 0, by_share=True)
+    whole = "".join(store_build.training_text(plan, lambda n: None, chunk))
+    budget = len(whole.encode()) // 5
+    counted = []
+    sample = "".join(store_build.training_text(plan, counted.append, chunk, budget=budget))
+    assert 0.7 * budget < len(sample.encode()) < 1.3 * budget
+    assert 0 <= len(sample.encode()) - sum(counted) <= sample.count("\n")  # the line ends yielded on their own
+    marks = sorted(int(m) for m in re.findall(r"doc(\d{3})", sample))
+    assert marks[0] < 40 and marks[-1] > 160 and any(80 <= m < 120 for m in marks)
+    assert "".join(store_build.training_text(plan, lambda n: None, chunk, budget=10 * budget)) == whole

@@ -88,9 +88,12 @@ def vocab_digest(vocab: list[str]) -> str:
 
 def subword_definition() -> str:
     """What decides a learned subword vocabulary besides the text and its
-    size: the subword format and pre-tokenization rule (tfgpt/data/subword.py)
+    size: the subword format, pre-tokenization rule and training sample size
+    (tfgpt/data/subword.py)
     and the version of the `tokenizers` package that learns the merges."""
-    rule = json.dumps([subword.FORMAT, subword.VERSION, subword.PRETOKENIZE], sort_keys=True)
+    rule = json.dumps(
+        [subword.FORMAT, subword.VERSION, subword.PRETOKENIZE, subword.TRAIN_SAMPLE_BYTES], sort_keys=True
+    )
     return hashlib.sha256(f"{rule}|{importlib.metadata.version('tokenizers')}".encode()).hexdigest()[:16]
 
 

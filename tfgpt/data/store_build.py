@@ -49,9 +49,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import multiprocessing
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -588,77 +589,179 @@ def _word_store(folder, plan, stats, vocab_size, given_vocab, shard_tokens, work
     return _Made(output, shards, "vocab.txt", len(vocab), dtype, own_vocab, read_s)
 
 
-def training_text(plan: Plan, stats_on_read, chunk_bytes: int):
+def training_text(plan: Plan, on_text, chunk_bytes: int, budget: int | None = None):
     """The training part's text as str pieces, streamed (what a subword
     vocabulary is learned from): the training documents, or a single
-    document's part before its split."""
+    document's part before its split. With budget (bytes), a larger training
+    part gives an evenly spread sample of about budget bytes: of each run of
+    documents (or pieces of a long one) totalling n bytes, about
+    n * budget / total. on_text(n): n more bytes of the sample read."""
+    training = [d for i, d in enumerate(plan.docs) if i not in plan.val_docs]
+    total = _doc_bytes(training)
+    share = 1.0 if budget is None or total <= budget else budget / total
+    credit = 0.0  # bytes of text the sample is owed
+
+    def take(n: int) -> bool:
+        nonlocal credit
+        credit += n * share
+        if credit < n * 0.5:  # taken when more than half of it is owed
+            return False
+        credit -= n
+        return True
+
     spools: dict = {}
     try:
-        for i, doc in enumerate(plan.docs):
-            if i in plan.val_docs:
-                continue
-            for piece, _, end in sources.segments(doc, chunk_bytes, stats_on_read, spools, split_at=plan.split_at):
-                yield piece.decode("utf-8")
+        for doc in training:
+            size = _known_size(doc)
+            whole = size is not None and size <= chunk_bytes and plan.split_at is None
+            if whole and share < 1.0 and not take(size):
+                continue  # a small document left out unread
+            for piece, _, end in sources.segments(doc, chunk_bytes, lambda n: None, spools, split_at=plan.split_at):
+                if whole or share >= 1.0 or take(len(piece)):
+                    on_text(len(piece))
+                    yield piece.decode("utf-8")
+                    if end == sources.LINE:
+                        yield "\n"  # a line end, as in the text
                 if end == sources.SPLIT:
                     break
-                if end == sources.LINE:
-                    yield "\n"  # a line end, as in the text
     finally:
         for fd in spools.values():
             os.close(fd)
 
 
+def _known_size(doc) -> int | None:
+    """A document's bytes when known without reading it (not for gzip)."""
+    if doc.kind == "spool":
+        return doc.size
+    if doc.kind == "plain":
+        return os.path.getsize(doc.path)
+    return None
+
+
 def _subword_store(folder, plan, stats, vocab_size, given_subword, shard_tokens, workers, chunk_bytes) -> _Made:
     """The subword pass: learn the vocabulary from the training text (a
-    first pass over it) unless one is given, then encode the chunks on a
-    worker thread while this one reads the next (`encode_lines` uses every
-    core itself, and its cache of encoded pieces is not shared between
-    threads, so one call runs at a time)."""
+    sample of at most `subword.TRAIN_SAMPLE_BYTES`, a first pass) unless
+    one is given, then encode the chunks in `workers` processes while this
+    one reads the next chunks and writes the ids (`_Encoders`)."""
     # Imported here, not at the top: word stores never need the `tokenizers` package.
-    from tfgpt.data.subword import SUBWORD_FILE, SubwordVocab, train_subword
+    from tfgpt.data.subword import SUBWORD_FILE, TRAIN_SAMPLE_BYTES, SubwordVocab, train_subword
 
     t0 = time.perf_counter()
-    if given_subword is not None:
-        vocab = SubwordVocab.load(given_subword)
-    else:
-        training = [d for i, d in enumerate(plan.docs) if i not in plan.val_docs]
-        progress = Progress("learning subwords", _doc_bytes(training))
+    big = _doc_bytes(plan.docs) >= POOL_MIN_BYTES
+    # The processes are started before the vocabulary is learned, while the
+    # process is small and `tokenizers` has started no threads yet.
+    with _Encoders(workers if big else 0) as encoders:
+        if given_subword is not None:
+            vocab = SubwordVocab.load(given_subword)
+        else:
+            training = [d for i, d in enumerate(plan.docs) if i not in plan.val_docs]
+            progress = Progress("learning subwords", min(_doc_bytes(training), TRAIN_SAMPLE_BYTES))
+            try:
+                text = training_text(plan, progress.add, chunk_bytes, budget=TRAIN_SAMPLE_BYTES)
+                vocab = train_subword(text, vocab_size)
+            finally:
+                progress.close()
+        vocab.save(folder / SUBWORD_FILE)
+        encoders.use(vocab, folder / SUBWORD_FILE)
+        dtype = np.uint16 if vocab.size <= 1 << 16 else np.uint32
+        progress = Progress("tokenizing", _doc_bytes(plan.docs))
+        output = _Output(folder, "tok", dtype, shard_tokens, sync=True)
+
+        def consume(job):
+            future, chunk = job
+            ids, lengths = future.result()
+            is_val = np.zeros(len(lengths), bool)
+            is_val[chunk.val] = True
+            output.add(ids, lengths, is_val, row_seps(chunk, len(lengths), vocab.newline_id))
+
         try:
-            vocab = train_subword(training_text(plan, progress.add, chunk_bytes), vocab_size)
-        finally:
-            progress.close()
-    vocab.save(folder / SUBWORD_FILE)
-    dtype = np.uint16 if vocab.size <= 1 << 16 else np.uint32
-    progress = Progress("tokenizing", _doc_bytes(plan.docs))
-    output = _Output(folder, "tok", dtype, shard_tokens, sync=True)
-
-    def encode(text: bytes):
-        return vocab.encode_lines(text.decode("utf-8").split("\n"))
-
-    def consume(job):
-        future, chunk = job
-        ids, lengths = future.result()
-        is_val = np.zeros(len(lengths), bool)
-        is_val[chunk.val] = True
-        output.add(ids, lengths, is_val, row_seps(chunk, len(lengths), vocab.newline_id))
-
-    try:
-        with ThreadPoolExecutor(1) as pool:
             pending: collections.deque = collections.deque()
             for chunk in chunks(plan, stats, progress.add, chunk_bytes):
-                pending.append((pool.submit(encode, chunk.text), chunk))
-                if len(pending) > workers:
+                pending.append((encoders.submit(chunk.text), chunk))
+                if len(pending) > 2 * max(workers, 1):
                     consume(pending.popleft())
             while pending:
                 consume(pending.popleft())
-        shards = output.close()
-    except BaseException:
-        output.abort()
-        raise
-    finally:
-        progress.close()
+            shards = output.close()
+        except BaseException:
+            output.abort()
+            raise
+        finally:
+            progress.close()
     read_s = time.perf_counter() - t0
     return _Made(output, shards, SUBWORD_FILE, vocab.size, dtype, given_subword is None, read_s)
+
+
+# Text below this size is encoded in this process: starting processes would
+# take longer than they save.
+POOL_MIN_BYTES = 16 << 20
+
+
+class _Encoders:
+    """Encodes chunks of text (bytes of "\n"-separated rows) with a
+    SubwordVocab: in `workers` forked processes, each with its own copy of
+    the vocabulary and of its cache of encoded pieces (`encode_text` is
+    Python and holds the interpreter's lock), or on one thread of this
+    process where that is not possible (workers 0 or 1, no fork).
+
+    `tokenizers` turns its threads off in a process forked after it has
+    used them, with a warning; the processes are forked before any
+    tokenizing, with TOKENIZERS_PARALLELISM=false (one thread each: the
+    processes use the cores)."""
+
+    def __init__(self, workers: int):
+        self.pool = None
+        self.vocab = self.path = None
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            saved = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited by the processes
+            try:
+                self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+                self.pool.submit(int).result()  # forks every process now
+            finally:
+                if saved is None:
+                    del os.environ["TOKENIZERS_PARALLELISM"]
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = saved
+        self.thread = None if self.pool else ThreadPoolExecutor(1)
+
+    def use(self, vocab, path: Path) -> None:
+        """The vocabulary to encode with (the processes load it from path)."""
+        self.vocab, self.path = vocab, str(path)
+
+    def submit(self, text: bytes):
+        """A future of (flat int32 ids, int64 ids per row)."""
+        if self.pool:
+            return self.pool.submit(_encode_in_worker, self.path, text)
+        return self.thread.submit(_encode_chunk, self.vocab, text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool:
+            self.pool.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
+        else:
+            self.thread.shutdown()
+
+
+def _encode_chunk(vocab, text: bytes):
+    """The ids of a chunk's rows (`SubwordVocab.encode_text`)."""
+    return vocab.encode_text(text.decode("utf-8"))
+
+
+_WORKER_VOCABS: dict = {}  # in a worker process: path -> SubwordVocab
+
+
+def _encode_in_worker(path: str, text: bytes):
+    """A worker process's encoding, with the vocabulary of path (loaded once)."""
+    vocab = _WORKER_VOCABS.get(path)
+    if vocab is None:
+        from tfgpt.data.subword import SubwordVocab
+
+        _WORKER_VOCABS.clear()
+        vocab = _WORKER_VOCABS[path] = SubwordVocab.load(path)
+    return _encode_chunk(vocab, text)
 
 
 def _given_counts(vocab: list[str], words: np.ndarray, counts: np.ndarray) -> list[int]:

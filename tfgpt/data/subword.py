@@ -57,6 +57,12 @@ VERSION = 1
 # encoded as ordinary bytes.
 PAD_TOKEN = "<|pad|>"
 
+# The most text a vocabulary is learned from: a larger training part gives
+# an evenly spread sample of this size (tfgpt/data/store_build.py). Learning
+# takes time in proportion to the text, and a larger sample hardly changes
+# how many tokens text takes (docs/performance.md, "Subword tokenizer").
+TRAIN_SAMPLE_BYTES = 16 << 20
+
 # encode_text forgets the pieces it remembers (about 200 bytes each) when
 # they are more than this before a text.
 CACHE_WORDS = 1_000_000
