@@ -470,9 +470,12 @@ def _main(argv) -> int:
     )
     parser.add_argument(
         "--tokenizer",
-        choices=("word", "subword"),
+        choices=("word", "subword", "both"),
         default="word",
-        help="with --data-scale: the stores' tokenizer, as train.py's --tokenizer (default: word)",
+        help="with --data-scale: the stores' tokenizer, as train.py's --tokenizer; both: each in turn (default: word)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="with --data-scale: preparations per corpus and tokenizer (default: 1)"
     )
     parser.add_argument(
         "--heldout",
@@ -525,7 +528,7 @@ def _main(argv) -> int:
         return 0
     if args.data_scale:
         return bench_data.main(
-            ["--data-scale", args.data_scale, "--tokenizer", args.tokenizer]
+            ["--data-scale", args.data_scale, "--tokenizer", args.tokenizer, "--repeats", str(args.repeats)]
             + (["--data", args.data] if args.data else [])
             + (["--json", args.json] if args.json else [])
         )

@@ -4,10 +4,13 @@ trained on for a few steps, each job in a fresh process.
     python -m benchmarks.bench_data --data-scale 0.5,5            # generated text, 0.5 and 5 GB
     python -m benchmarks.bench_data --data-scale 0.5 --data FILE  # FILE's text repeated to 0.5 GB
 
-For each size it prints: the preparation's speed (MB of text per second,
-for the whole process and for the build alone), its CPU seconds per GB (a
-figure that depends less on what else the machine runs) and peak resident
-memory;
+For each size (and tokenizer, --tokenizer) it prints: the preparation's
+speed (MB of text per second, for the whole process and for the build
+alone; with --repeats N the median of N preparations, the tokenizers in
+alternation), its CPU seconds per GB (a figure that depends less on what
+else the machine runs) and peak resident memory (and the peak
+proportional set size of the process with its encoding processes, which
+subword stores use, sampled twice a second);
 the seconds a first training run (which finds the store built) and a second
 one take from process start to their first step, and of that the data work
 (finding and checking the store, opening the windows), as the runs print them
@@ -35,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -159,11 +163,54 @@ def _vmhwm_mb() -> float:
     return peak_rss_mb()
 
 
+def _tree_pss_mb() -> float:
+    """The proportional set size (shared pages divided among their sharers)
+    of this process and its child processes, summed: the memory the
+    preparation takes with its encoding processes (their RSS would count
+    the pages they share with this process, from the fork, once each)."""
+    pids = {str(os.getpid())}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            pids.update((task / "children").read_text().split())
+        except OSError:
+            pass
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError):
+            pass  # a process that has just ended
+    return total / 1024
+
+
+class _PeakTreeMemory:
+    """Samples `_tree_pss_mb` every half second on a thread; .peak_mb."""
+
+    def __init__(self):
+        self.peak_mb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.5):
+            self.peak_mb = max(self.peak_mb, _tree_pss_mb())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def child_prepare(corpus: str, store_dir: str, tokenizer: str = "word") -> dict:
     """In a fresh process: prepare the corpus into store_dir (no validation split)."""
 
     t0 = time.perf_counter()
-    with quiet("tfgpt"):  # the child's output is its result; the parent prints the figures
+    # the child's output is its result; the parent prints the figures
+    with quiet("tfgpt"), _PeakTreeMemory() as tree:
         prepared = ensure_store(corpus, store_dir=store_dir, val_fraction=0.0, tokenizer=tokenizer)
     manifest = prepared.store.manifest
     return dict(
@@ -172,6 +219,7 @@ def child_prepare(corpus: str, store_dir: str, tokenizer: str = "word") -> dict:
         tokens=manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"],
         action=prepared.action,
         peak_rss_mb=_vmhwm_mb(),
+        tree_peak_mb=tree.peak_mb,
     )
 
 
@@ -220,55 +268,82 @@ def _child(kind: str, *args) -> dict:
     return result
 
 
-def run_scale(scale_gb: float, work: Path, data: str | None, steps: int, tokenizer: str = "word") -> dict:
+def run_scale(scale_gb: float, work: Path, data: str | None, steps: int, tokenizers=("word",), repeats=1) -> list:
+    """One row per tokenizer: the corpus prepared `repeats` times per
+    tokenizer, the tokenizers in alternation (a change in the machine's
+    speed falls on each alike), figures of the median preparation by time;
+    then two training runs on the last store."""
     folder = work / f"{scale_gb:g}GB"
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"
     t0 = time.perf_counter()
     size = replicate(data, corpus, int(scale_gb * GB)) if data else generate(corpus, int(scale_gb * GB))
     log.info(f"{scale_gb:g} GB: corpus of {size / GB:.2f} GB written in {time.perf_counter() - t0:.0f}s")
-    stores = folder / "stores"
-    prep = _child("prepare", str(corpus), str(stores), tokenizer)
-    log.info(
-        f"  prepared in {prep['wall_s']:.1f}s ({size / 1e6 / prep['wall_s']:.1f} MB/s; the build alone "
-        f"{prep['seconds']:.1f}s), {prep['cpu_s']:.0f} CPU s, peak {prep['peak_rss_mb']:.0f} MB"
-    )
-    runs = []
-    for i in range(2):
-        runs.append(_child("train", str(corpus), str(stores), str(folder / "logs"), f"run{i}", steps, tokenizer))
-        r = runs[-1]
-        log.info(
-            f"  training run {i + 1}: first step after {r['first_step_s']:.1f}s, data work {r['data_s']:.2f}s, "
-            f"peak {r['peak_rss_mb']:.0f} MB"
+    preps: dict = {t: [] for t in tokenizers}
+    for _ in range(repeats):
+        for tokenizer in tokenizers:
+            stores = folder / f"stores-{tokenizer}"
+            shutil.rmtree(stores, ignore_errors=True)
+            prep = _child("prepare", str(corpus), str(stores), tokenizer)
+            preps[tokenizer].append(prep)
+            log.info(
+                f"  {tokenizer}: prepared in {prep['wall_s']:.1f}s ({size / 1e6 / prep['wall_s']:.1f} MB/s; the build "
+                f"alone {prep['seconds']:.1f}s), {prep['cpu_s']:.0f} CPU s, peak {prep['peak_rss_mb']:.0f} MB "
+                f"(with its encoding processes: {prep['tree_peak_mb']:.0f} MB PSS)"
+            )
+    rows = []
+    for tokenizer in tokenizers:
+        stores = folder / f"stores-{tokenizer}"
+        runs = []
+        for i in range(2):
+            runs.append(
+                _child(
+                    "train", str(corpus), str(stores), str(folder / f"logs-{tokenizer}"), f"run{i}", steps, tokenizer
+                )
+            )
+            r = runs[-1]
+            log.info(
+                f"  {tokenizer}: training run {i + 1}: first step after {r['first_step_s']:.1f}s, data work "
+                f"{r['data_s']:.2f}s, peak {r['peak_rss_mb']:.0f} MB"
+            )
+        done = sorted(preps[tokenizer], key=lambda p: p["wall_s"])
+        prep = done[len(done) // 2]  # the median (of an even count, the slower middle one)
+        rows.append(
+            dict(
+                scale_gb=scale_gb,
+                tokenizer=tokenizer,
+                repeats=repeats,
+                text_gb=size / GB,
+                prepare_s=prep["wall_s"],
+                prepare_inner_s=prep["seconds"],
+                prepare_mb_s=size / 1e6 / prep["wall_s"],
+                build_mb_s=size / 1e6 / prep["seconds"],
+                all_prepare_mb_s=[size / 1e6 / p["wall_s"] for p in preps[tokenizer]],
+                prepare_cpu_s_per_gb=prep["cpu_s"] / (size / GB),
+                prepare_peak_mb=max(p["peak_rss_mb"] for p in done),
+                tree_peak_mb=max(p["tree_peak_mb"] for p in done),
+                tokens=prep["tokens"],
+                first_step_s=[r["first_step_s"] for r in runs],
+                data_s=[r["data_s"] for r in runs],
+                train_peak_mb=max(r["peak_rss_mb"] for r in runs),
+            )
         )
-    return dict(
-        scale_gb=scale_gb,
-        tokenizer=tokenizer,
-        text_gb=size / GB,
-        prepare_s=prep["wall_s"],
-        prepare_inner_s=prep["seconds"],
-        prepare_mb_s=size / 1e6 / prep["wall_s"],
-        build_mb_s=size / 1e6 / prep["seconds"],
-        prepare_cpu_s_per_gb=prep["cpu_s"] / (size / GB),
-        prepare_peak_mb=prep["peak_rss_mb"],
-        tokens=prep["tokens"],
-        first_step_s=[r["first_step_s"] for r in runs],
-        data_s=[r["data_s"] for r in runs],
-        train_peak_mb=max(r["peak_rss_mb"] for r in runs),
-    )
+    return rows
 
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| corpus | tokens | prepare (process) | MB/s (process / build) | CPU s per GB | prepare peak RSS | "
-        "first step, run 1 / run 2 | data work, run 1 / run 2 | training peak RSS |"
+        "| corpus | tokens | prepare (process) | MB/s (process / build) | MB/s of each preparation | CPU s per GB "
+        "| prepare peak RSS (PSS with its processes) | first step, run 1 / run 2 | data work, run 1 / run 2 "
+        "| training peak RSS |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['text_gb']:.2f} GB, {r['tokenizer']} | {r['tokens'] / 1e6:,.0f}M | {r['prepare_s']:.0f} s | "
-            f"{r['prepare_mb_s']:.1f} / {r['build_mb_s']:.1f} | {r['prepare_cpu_s_per_gb']:.0f} | "
-            f"{r['prepare_peak_mb']:,.0f} MB | "
+            f"{r['prepare_mb_s']:.1f} / {r['build_mb_s']:.1f} | "
+            f"{', '.join(f'{x:.1f}' for x in r['all_prepare_mb_s'])} | {r['prepare_cpu_s_per_gb']:.0f} | "
+            f"{r['prepare_peak_mb']:,.0f} MB ({r['tree_peak_mb']:,.0f} MB) | "
             f"{r['first_step_s'][0]:.1f} s / {r['first_step_s'][1]:.1f} s | "
             f"{r['data_s'][0]:.2f} s / {r['data_s'][1]:.2f} s | {r['train_peak_mb']:,.0f} MB |"
         )
@@ -289,9 +364,16 @@ def _main(argv) -> int:
     )
     p.add_argument(
         "--tokenizer",
-        choices=("word", "subword"),
+        choices=("word", "subword", "both"),
         default="word",
-        help="the stores' tokenizer, as train.py's --tokenizer (default: word)",
+        help="the stores' tokenizer, as train.py's --tokenizer; both: each corpus prepared with each, in "
+        "alternation (default: word)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="preparations per corpus and tokenizer; the table shows the median's figures (default: 1)",
     )
     p.add_argument("--steps", type=int, default=3, help="training steps per run (default: 3)")
     p.add_argument("--workdir", help="scratch folder (default: a new folder under /tmp)")
@@ -320,7 +402,8 @@ def _main(argv) -> int:
     rows = []
     try:
         for scale in scales:
-            rows.append(run_scale(scale, work, args.data, args.steps, args.tokenizer))
+            tokenizers = ("word", "subword") if args.tokenizer == "both" else (args.tokenizer,)
+            rows.extend(run_scale(scale, work, args.data, args.steps, tokenizers, args.repeats))
             if not args.keep:
                 shutil.rmtree(work / f"{scale:g}GB", ignore_errors=True)
     finally:

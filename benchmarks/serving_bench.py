@@ -49,6 +49,7 @@ from pathlib import Path
 
 from benchmarks.bench import _default_model
 from tfgpt.console import LOGGER, quiet, setup_logging
+from tfgpt.data.subword import SUBWORD_FILE
 from tfgpt.errors import run_main
 from tfgpt.runtime.devices import (
     BFLOAT16_LEFT_OUT,
@@ -167,9 +168,11 @@ print("RESULT " + json.dumps(report))
 """
 
 
-def export_for_bench(precision: str, base: Path, run: str | None) -> tuple[Path, str]:
+def export_for_bench(precision: str, base: Path, run: str | None, tokenizer: str = "word") -> tuple[Path, str]:
     """(version directory, what was exported): the run's latest checkpoint,
-    or the default model with random weights."""
+    or the default model with random weights and a vocabulary of its size:
+    the word one, or a subword one learned from generated reviews
+    (`subword_vocab_for_bench`)."""
 
     if run:
         with quiet("tfgpt.serving.export"):  # the table names the checkpoint's run
@@ -177,7 +180,26 @@ def export_for_bench(precision: str, base: Path, run: str | None) -> tuple[Path,
 
     base.parent.mkdir(parents=True, exist_ok=True)
     vocab = base.parent / f"vocab-{precision}.txt"
-    return export_model(_default_model(precision, vocab), vocab, base), "random weights"
+    model = _default_model(precision, vocab)
+    if tokenizer == "subword":
+        vocab = base.parent / SUBWORD_FILE
+        subword_vocab_for_bench(model.config.vocab_size).save(vocab)
+    return export_model(model, vocab, base), "random weights"
+
+
+def subword_vocab_for_bench(size: int):
+    """A subword vocabulary of `size` entries learned from generated reviews
+    (`benchmarks.bench_data.generate`, enough distinct words for 20,000)."""
+    from benchmarks.bench_data import generate
+    from tfgpt.data.subword import train_subword
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "text.txt"
+        generate(path, 8 << 20, seed=1)
+        vocab = train_subword(path.read_text(encoding="utf-8").split("\n"), size)
+    if vocab.size != size:
+        raise RuntimeError(f"the generated text gave {vocab.size} subword entries, not {size}")
+    return vocab
 
 
 def measure(path: Path, repeats: int, batching: bool = False, checks: bool = True) -> dict:
@@ -217,17 +239,27 @@ def serving_bench(
     repeats: int = 10,
     batching: bool = False,
     loads: int = 3,
+    tokenizers=("word",),
 ) -> list[dict]:
-    """Exports and measures each precision in `loads` fresh processes;
-    prints the table. Returns one report per precision and load
-    (`measure`'s, plus precision, load (1, 2, ...) and source)."""
+    """Exports each precision (and, for random weights, each tokenizer) and
+    measures the exports in `loads` rounds of fresh processes, each round
+    every export once (so that a change in the machine's speed falls on all
+    of them alike); prints the table. Returns one report per export and load
+    (`measure`'s, plus precision, tokenizer, load (1, 2, ...) and source)."""
     rows = []
+    tokenizers = tokenizers if not run else ("word",)
     with tempfile.TemporaryDirectory(prefix="tfgpt-serving-bench-") as tmp:
+        exports = []
         for precision in precisions:
-            path, source = export_for_bench(precision, Path(tmp) / precision / "export", run)
-            for load in range(1, loads + 1):
+            for tok in tokenizers:
+                base = Path(tmp) / f"{precision}-{tok}" / "export"
+                exports.append((precision, tok, *export_for_bench(precision, base, run, tok)))
+        for load in range(1, loads + 1):
+            for precision, tok, path, source in exports:
                 report = measure(path, repeats, batching, checks=load == 1)
-                rows.append(dict(report, precision=precision, load=load, source=source))
+                name = precision if tokenizers == ("word",) else f"{precision}, {tok}"
+                rows.append(dict(report, precision=precision, tokenizer=tok, name=name, load=load, source=source))
+        rows.sort(key=lambda r: [e[:2] for e in exports].index((r["precision"], r["tokenizer"])))
     s = SETTINGS
     log.info(
         f"cpu: {cpu_info()[0]}, {os.cpu_count()} cores, kernels {cpu_kernels()}; rows bit-equal alone and batched: "
@@ -251,7 +283,7 @@ def serving_bench(
     for r in rows:
         one, big = r["batch1"], r["batch32"]
         log.info(
-            f"| {r['precision']} | {r['load']} | {r['load_s']:.1f} + {r['warmup_s']:.1f} s "
+            f"| {r['name']} | {r['load']} | {r['load_s']:.1f} + {r['warmup_s']:.1f} s "
             f"| {one['first']['ms_per_token']:.3f} ms/token "
             f"| {one['steady']['ms_per_token']:.3f} ({one['median']['ms_per_token']:.3f}) ms/token "
             f"| {big['first']['tokens_per_s']:,.0f} tokens/s "
@@ -261,12 +293,12 @@ def serving_bench(
             f"{big['steady']['tokens_per_s'] / big['first']['tokens_per_s']:.2f} |"
         )
     log.info("")
-    for precision in precisions:
-        mine = [r for r in rows if r["precision"] == precision]
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = [r for r in rows if r["name"] == name]
         ratios = {b: sorted(first_over_median(r[f"batch{b}"]) for r in mine) for b in (1, 32)}
         checked = mine[0]
         log.info(
-            f"{precision}: first / median over the loads, batch 1: "
+            f"{name}: first / median over the loads, batch 1: "
             + ", ".join(f"{x:.2f}" for x in ratios[1])
             + "; batch 32: "
             + ", ".join(f"{x:.2f}" for x in ratios[32])
@@ -278,7 +310,7 @@ def serving_bench(
             if "batching" not in r:
                 continue
             log.info("")
-            log.info(f"batching, {r['precision']}: rows per request -> tokens/s (ms per request)")
+            log.info(f"batching, {r['name']}: rows per request -> tokens/s (ms per request)")
             log.info(
                 "  "
                 + ", ".join(
@@ -305,6 +337,13 @@ def main(argv=None) -> int:
         help="fresh processes that load each export, one after another: the first request's figure is one per load "
         "(default 3)",
     )
+    parser.add_argument(
+        "--tokenizer",
+        choices=("word", "subword", "both"),
+        default="word",
+        help="the random-weight model's tokenizer; both: a word and a subword export of each precision, measured "
+        "in alternation (default: word)",
+    )
     parser.add_argument("--batching", action="store_true", help="also time batches of 1 to 64 rows")
     parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON to PATH")
     args = parser.parse_args(argv)
@@ -321,7 +360,8 @@ def run(args) -> None:
     if "bfloat16" in precisions and "bfloat16" not in runnable_precisions(precisions):
         log.info(BFLOAT16_LEFT_OUT)
         precisions = runnable_precisions(precisions)
-    rows = serving_bench(precisions, args.run, args.repeats, args.batching, args.loads)
+    tokenizers = ("word", "subword") if args.tokenizer == "both" else (args.tokenizer,)
+    rows = serving_bench(precisions, args.run, args.repeats, args.batching, args.loads, tokenizers)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
