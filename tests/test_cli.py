@@ -29,7 +29,10 @@ REFERENCE = json.loads((ROOT / "tests" / "data" / "cli_reference.json").read_tex
 # The flags added since the reference's commit: {dest: what its usage shows}.
 ADDED = {"tokenizer": "[--tokenizer {word,subword}]"}
 # Old flags whose help gained words at its end since: {flag: the words}.
-EXTENDED = {"--vocab-size": "; with --tokenizer subword, the size of the subword vocabulary learned from the corpus"}
+EXTENDED = {
+    "--vocab-size": "; with --tokenizer subword, the size of the subword vocabulary learned from the corpus",
+    "--xla": "; on a CPU with AVX2 but no AVX-512, on is faster in float32 but takes several times the memory",
+}
 
 
 def help_blocks(text: str) -> list[str]:

@@ -232,6 +232,18 @@ def test_choose_packing():
     assert choose_packing(long_lines, 64, 32, "pack", explicit=True) == ("pack", None)
 
 
+def test_subword_documents_much_longer_than_the_context_are_packed():
+    """whole_text: pack when truncate would keep under half the tokens, unless
+    --packing was given; the word tokenizer's choice is unchanged."""
+    long_docs = dict(line_starts=500, stream=500 * 2001, tokens=500 * 2000)  # 2,000 tokens a document
+    packing, note = choose_packing(long_docs, 64, 32, "truncate", explicit=False, whole_text=True)
+    assert packing == "pack" and "at most 3% of the text" in note and "--packing truncate" in note
+    assert choose_packing(long_docs, 64, 32, "truncate", explicit=True, whole_text=True) == ("truncate", None)
+    assert choose_packing(long_docs, 64, 32, "truncate", explicit=False) == ("truncate", None)
+    short_docs = dict(line_starts=500, stream=500 * 101, tokens=500 * 100)  # 65 of 100 tokens kept
+    assert choose_packing(short_docs, 64, 32, "truncate", explicit=False, whole_text=True) == ("truncate", None)
+
+
 def test_choose_packing_on_a_one_line_store(tmp_path):
     path = tmp_path / "one.txt"
     path.write_text(one_line(random.Random(2), 3000))

@@ -67,20 +67,38 @@ def batches_per_epoch(num_windows: int, global_batch: int) -> int:
     return num_windows // global_batch
 
 
-def choose_packing(train: dict, maxlen: int, global_batch: int, packing: str, explicit: bool) -> tuple[str, str | None]:
+def choose_packing(
+    train: dict, maxlen: int, global_batch: int, packing: str, explicit: bool, whole_text: bool = False
+) -> tuple[str, str | None]:
     """The packing to train with, and a one-line note when it is not the one
     asked for. train: a token store's training split (`Store.split("train")`:
-    its "line_starts", the truncate windows, and "stream", its ids).
+    its "line_starts", the truncate windows, "stream", its ids, and
+    "tokens").
 
     Lines longer than the context give one truncate window each, so a corpus
     of few long lines (one long line, say) can give fewer truncate windows
     than one global batch where pack would give enough. Then pack is chosen
     when the packing was not given (explicit False); when it was, it is a
-    UserError that names --packing pack."""
+    UserError that names --packing pack.
+
+    whole_text (the subword tokenizer, whose units are whole documents): pack
+    is also chosen, when the packing was not given, where truncate windows
+    would hold less than half of the training tokens (documents much longer
+    than the context, as source files are). The word tokenizer keeps the
+    Keras example's truncate windows whatever its lines' lengths."""
     if packing != "truncate":
         return packing, None
     truncate = int(train["line_starts"])
     pack = max(0, (int(train["stream"]) - 1) // maxlen)
+    tokens = int(train["tokens"]) if whole_text else 0
+    kept = min(1.0, truncate * (maxlen + 1) / max(tokens, 1))  # at most: shorter units keep less
+    if whole_text and not explicit and kept < 0.5 and pack >= global_batch:
+        return "pack", (
+            f"note: the {truncate:,} training documents average {tokens / max(truncate, 1):,.0f} "
+            f"tokens, so truncate windows (each document's first {maxlen + 1}) would train on at most {kept:.0%} "
+            f"of the text; packing them instead (--packing pack: {pack:,} windows of {maxlen + 1}; "
+            "--packing truncate keeps truncate)"
+        )
     if truncate >= global_batch or pack < global_batch:
         return packing, None  # enough windows, or pack would not help either
     if explicit:

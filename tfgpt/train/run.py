@@ -120,7 +120,9 @@ def prepare_data(
     elif entries > model_cfg.vocab_size:
         log.info(f"note: the store's vocabulary has {entries} entries; vocab_size is {entries}")
         model_cfg = dataclasses.replace(model_cfg, vocab_size=entries)
-    packing, note = choose_packing(train_info, model_cfg.maxlen, cfg.batch_size, cfg.packing, packing_given)
+    packing, note = choose_packing(
+        train_info, model_cfg.maxlen, cfg.batch_size, cfg.packing, packing_given, whole_text=subword
+    )
     if note:
         log.info(note)
     cfg = dataclasses.replace(cfg, packing=packing)
