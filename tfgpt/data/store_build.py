@@ -757,6 +757,7 @@ def _encode_in_worker(path: str, text: bytes):
     """A worker process's encoding, with the vocabulary of path (loaded once)."""
     vocab = _WORKER_VOCABS.get(path)
     if vocab is None:
+        # Imported here, not at the top (as in _subword_store): word stores never need `tokenizers`.
         from tfgpt.data.subword import SubwordVocab
 
         _WORKER_VOCABS.clear()
