@@ -60,13 +60,17 @@ def corpus_text(rng: random.Random) -> str:
     return "\n".join(lines) + rng.choice(["", "\n"])
 
 
-def test_a_subword_store_decodes_to_its_documents(tmp_path):
-    root = tmp_path / "corpus"
+def corpus_folder(root: Path, rng: random.Random, documents: int) -> tuple[Path, list[str]]:
+    """A folder of `documents` files of corpus_text, in name order; (folder, texts)."""
     root.mkdir()
-    rng = random.Random(0)
-    texts = [corpus_text(rng) for _ in range(30)]
+    texts = [corpus_text(rng) for _ in range(documents)]
     for i, text in enumerate(texts):
         (root / f"d{i:02d}.txt").write_text(text)
+    return root, texts
+
+
+def test_a_subword_store_decodes_to_its_documents(tmp_path):
+    root, texts = corpus_folder(tmp_path / "corpus", random.Random(0), 30)
     store = build(tmp_path / "store", [root], chunk_bytes=200)  # documents across chunks
     vocab = SubwordVocab.load(store.tokenizer_path)
     assert store.tokenizer == "subword" and store.tokenizer_path.name == SUBWORD_FILE
@@ -154,12 +158,7 @@ def test_manifests_without_a_tokenizer_are_word_stores(tmp_path):
 def test_worker_processes_encode_as_this_process_does(tmp_path, monkeypatch):
     """The same store from forked encoding processes as from one thread, and
     the vocabulary saved is the one the processes encoded with."""
-    root = tmp_path / "corpus"
-    root.mkdir()
-    rng = random.Random(4)
-    texts = [corpus_text(rng) for _ in range(40)]
-    for i, text in enumerate(texts):
-        (root / f"d{i:02d}.txt").write_text(text)
+    root, texts = corpus_folder(tmp_path / "corpus", random.Random(4), 40)
     one = build(tmp_path / "one", [root], chunk_bytes=300, workers=1)
     monkeypatch.setattr(store_build, "POOL_MIN_BYTES", 0)
     started = []

@@ -530,6 +530,30 @@ class _Made:
     read_s: float
 
 
+def _write_in_order(output, progress, chunks, submit, consume, depth: int) -> dict:
+    """The tokenizing loop of both passes: submit(chunk) starts each chunk's
+    work (a future), and consume(result, chunk) takes the results in the
+    chunks' order, with at most `depth` of them pending while this thread
+    reads on. Returns output.close(); on any error the output is aborted.
+    The progress line is closed either way."""
+    try:
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append((submit(chunk), chunk))
+            if len(pending) > depth:
+                future, done = pending.popleft()
+                consume(future.result(), done)
+        while pending:
+            future, done = pending.popleft()
+            consume(future.result(), done)
+        return output.close()
+    except BaseException:
+        output.abort()
+        raise
+    finally:
+        progress.close()
+
+
 def _word_store(folder, plan, stats, vocab_size, given_vocab, shard_tokens, workers, chunk_bytes) -> _Made:
     """The word pass: provisional ids while reading, then the vocabulary
     ranked and the shards rewritten in its ids."""
@@ -539,9 +563,8 @@ def _word_store(folder, plan, stats, vocab_size, given_vocab, shard_tokens, work
     ids = _Ids()
     output = _Output(folder, "u32", np.uint32, shard_tokens)
 
-    def consume(job):
-        future, chunk = job
-        uniq, idx, lengths = future.result()
+    def consume(result, chunk):
+        uniq, idx, lengths = result
         idx, lengths = idx.numpy(), lengths.numpy()
         is_val = np.zeros(len(lengths), bool)
         is_val[chunk.val] = True
@@ -552,21 +575,15 @@ def _word_store(folder, plan, stats, vocab_size, given_vocab, shard_tokens, work
     # The analysis runs on `workers` threads (TensorFlow releases the GIL
     # while a function runs); this thread reads the next chunks and takes
     # the results in order.
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            pending: collections.deque = collections.deque()
-            for chunk in chunks(plan, stats, progress.add, chunk_bytes):
-                pending.append((pool.submit(run, tf.constant(chunk.text)), chunk))
-                if len(pending) > workers:
-                    consume(pending.popleft())
-            while pending:
-                consume(pending.popleft())
-        prov = output.close()
-    except BaseException:
-        output.abort()
-        raise
-    finally:
-        progress.close()
+    with ThreadPoolExecutor(workers) as pool:
+        prov = _write_in_order(
+            output,
+            progress,
+            chunks(plan, stats, progress.add, chunk_bytes),
+            lambda chunk: pool.submit(run, tf.constant(chunk.text)),
+            consume,
+            depth=workers,
+        )
     read_s = time.perf_counter() - t0
 
     words, pids, counts = ids.words()
@@ -647,7 +664,8 @@ def _subword_store(folder, plan, stats, vocab_size, given_subword, shard_tokens,
     from tfgpt.data.subword import SUBWORD_FILE, TRAIN_SAMPLE_BYTES, SubwordVocab, train_subword
 
     t0 = time.perf_counter()
-    big = _doc_bytes(plan.docs) >= POOL_MIN_BYTES
+    corpus_bytes = _doc_bytes(plan.docs)
+    big = corpus_bytes >= POOL_MIN_BYTES
     # The processes are started before the vocabulary is learned, while the
     # process is small and `tokenizers` has started no threads yet.
     with _Encoders(workers if big else 0) as encoders:
@@ -664,30 +682,23 @@ def _subword_store(folder, plan, stats, vocab_size, given_subword, shard_tokens,
         vocab.save(folder / SUBWORD_FILE)
         encoders.use(vocab, folder / SUBWORD_FILE)
         dtype = np.uint16 if vocab.size <= 1 << 16 else np.uint32
-        progress = Progress("tokenizing", _doc_bytes(plan.docs))
+        progress = Progress("tokenizing", corpus_bytes)
         output = _Output(folder, "tok", dtype, shard_tokens, sync=True)
 
-        def consume(job):
-            future, chunk = job
-            ids, lengths = future.result()
+        def consume(result, chunk):
+            ids, lengths = result
             is_val = np.zeros(len(lengths), bool)
             is_val[chunk.val] = True
             output.add(ids, lengths, is_val, row_seps(chunk, len(lengths), vocab.newline_id))
 
-        try:
-            pending: collections.deque = collections.deque()
-            for chunk in chunks(plan, stats, progress.add, chunk_bytes):
-                pending.append((encoders.submit(chunk.text), chunk))
-                if len(pending) > 2 * max(workers, 1):
-                    consume(pending.popleft())
-            while pending:
-                consume(pending.popleft())
-            shards = output.close()
-        except BaseException:
-            output.abort()
-            raise
-        finally:
-            progress.close()
+        shards = _write_in_order(
+            output,
+            progress,
+            chunks(plan, stats, progress.add, chunk_bytes),
+            lambda chunk: encoders.submit(chunk.text),
+            consume,
+            depth=2 * max(workers, 1),
+        )
     read_s = time.perf_counter() - t0
     return _Made(output, shards, SUBWORD_FILE, vocab.size, dtype, given_subword is None, read_s)
 
