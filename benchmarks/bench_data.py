@@ -294,6 +294,7 @@ def run_scale(scale_gb: float, work: Path, data: str | None, steps: int, tokeniz
     rows = []
     for tokenizer in tokenizers:
         stores = folder / f"stores-{tokenizer}"
+        shutil.rmtree(folder / f"logs-{tokenizer}", ignore_errors=True)  # an earlier call's runs, in a reused --workdir
         runs = []
         for i in range(2):
             runs.append(
@@ -392,6 +393,10 @@ def _main(argv) -> int:
     except ValueError:
         raise UserError(f"--data-scale takes sizes in GB such as 0.5,5, got {args.data_scale!r}") from None
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tfgpt-bench-data-"))
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the scratch folder {work}: {e.strerror or e}") from None
     need = max(scales) * GB * 2.2
     free = shutil.disk_usage(work).free
     if free < need:

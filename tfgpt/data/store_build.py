@@ -30,10 +30,10 @@ vocabulary id into the final shard (uint16 when the vocabulary fits), with
 its checksum. So the text is standardized and split once, not once for the
 vocabulary and again for the ids.
 
-Subword stores (tokenizer "subword"): a first pass streams the training
-text into `subword.train_subword` (unless a vocabulary is given), then the
-chunks are encoded (`SubwordVocab.encode_lines`, on worker threads) straight
-into final ids. Their units are documents: a document's lines joined by the
+Subword stores (tokenizer "subword"): a first pass streams a sample of the
+training text into `subword.train_subword` (unless a vocabulary is given),
+then the chunks are encoded (`SubwordVocab.encode_text`, in one worker
+process per core) straight into final ids. Their units are documents: a document's lines joined by the
 newline's id, then 0.
 
 The training/validation split is `corpus.train_val_split`'s (`corpus.held_out`
@@ -600,7 +600,7 @@ def _word_store(folder, plan, stats, vocab_size, given_vocab, shard_tokens, work
         if rows:
             r, i = np.asarray(rows, np.int64).T
             lut[pids[r]] = i
-    dtype = np.uint16 if len(vocab) <= 1 << 16 else np.uint32
+    dtype = _store_dtype(len(vocab))
     write_vocab(vocab, folder / "vocab.txt", vocab_counts)
     shards = {s: _remap(folder, prov[s], lut.astype(dtype)) for s in prov}
     return _Made(output, shards, "vocab.txt", len(vocab), dtype, own_vocab, read_s)
@@ -681,7 +681,7 @@ def _subword_store(folder, plan, stats, vocab_size, given_subword, shard_tokens,
                 progress.close()
         vocab.save(folder / SUBWORD_FILE)
         encoders.use(vocab, folder / SUBWORD_FILE)
-        dtype = np.uint16 if vocab.size <= 1 << 16 else np.uint32
+        dtype = _store_dtype(vocab.size)
         progress = Progress("tokenizing", corpus_bytes)
         output = _Output(folder, "tok", dtype, shard_tokens, sync=True)
 
@@ -757,8 +757,14 @@ class _Encoders:
 
 
 def _encode_chunk(vocab, text: bytes):
-    """The ids of a chunk's rows (`SubwordVocab.encode_text`)."""
-    return vocab.encode_text(text.decode("utf-8"))
+    """The ids of a chunk's rows (`SubwordVocab.encode_text`), in the store's
+    dtype (from a worker process: half the bytes to send back)."""
+    ids, lengths = vocab.encode_text(text)
+    return ids.astype(_store_dtype(vocab.size), copy=False), lengths
+
+
+def _store_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
 _WORKER_VOCABS: dict = {}  # in a worker process: path -> SubwordVocab

@@ -36,7 +36,6 @@ after a parallel encoding encodes on one thread, to avoid deadlocks, and
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import threading
 from collections.abc import Callable, Iterable
@@ -46,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfgpt.config import write_text_atomic
+from tfgpt.data import pieces
 from tfgpt.errors import UserError
 
 SUBWORD_FILE = "subword.json"
@@ -60,14 +60,15 @@ PAD_TOKEN = "<|pad|>"
 # The most text a vocabulary is learned from: a larger training part gives
 # an evenly spread sample of this size (tfgpt/data/store_build.py). Learning
 # takes time in proportion to the text, and a larger sample hardly changes
-# how many tokens text takes (docs/performance.md, "Subword tokenizer").
-TRAIN_SAMPLE_BYTES = 16 << 20
+# how many tokens text takes (docs/performance.md, "subword preparation at
+# 0.5 GB").
+TRAIN_SAMPLE_BYTES = 8 << 20
 
 # encode_text forgets the pieces it remembers (about 200 bytes each) when
 # they are more than this before a text.
 CACHE_WORDS = 1_000_000
-# Entries always in encode_text's cache: a "\n" piece, and nothing.
-_NEWLINE, _EMPTY = 0, 1
+# The entry always in encode_text's cache: an empty text.
+_EMPTY = 0
 
 # The pre-tokenization rule. "ascii" gives the codepoint ranges (inclusive)
 # of the ASCII characters in each class; every codepoint from 0x80 on is in
@@ -228,6 +229,18 @@ def train_subword(texts: Iterable[str], vocab_size: int, on_text: Callable[[str]
     return SubwordVocab(tokens, [[index[a], index[b]] for a, b in merges])
 
 
+def _gather(ids: np.ndarray, offsets: np.ndarray, lens: np.ndarray, entry: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of entries entry[0], entry[1], ... concatenated (entry e's
+    ids: ids[offsets[e] : offsets[e] + lens[e]]) -> (int32 ids, the output
+    position where each entry's ids end)."""
+    n = lens[entry]
+    ends = np.cumsum(n)
+    # Output position j reads entry e's ids at offsets[e] plus j minus the
+    # position where e's ids begin in the output.
+    at = np.repeat(offsets[entry] - (ends - n), n) + np.arange(int(ends[-1]) if ends.size else 0)
+    return ids[at].astype(np.int32, copy=False), ends
+
+
 class SubwordVocab:
     """A trained subword vocabulary: tokens (byte-level strings, index = id,
     id 0 the padding token) and merges (pairs of ids, in rank order), with
@@ -293,110 +306,96 @@ class SubwordVocab:
         lengths = np.asarray([n.sum() + len(n) - 1 for _, n in parts], np.int64)
         return np.concatenate(ids).astype(np.int32, copy=False), lengths
 
-    def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    def encode_text(self, text: str | bytes) -> tuple[np.ndarray, np.ndarray]:
         """Encodes the rows of text (its "\\n"-separated lines, the "\\n"s
-        left out) -> (flat int32 ids, int64 number of ids per row): the ids of
-        `encode` row by row.
+        left out; bytes must be UTF-8) -> (flat int32 ids, int64 number of
+        ids per row): the ids of `encode` row by row.
 
-        Fast in Python: the text is cut at single spaces (`str.split`, in C)
-        into pieces, and each distinct piece is encoded once (by `tokenizers`,
-        then remembered), with the space before it. A cut before a " " whose
-        neighbours are both outside WHITESPACE is a pre-token boundary, so
-        such pieces' ids concatenate to the row's; pieces on either side of
-        any other space (runs of spaces, a space next to a tab or at the end
-        of a row) are joined and encoded together. The ids are gathered with
-        NumPy. Calls from several threads run one at a time (they share the
-        memory of pieces)."""
+        Fast in Python: the text is cut at every space and "\\n" into pieces,
+        each distinct piece is encoded once (by `tokenizers`, then
+        remembered) with the space before it, and all the pieces of the text
+        are looked up at once (`PieceTable`; pieces longer than its keys in a
+        dict). A cut before a " " whose neighbours are both outside
+        WHITESPACE is a pre-token boundary, so such pieces' ids concatenate
+        to the row's; pieces on either side of any other space (runs of
+        spaces, a space next to a tab or at the end of a row) are joined and
+        encoded together. The ids are gathered with NumPy. Calls from several
+        threads run one at a time (they share the memory of pieces)."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         with self._lock:
-            return self._encode_text(text)
+            return self._encode_bytes(data)
 
-    def _encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    def _encode_bytes(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
         if self._lens.size > CACHE_WORDS:
             self._clear_cache()
-        # Each "\n" becomes a piece of its own; the spaces put around it are
-        # not the text's, so the piece after it is a row's first (no space before it).
-        pieces = text.replace("\n", " \n ").split(" ")
-        spaced, plain = self._spaced, self._plain
-        entry = np.fromiter(map(spaced.get, pieces, itertools.repeat(-1)), np.int64, count=len(pieces))  # [P]
-        breaks = np.flatnonzero(entry == _NEWLINE)  # [rows - 1]
-        first = np.concatenate([[0], breaks + 1])  # [rows] each row's first piece
-        entry[first] = [plain.get(pieces[i], -1) for i in first.tolist()]
-        missing = np.flatnonzero(entry < 0)
-        if missing.size:
-            is_first = np.zeros(len(pieces), bool)
-            is_first[first] = True
-            self._fill(pieces, entry, missing, is_first)
+        buf = pieces.padded(data)
+        text = buf[: len(data)]
+        cuts = np.flatnonzero((text == 0x20) | (text == 0x0A))  # [C] the spaces and "\n"s
+        row_end = text[cuts] == 0x0A  # [C] the cut ends a row
+        ends = np.append(cuts, len(data))  # [P = C + 1] where each piece ends
+        # A piece's text begins with the space before it, except a row's first piece.
+        starts = np.concatenate([[0], cuts + row_end])  # [P]
+        entry = self._entries(data, buf, starts, ends - starts)  # [P]
         # A space between two pieces is a pre-token boundary unless either
         # side of it is whitespace (or the piece is empty).
-        bad = self._bad_end[entry[:-1]] | self._bad_start[entry[1:]]  # [P - 1] the space before piece i + 1
-        if bad.any():
-            self._join_pieces(pieces, entry, np.flatnonzero(bad) + 1, first)
-        lens = self._lens[entry]  # [P] ids per piece
-        ends = np.cumsum(lens)
-        total = int(ends[-1])
-        # Output position j reads the cache at its piece's offset plus j minus
-        # the position where the piece's ids begin in the output.
-        ids = self._ids[np.repeat(self._offsets[entry] - (ends - lens), lens) + np.arange(total)]
-        row_ends = np.concatenate([[0], ends[breaks], [total]])  # a "\n" piece has no ids
-        return ids.astype(np.int32, copy=False), np.diff(row_ends)
+        join = ~row_end & (self._bad_end[entry[:-1]] | self._bad_start[entry[1:]])  # [C]
+        if join.any():
+            self._join_pieces(data, buf, entry, starts, ends, join)
+        ids, out_ends = _gather(self._ids, self._offsets, self._lens, entry)
+        row_ends = np.concatenate([[0], out_ends[:-1][row_end], [ids.size]])
+        return ids, np.diff(row_ends)
 
-    def _fill(self, pieces: list[str], entry: np.ndarray, missing: np.ndarray, is_first: np.ndarray) -> None:
-        """Encodes the pieces at positions `missing` that are not remembered
-        yet (a row's first piece as it is, the others with the space before
-        them) and puts their entries into entry."""
-        spaced, plain = self._spaced, self._plain
-        new_plain = list(dict.fromkeys(pieces[i] for i in missing[is_first[missing]].tolist()))
-        new_spaced = list(dict.fromkeys(pieces[i] for i in missing[~is_first[missing]].tolist()))
-        self._remember(new_plain, plain, "")
-        self._remember(new_spaced, spaced, " ")
-        entry[missing] = [
-            (plain if f else spaced)[pieces[i]] for i, f in zip(missing.tolist(), is_first[missing].tolist())
-        ]
+    def _entries(self, data: bytes, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The cache entries of the texts data[starts[i] : starts[i] +
+        lengths[i]] (buf: data, `pieces.padded`), encoding the ones not
+        remembered yet."""
+        entry = np.full(starts.size, -1, np.int64)
+        short = np.flatnonzero(lengths <= pieces.MAX_BYTES)
+        entry[short] = self._table.find(*pieces.pack(buf, starts[short], lengths[short]))
+        missing = np.flatnonzero(entry < 0)
+        if missing.size:
+            at = starts[missing].tolist()
+            texts = [data[a:b] for a, b in zip(at, (starts[missing] + lengths[missing]).tolist())]
+            long = self._long  # the long texts remembered (new ones are added to it)
+            new = list(dict.fromkeys(t for t in texts if t not in long))
+            fresh = self._remember(new) if new else {}
+            entry[missing] = [fresh[t] if t in fresh else long[t] for t in texts]
+        return entry
 
-    def _join_pieces(self, pieces: list[str], entry: np.ndarray, bad: np.ndarray, first: np.ndarray) -> None:
-        """Joins the pieces on both sides of each space at positions `bad`
-        (the space before piece i) into one text, encoded whole; its entry
-        goes to its first piece, its other pieces get the empty entry. A
-        "\\n" piece and the piece after it are never joined (the spaces
-        around a "\\n" piece are not the text's)."""
-        is_newline = entry == _NEWLINE
-        bad = bad[~is_newline[bad] & ~is_newline[bad - 1]]
-        if not bad.size:
-            return
-        is_first = np.zeros(len(pieces), bool)
-        is_first[first] = True
-        starts = np.ones(len(pieces), bool)
-        starts[bad] = False
-        group = np.cumsum(starts) - 1  # [P] the joined text each piece belongs to
-        heads = np.flatnonzero(starts)  # [G]
-        lo, hi = heads[group[bad - 1]], bad  # each bad space joins its group's first piece to piece i
-        spans = {}
-        for a, b in zip(lo.tolist(), hi.tolist()):
-            spans[a] = max(b, spans.get(a, a))
-        texts = [("" if is_first[a] else " ") + " ".join(pieces[a : b + 1]) for a, b in spans.items()]
-        self._remember(list(dict.fromkeys(t for t in texts if t not in self._plain)), self._plain, "")
-        for (a, b), t in zip(spans.items(), texts):
-            entry[a] = self._plain[t]
-            entry[a + 1 : b + 1] = _EMPTY
+    def _join_pieces(self, data, buf, entry: np.ndarray, starts, ends, join: np.ndarray) -> None:
+        """Joins the pieces on both sides of each cut where join is set (cut
+        i lies between pieces i and i + 1) into one text, encoded whole; its
+        entry goes to its first piece, its other pieces get the empty entry."""
+        head = np.concatenate([[True], ~join])  # [P] the piece begins a text
+        first = np.flatnonzero(head)  # [G]
+        last = np.append(first[1:], head.size) - 1  # [G]
+        many = last > first
+        a, z = first[many], last[many]
+        entry[a] = self._entries(data, buf, starts[a], ends[z] - starts[a])
+        entry[~head] = _EMPTY
 
-    def _remember(self, words: list[str], table: dict, prefix: str) -> None:
-        """Encodes prefix + each word (none holding "\\n") and adds them to
-        the cache, under table[word]. They are encoded joined by "\\n" in a
-        few long texts (one `tokenizers` result per text rather than per
-        word): "\\n" is a pre-token of its own and the only one holding that
-        byte, so its id marks where each word's ids end."""
-        if not words:
-            return
+    def _remember(self, texts: list[bytes]) -> dict[bytes, int]:
+        """Encodes texts (distinct, none holding "\\n", none remembered yet)
+        and adds them to the cache -> {text: its entry}. They are encoded
+        joined by "\\n" in a few long texts (one `tokenizers` result per
+        text rather than per piece): "\\n" is a pre-token of its own and the
+        only one holding that byte, so its id marks where each text's ids end."""
+        strings = [t.decode("utf-8") for t in texts]
         tok = self._encoder()
         batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-        groups = np.array_split(np.arange(len(words)), min(len(words), 64))
-        texts = ["".join(prefix + words[i] + "\n" for i in g.tolist()) for g in groups]
-        flat = np.concatenate([np.asarray(e.ids, np.int32) for e in batch(texts, add_special_tokens=False)])
-        ends = np.flatnonzero(flat == self.newline_id)  # [W] the separator after each word
+        groups = np.array_split(np.arange(len(strings)), min(len(strings), 64))
+        joined = ["".join(strings[i] + "\n" for i in g.tolist()) for g in groups]
+        flat = np.concatenate([np.asarray(e.ids, np.int32) for e in batch(joined, add_special_tokens=False)])
+        ends = np.flatnonzero(flat == self.newline_id)  # [W] the separator after each text
         lens = np.diff(np.concatenate([[-1], ends])) - 1  # [W]
-        self._add(flat[flat != self.newline_id], lens, [prefix + w for w in words])
-        start = self._lens.size - len(words)
-        table.update(zip(words, range(start, start + len(words))))
+        first = self._lens.size
+        self._add(flat[flat != self.newline_id], lens, strings)
+        entries = dict(zip(texts, range(first, first + len(texts))))
+        short = [t for t in texts if len(t) <= pieces.MAX_BYTES]
+        if short:
+            self._table.insert(*pieces.pack_strings(short), [entries[t] for t in short])
+        self._long.update((t, e) for t, e in entries.items() if len(t) > pieces.MAX_BYTES)
+        return entries
 
     def _add(self, ids: np.ndarray, lens: np.ndarray, texts: list[str]) -> None:
         """Appends entries (their ids, concatenated, and the texts they
@@ -415,15 +414,18 @@ class SubwordVocab:
 
     def _clear_cache(self) -> None:
         """Empties the piece cache of encode_text: entry e's ids are
-        _ids[_offsets[e] : _offsets[e] + _lens[e]]; _plain maps a text to the
-        entry of its own ids, _spaced a piece to the entry of " " + piece.
-        Entries _NEWLINE (a "\\n" piece) and _EMPTY are always there, with no ids."""
+        _ids[_offsets[e] : _offsets[e] + _lens[e]]; _table (short texts) and
+        _long (the others) map a text's UTF-8 bytes to its entry. Entry
+        _EMPTY, an empty text (a row's empty first piece, or a piece joined
+        into the one before it), is always there, with no ids and no
+        whitespace flags."""
         self._ids = np.zeros([0], np.int32)
         self._offsets, self._lens = np.zeros([0], np.int64), np.zeros([0], np.int64)
         self._bad_start, self._bad_end = np.zeros([0], bool), np.zeros([0], bool)
-        self._add(np.zeros([0], np.int32), np.zeros([2], np.int64), ["x", "x"])  # no whitespace flags
-        self._spaced: dict[str, int] = {"\n": _NEWLINE}
-        self._plain: dict[str, int] = {"": _EMPTY}
+        self._add(np.zeros([0], np.int32), np.zeros([1], np.int64), ["x"])  # no whitespace flags
+        self._table = pieces.PieceTable()
+        self._table.insert(*pieces.pack_strings([b""]), [_EMPTY])
+        self._long: dict[bytes, int] = {}
 
     def decode(self, ids) -> str:
         """The text of ids: their bytes joined (id 0 dropped), invalid UTF-8
