@@ -35,10 +35,12 @@ def pack(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.n
     buf: contiguous uint8 with 16 bytes readable from every start (`padded`)."""
     # Every byte offset of buf as the start of a little-endian 8-byte word.
     words = np.ndarray(shape=(buf.size - 7,), dtype="<u8", buffer=buf, strides=(1,))
-    lengths = np.asarray(lengths, np.int64)
+    starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
     lo = words[starts] & _LOW_MASKS[np.minimum(lengths, 8)]
-    hi = words[np.asarray(starts) + 8] & _LOW_MASKS[np.clip(lengths - 8, 0, 7)]
-    return lo, hi | (lengths.astype(np.uint64) << np.uint64(56))
+    hi = lengths.astype(np.uint64) << np.uint64(56)
+    long = np.flatnonzero(lengths > 8)  # most pieces fit in the low word alone
+    hi[long] |= words[starts[long] + 8] & _LOW_MASKS[lengths[long] - 8]
+    return lo, hi
 
 
 def pack_strings(strings: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -71,18 +73,19 @@ class PieceTable:
 
     def find(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """int64 [N]: each key's value, -1 where the key is not in the table."""
-        out = np.full(lo.size, -1, np.int64)
-        slot = self._slots(lo, hi)
-        todo = np.arange(lo.size)
         mask = (1 << self._bits) - 1
-        while todo.size:
-            s = slot[todo]
-            rows = np.take(self._rows, s, axis=0)  # [n, 3]
+        slot = self._slots(lo, hi)
+        # The first probe settles almost every key: done for all keys at once.
+        rows = np.take(self._rows, slot, axis=0)  # [N, 3]
+        hit = (rows[:, 1] == hi) & (rows[:, 0] == lo)
+        out = np.where(hit, rows[:, 2].view(np.int64), -1)
+        todo = np.flatnonzero(~hit & (rows[:, 1] != _EMPTY_HI))  # an occupied slot of another key
+        while todo.size:  # probe the next slot
+            s = slot[todo] = (slot[todo] + 1) & mask
+            rows = np.take(self._rows, s, axis=0)
             hit = (rows[:, 1] == hi[todo]) & (rows[:, 0] == lo[todo])
             out[todo[hit]] = rows[hit, 2].view(np.int64)
-            on = ~hit & (rows[:, 1] != _EMPTY_HI)  # an occupied slot of another key: probe the next
-            todo = todo[on]
-            slot[todo] = (s[on] + 1) & mask
+            todo = todo[~hit & (rows[:, 1] != _EMPTY_HI)]
         return out
 
     def insert(self, lo: np.ndarray, hi: np.ndarray, values) -> None:
