@@ -33,8 +33,8 @@ vocabulary and again for the ids.
 Subword stores (tokenizer "subword"): a first pass streams a sample of the
 training text into `subword.train_subword` (unless a vocabulary is given),
 then the chunks are encoded (`SubwordVocab.encode_text`, in one worker
-process per core) straight into final ids. Their units are documents: a document's lines joined by the
-newline's id, then 0.
+process per core) straight into final ids. Their units are documents: a
+document's lines joined by the newline's id, then 0.
 
 The training/validation split is `corpus.train_val_split`'s (`corpus.held_out`
 of the documents; of the lines for a single document, or the last share of
